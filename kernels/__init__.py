@@ -1,0 +1,1 @@
+"""Pallas GPU kernels for sparsejax, installed as ``sparsejax.kernels``."""

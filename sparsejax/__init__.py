@@ -1,0 +1,1 @@
+"""sparsejax: sparse RL finetuning of LLMs in JAX."""

@@ -1,0 +1,137 @@
+"""The indexed AdamW step on one tensor, and the switch between its implementations.
+
+Every backend implements the same contract, :func:`xla_indexed_adamw_step`'s: given a
+parameter tensor, its gradient (dense, or already compressed to the active entries),
+the sorted flat indices of the ``k`` active entries and their compressed moments, it
+updates the moments and writes the new values of the active entries into the
+parameter. Nothing of size ``N`` is read or written except those ``k`` entries
+(and, for a dense gradient, the ``k`` gathered gradient values).
+
+Backends:
+    * ``"xla"``: gather/scatter in ``jax.numpy``; runs everywhere.
+    * ``"pallas"``: the Pallas Triton-backend kernel in :mod:`sparsejax.kernels`
+        (NVIDIA GPU).
+    * ``"interpret"``: the same Pallas kernel interpreted on CPU, for tests.
+    * ``"auto"``: ``"pallas"`` on an NVIDIA GPU, ``"xla"`` elsewhere.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+
+BACKENDS = ("auto", "xla", "pallas", "interpret")
+
+
+class AdamWScalars(NamedTuple):
+    """Runtime float32 scalars of one AdamW step (traced, so a new step never recompiles).
+
+    ``bias_correction1 = 1 - b1**t`` and ``bias_correction2 = 1 - b2**t`` for step ``t``
+    (counted from 1), as optax computes them.
+    """
+
+    learning_rate: jax.Array
+    b1: jax.Array
+    b2: jax.Array
+    eps: jax.Array
+    eps_root: jax.Array
+    weight_decay: jax.Array
+    bias_correction1: jax.Array
+    bias_correction2: jax.Array
+
+
+class IndexedStep(Protocol):
+
+    def __call__(
+            self,
+            param: jax.Array,
+            grad: jax.Array,
+            indices: jax.Array,
+            mu: jax.Array,
+            nu: jax.Array,
+            master: jax.Array | None,
+            scalars: AdamWScalars,
+            *,
+            grad_is_compressed: bool = False,
+    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+        ...
+
+
+def adamw_math(p, g, mu, nu, s: AdamWScalars):
+    """The AdamW update of optax.adamw on float32 values (any shape), op for op.
+
+    Returns ``(new_p, new_mu, new_nu)`` in float32. ``p`` is the current value (or
+    master value), ``g`` the gradient, ``mu``/``nu`` the moments.
+    """
+    mu = (1 - s.b1) * g + s.b1 * mu
+    nu = (1 - s.b2) * (g * g) + s.b2 * nu
+    update = (mu / s.bias_correction1) / (
+            jnp.sqrt(nu / s.bias_correction2 + s.eps_root) + s.eps)
+    update = update + s.weight_decay * p
+    return p + (-s.learning_rate * update), mu, nu
+
+
+def xla_indexed_adamw_step(param, grad, indices, mu, nu, master, scalars, *,
+                                                      grad_is_compressed=False):
+    """Reference indexed AdamW step with jnp gather/scatter.
+
+    Args:
+        param: the parameter, any shape, float32 or bfloat16.
+        grad: its gradient: same shape as ``param``, or shape ``(k,)`` when
+            ``grad_is_compressed`` (the gradient values at ``indices``, in order).
+        indices: ``(k,)`` int32, sorted unique indices into ``param.ravel()``.
+        mu: ``(k,)`` first moment (float32 or a narrower ``mu_dtype``).
+        nu: ``(k,)`` float32 second moment.
+        master: ``(k,)`` float32 master copy of the active values, or None to
+            read the current values from ``param``.
+        scalars: the step's :class:`AdamWScalars`.
+
+    Returns:
+        ``(param, mu, nu, master)`` with the ``k`` active entries of ``param``
+        replaced (``master`` is None when it was None).
+    """
+    flat = param.reshape(-1)
+    g = grad.reshape(-1) if grad_is_compressed else grad.reshape(-1)[indices]
+    p = master if master is not None else flat[indices].astype(jnp.float32)
+    new_p, new_mu, new_nu = adamw_math(
+            p, g.astype(jnp.float32), mu.astype(jnp.float32), nu, scalars)
+    flat = flat.at[indices].set(new_p.astype(param.dtype),
+                                                            indices_are_sorted=True, unique_indices=True)
+    return (flat.reshape(param.shape), new_mu.astype(mu.dtype),
+                    new_nu.astype(nu.dtype), None if master is None else new_p)
+
+
+def on_nvidia_gpu() -> bool:
+    try:
+        return any(d.platform == "gpu" and "NVIDIA" in d.device_kind.upper()
+                              or d.platform == "cuda" for d in jax.devices())
+    except RuntimeError:
+        return False
+
+
+def resolve_backend(backend: str) -> str:
+    """Maps ``"auto"`` to a concrete backend and checks the name."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "auto":
+        return "pallas" if on_nvidia_gpu() else "xla"
+    return backend
+
+
+def indexed_step_fn(backend: str) -> IndexedStep:
+    """The indexed AdamW step implementation for ``backend``."""
+    backend = resolve_backend(backend)
+    if backend == "xla":
+        return xla_indexed_adamw_step
+    from sparsejax.kernels import indexed_adamw  # pylint: disable=g-import-not-at-top
+    interpret = backend == "interpret"
+
+    def step(param, grad, indices, mu, nu, master, scalars, *,
+                      grad_is_compressed=False):
+        return indexed_adamw.indexed_adamw_step(
+                param, grad, indices, mu, nu, master, scalars,
+                grad_is_compressed=grad_is_compressed, interpret=interpret)
+
+    return step
