@@ -29,7 +29,9 @@ class AdamWScalars(NamedTuple):
     """Runtime float32 scalars of one AdamW step (traced, so a new step never recompiles).
 
     ``bias_correction1 = 1 - b1**t`` and ``bias_correction2 = 1 - b2**t`` for step ``t``
-    (counted from 1), as optax computes them.
+    (counted from 1), as optax computes them. ``one_minus_b1 = 1 - b1`` is computed by
+    the caller in the precision of ``b1`` (float64 for a Python float, as optax does),
+    which differs from ``1 - float32(b1)`` in the last bit.
     """
 
     learning_rate: jax.Array
@@ -40,6 +42,8 @@ class AdamWScalars(NamedTuple):
     weight_decay: jax.Array
     bias_correction1: jax.Array
     bias_correction2: jax.Array
+    one_minus_b1: jax.Array
+    one_minus_b2: jax.Array
 
 
 class IndexedStep(Protocol):
@@ -59,22 +63,34 @@ class IndexedStep(Protocol):
         ...
 
 
-def adamw_math(p, g, mu, nu, s: AdamWScalars):
-    """The AdamW update of optax.adamw on float32 values (any shape), op for op.
+def adamw_delta(p, g, mu, nu, s: AdamWScalars):
+    """The AdamW update of ``optax.adamw`` on float32 values (any shape), op for op.
 
-    Returns ``(new_p, new_mu, new_nu)`` in float32. ``p`` is the current value (or
-    master value), ``g`` the gradient, ``mu``/``nu`` the moments.
+    With ``t`` the step, ``lr`` the learning rate and ``wd`` the weight decay
+    (Loshchilov & Hutter, decoupled weight decay)::
+
+        mu' = (1 - b1) g + b1 mu            nu' = (1 - b2) g^2 + b2 nu
+        delta = -lr * ((mu' / (1 - b1^t)) / (sqrt(nu' / (1 - b2^t) + eps_root) + eps)
+                       + wd * p)
+
+    Returns ``(delta, mu', nu')`` in float32; the new value is ``p + delta``.
     """
-    mu = (1 - s.b1) * g + s.b1 * mu
-    nu = (1 - s.b2) * (g * g) + s.b2 * nu
+    mu = s.one_minus_b1 * g + s.b1 * mu
+    nu = s.one_minus_b2 * (g * g) + s.b2 * nu
     update = (mu / s.bias_correction1) / (
-            jnp.sqrt(nu / s.bias_correction2 + s.eps_root) + s.eps)
+        jnp.sqrt(nu / s.bias_correction2 + s.eps_root) + s.eps)
     update = update + s.weight_decay * p
-    return p + (-s.learning_rate * update), mu, nu
+    return -s.learning_rate * update, mu, nu
+
+
+def adamw_math(p, g, mu, nu, s: AdamWScalars):
+    """:func:`adamw_delta` applied: returns ``(p + delta, mu', nu')`` in float32."""
+    delta, mu, nu = adamw_delta(p, g, mu, nu, s)
+    return p + delta, mu, nu
 
 
 def xla_indexed_adamw_step(param, grad, indices, mu, nu, master, scalars, *,
-                                                      grad_is_compressed=False):
+                           grad_is_compressed=False):
     """Reference indexed AdamW step with jnp gather/scatter.
 
     Args:
