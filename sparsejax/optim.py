@@ -37,8 +37,13 @@ ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 class SparseAdamWState(NamedTuple):
     """State of the sparse AdamW; every per-tensor leaf is shaped like its mask leaf.
 
+    The mask's indices live in the state, so a jitted step reads them as an argument
+    (never as a compile-time constant: an 8B model's 1% mask is 320 MB), they shard
+    with the moments, and a checkpoint of the state carries its mask.
+
     Attributes:
       count: int32 ``[]``, steps taken (skipped steps not counted).
+      indices: the mask: int32 active indices, ``[k]`` or ``[rows, c]`` per tensor.
       mu: first moments at the active entries, ``[k]`` or ``[rows, c]`` per tensor.
       nu: float32 second moments, same shapes.
       master: float32 copies of the active values (fused step with
@@ -47,6 +52,7 @@ class SparseAdamWState(NamedTuple):
     """
 
     count: jax.Array
+    indices: PyTree
     mu: PyTree
     nu: PyTree
     master: PyTree | None
@@ -121,7 +127,9 @@ def _check_mask(mask: PyTree) -> None:
 
 
 def _init_state(mask: PyTree, params: PyTree, mu_dtype: Any, master_weights: bool):
-    mask = jax.tree.map(jnp.asarray, mask)
+    # A copy (keeping any sharding): the fused step donates the state, which must not
+    # delete the caller's mask arrays.
+    mask = jax.tree.map(lambda i: jnp.array(i, copy=True), mask)
     if jax.tree.structure(mask) != jax.tree.structure(params):
         raise ValueError("mask and params differ in structure:\n"
                          f"{jax.tree.structure(mask)}\nvs\n{jax.tree.structure(params)}")
@@ -132,8 +140,8 @@ def _init_state(mask: PyTree, params: PyTree, mu_dtype: Any, master_weights: boo
     master = (jax.tree.map(lambda p, i: gather(p, i).astype(jnp.float32), params, mask)
               if master_weights else None)
     # Distinct buffers: the fused step donates the state, and a buffer cannot be donated twice.
-    return SparseAdamWState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu, master=master,
-                            skipped=jnp.zeros([], jnp.int32))
+    return SparseAdamWState(count=jnp.zeros([], jnp.int32), indices=mask, mu=mu, nu=nu,
+                            master=master, skipped=jnp.zeros([], jnp.int32))
 
 
 @functools.partial(jax.jit, inline=True)
@@ -200,7 +208,7 @@ def _advance(state: SparseAdamWState, ok: jax.Array, mu, nu, master) -> SparseAd
     """The next state; with ``ok`` False (a skipped step) everything but ``skipped`` stays."""
     ok_i = ok.astype(jnp.int32)
     return SparseAdamWState(
-        count=state.count + ok_i,
+        count=state.count + ok_i, indices=state.indices,
         mu=_select(ok, mu, state.mu), nu=_select(ok, nu, state.nu),
         master=None if master is None else _select(ok, master, state.master),
         skipped=state.skipped + 1 - ok_i)
@@ -245,7 +253,7 @@ def sparse_adamw(mask: PyTree, learning_rate: ScalarOrSchedule, b1: float = 0.9,
         if params is None:
             raise ValueError("sparse_adamw needs params (weight decay); call "
                              "update(grads, state, params)")
-        idx = jax.tree.map(jnp.asarray, mask)
+        idx = state.indices
         g = jax.tree.map(gather, updates, idx)
         g, s, ok = _guard(g, _scalars(state.count, learning_rate, b1, b2, eps, eps_root,
                                       weight_decay), skip_nonfinite)
@@ -311,7 +319,7 @@ def fused_sparse_adamw(mask: PyTree, learning_rate: ScalarOrSchedule, b1: float 
     def update_fn(params, grads, state):
         if master_weights and state.master is None:
             raise ValueError("master_weights=True needs a state from this optimizer's init")
-        idx = jax.tree.map(jnp.asarray, mask)
+        idx = state.indices
         g = jax.tree.map(_active_grad, grads, params, idx)
         g, s, ok = _guard(g, _scalars(state.count, learning_rate, b1, b2, eps, eps_root,
                                       weight_decay), skip_nonfinite)
