@@ -304,7 +304,7 @@ def diff_mask(params_a: PyTree, params_b: PyTree, *, atol: float = 1e-5,
         if dtype is not None:
             a, b = a.astype(dtype), b.astype(dtype)
         delta = np.abs(b.astype(np.float32) - a.astype(np.float32)).reshape(-1)
-        out.append(np.flatnonzero(delta > atol).astype(np.int32))
+        out.append(np.flatnonzero(~(delta <= atol)).astype(np.int32))  # NaN counts as changed
     return _unflatten(treedef_a, out)
 
 
