@@ -1,0 +1,363 @@
+"""Hugging Face weight I/O for :class:`~sparsejax.models.decoder.Decoder`.
+
+Loading reads safetensors only (one file, or shards listed in
+``model.safetensors.index.json``), memory-mapped through ``safetensors.safe_open``;
+each parameter is read straight into its final placement (an optional sharding), so
+with a sharding only the slices a device owns are read. No pickle is ever loaded and
+no remote code is ever run. Every HF tensor name is mapped to a parameter path by ONE
+table, :data:`WEIGHT_RULES`; saving uses the same table in reverse and writes a folder
+that ``transformers`` ``from_pretrained`` loads.
+
+Guarantees:
+    * a checkpoint loads only if every parameter is found with the right shape and no
+      tensor is left over; otherwise :class:`WeightLoadError` names every missing,
+      unexpected and mis-shaped tensor at once (tensors known to be redundant, such as
+      ``rotary_emb.inv_freq`` buffers or ``lm_head.weight`` of a tied model, are skipped);
+    * ``load_hf(save_hf(model))`` reproduces the parameters exactly (same dtype).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from sparsejax.models.config import DecoderConfig, from_hf_config
+from sparsejax.models.decoder import Decoder
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+
+#: Named fields usable in :data:`WEIGHT_RULES` patterns, with the regex each matches.
+FIELDS = {
+    "i": r"\d+",
+    "attn": r"q_proj|k_proj|v_proj|o_proj",
+    "mlp": r"gate_proj|up_proj|down_proj",
+    "kind": r"weight|bias",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightRule:
+    """One row of the name table: HF tensor name <-> parameter path.
+
+    ``hf`` and ``param`` are patterns in which ``{field}`` stands for the regex of
+    :data:`FIELDS` (the same fields on both sides); everything else is literal. The
+    parameter is the HF tensor transposed when ``transpose`` (and, for a ``kind``
+    field, only when it is a ``weight``: biases are vectors).
+    """
+
+    hf: str
+    param: str
+    transpose: bool = False
+
+    def hf_regex(self) -> re.Pattern:
+        return _compile(self.hf)
+
+    def param_regex(self) -> re.Pattern:
+        return _compile(self.param)
+
+
+def _compile(pattern: str) -> re.Pattern:
+    parts = re.split(r"\{(\w+)\}", pattern)
+    regex = "".join(re.escape(p) if n % 2 == 0 else f"(?P<{p}>{FIELDS[p]})"
+                    for n, p in enumerate(parts))
+    return re.compile(regex + r"\Z")
+
+
+#: The single name table. Params are 2-D ``(in, out)`` kernels where HF stores
+#: ``(out, in)`` ``nn.Linear`` weights, hence the transposes.
+WEIGHT_RULES: tuple[WeightRule, ...] = (
+    WeightRule("model.embed_tokens.weight", "embed"),
+    WeightRule("lm_head.weight", "lm_head", transpose=True),
+    WeightRule("model.norm.weight", "final_norm.weight"),
+    WeightRule("model.layers.{i}.input_layernorm.weight", "layers.{i}.input_norm.weight"),
+    WeightRule("model.layers.{i}.post_attention_layernorm.weight",
+               "layers.{i}.post_attn_norm.weight"),
+    WeightRule("model.layers.{i}.self_attn.{attn}.weight", "layers.{i}.attn.{attn}.kernel",
+               transpose=True),
+    WeightRule("model.layers.{i}.self_attn.{attn}.bias", "layers.{i}.attn.{attn}.bias"),
+    WeightRule("model.layers.{i}.mlp.{mlp}.weight", "layers.{i}.mlp.{mlp}.kernel",
+               transpose=True),
+    WeightRule("model.layers.{i}.mlp.{mlp}.bias", "layers.{i}.mlp.{mlp}.bias"),
+)
+
+#: HF tensors that carry no information for this model and are skipped on load.
+_REDUNDANT = re.compile(r".*\.rotary_emb\.inv_freq\Z")
+
+_COMPILED = tuple((r, r.hf_regex(), r.param_regex()) for r in WEIGHT_RULES)
+
+
+def hf_to_param(name: str) -> tuple[str, bool] | None:
+    """``(param_path, transpose)`` for a HF tensor name, or None if no rule matches."""
+    for rule, hf_re, _ in _COMPILED:
+        m = hf_re.match(name)
+        if m:
+            return rule.param.format(**m.groupdict()), rule.transpose
+    return None
+
+
+def param_to_hf(path: str) -> tuple[str, bool]:
+    """``(hf_name, transpose)`` for a parameter path; raises KeyError if none matches."""
+    for rule, _, param_re in _COMPILED:
+        m = param_re.match(path)
+        if m:
+            return rule.hf.format(**m.groupdict()), rule.transpose
+    raise KeyError(f"no HF name for parameter {path!r}")
+
+
+class WeightLoadError(ValueError):
+    """A checkpoint does not fit the model; the message names every offending tensor."""
+
+
+ShardingSpec = (jax.sharding.Sharding | Callable[[str], jax.sharding.Sharding | None]
+                | Any | None)
+
+
+def _keypath_str(keypath) -> str:
+    parts = []
+    for k in keypath:
+        key = getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
+        parts.append(str(key))
+    if parts and parts[-1] == "value":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _sharding_lookup(sharding: ShardingSpec) -> Callable[[str], jax.sharding.Sharding | None]:
+    """Turns a sharding spec (None, one Sharding, a function or a pytree) into a lookup."""
+    if sharding is None:
+        return lambda path: None
+    if isinstance(sharding, jax.sharding.Sharding):
+        return lambda path: sharding
+    if callable(sharding):
+        return sharding
+    leaves = jax.tree_util.tree_flatten_with_path(
+        sharding, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]
+    table = {_keypath_str(kp): s for kp, s in leaves}
+    return lambda path: table[path]
+
+
+def resolve_checkpoint_dir(source: str | os.PathLike, revision: str | None = None) -> str:
+    """A local folder for ``source``: the folder itself, or a Hub snapshot of the repo id.
+
+    Only configs, safetensors and tokenizer files are downloaded (never pickles).
+    """
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path) or path.startswith((".", "/")):
+        raise FileNotFoundError(f"{path!r} is not a model folder")
+    from huggingface_hub import snapshot_download  # pylint: disable=g-import-not-at-top
+    return snapshot_download(
+        repo_id=path, revision=revision,
+        allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model",
+                        "*.jinja"])
+
+
+def _safetensors_files(folder: str) -> list[str]:
+    index = os.path.join(folder, SAFETENSORS_INDEX)
+    if os.path.exists(index):
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        return sorted({os.path.join(folder, v) for v in weight_map.values()})
+    single = os.path.join(folder, SAFETENSORS_SINGLE)
+    if os.path.exists(single):
+        return [single]
+    found = sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                   if f.endswith(".safetensors"))
+    if not found:
+        raise FileNotFoundError(
+            f"no safetensors weights in {folder!r} (pickled .bin/.pt checkpoints are "
+            "never loaded; convert them to safetensors first)")
+    return found
+
+
+def _read_fn(slice_obj, transpose: bool, dtype) -> Callable[[Any], np.ndarray]:
+    """A reader of one index of the (transposed) tensor from a lazy safetensors slice."""
+
+    def read(index=None) -> np.ndarray:
+        if index is None:
+            arr = slice_obj[:]
+        else:
+            idx = tuple(index)
+            arr = slice_obj[tuple(reversed(idx)) if transpose else idx]
+        arr = np.asarray(arr)
+        if transpose:
+            arr = arr.T
+        return np.ascontiguousarray(arr.astype(dtype))
+
+    return read
+
+
+def load_hf_params(source: str | os.PathLike, config: DecoderConfig, *,
+                   sharding: ShardingSpec = None, strict: bool = True,
+                   revision: str | None = None) -> tuple[nnx.GraphDef, nnx.State]:
+    """``(graphdef, params)`` of a :class:`Decoder` with ``config``, filled from ``source``.
+
+    Args:
+        source: a local model folder or a Hub repo id.
+        config: the model config (its ``param_dtype`` is the dtype the weights get).
+        sharding: where to place each param: None (default device), one
+            ``jax.sharding.Sharding`` for all, a function ``path -> Sharding`` (path like
+            ``"layers.3.attn.q_proj.kernel"``), or a pytree of shardings shaped like
+            the params (e.g. from ``nnx.get_named_sharding``).
+        strict: raise on unexpected tensors (missing / mis-shaped always raise).
+        revision: Hub revision when ``source`` is a repo id.
+
+    Raises:
+        WeightLoadError: naming each missing, unexpected or mis-shaped tensor.
+    """
+    folder = resolve_checkpoint_dir(source, revision)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))))
+    expected = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(abstract)}
+    place = _sharding_lookup(sharding)
+    dtype = config.dtype
+
+    handles = [safe_open(f, framework="numpy") for f in _safetensors_files(folder)]
+    found: dict[str, tuple[Any, bool, str]] = {}
+    misshaped: set[str] = set()
+    problems: list[str] = []
+    for handle in handles:
+        for name in handle.keys():
+            mapped = hf_to_param(name)
+            if mapped is None or mapped[0] not in expected:
+                if _REDUNDANT.match(name) or (name == "lm_head.weight"
+                                              and config.tie_word_embeddings):
+                    continue
+                if strict:
+                    problems.append(f"unexpected tensor {name!r} (no parameter of this "
+                                    "model corresponds to it)")
+                continue
+            path, transpose = mapped
+            sl = handle.get_slice(name)
+            shape = tuple(sl.get_shape())
+            want = tuple(expected[path].shape)
+            got = tuple(reversed(shape)) if transpose else shape
+            if got != want:
+                want_hf = tuple(reversed(want)) if transpose else want
+                problems.append(f"tensor {name!r} has shape {shape}, expected {want_hf} "
+                                f"(parameter {path!r})")
+                misshaped.add(path)
+                continue
+            found[path] = (sl, transpose, name)
+    for path in expected:
+        if path not in found and path not in misshaped:
+            problems.append(f"missing tensor {param_to_hf(path)[0]!r} (parameter {path!r})")
+    if problems:
+        raise WeightLoadError(f"checkpoint {folder!r} does not fit the model:\n  "
+                              + "\n  ".join(problems))
+
+    for path, var in nnx.to_flat_state(abstract):
+        key = ".".join(map(str, path))
+        sl, transpose, _ = found[key]
+        read = _read_fn(sl, transpose, dtype)
+        target = place(key)
+        if target is None:
+            arr = jnp.asarray(read())
+        else:
+            arr = jax.make_array_from_callback(tuple(var.shape), target, read)
+        var.set_value(arr)
+    return graphdef, abstract
+
+
+def load_hf(source: str | os.PathLike, *, config: DecoderConfig | None = None,
+            param_dtype: str = "float32", attention_impl: str = "auto",
+            sharding: ShardingSpec = None, strict: bool = True,
+            revision: str | None = None) -> Decoder:
+    """A :class:`Decoder` with the weights of a HF Llama 3.x / Qwen2 checkpoint.
+
+    Args:
+        source: a local folder (``config.json`` + safetensors) or a Hub repo id
+            (downloaded with ``huggingface_hub.snapshot_download``).
+        config: overrides the folder's ``config.json``.
+        param_dtype: parameter dtype when ``config`` is not given ("bfloat16" for real
+            runs, "float32" for tests).
+        attention_impl: see :class:`DecoderConfig`.
+        sharding, strict, revision: see :func:`load_hf_params`.
+    """
+    folder = resolve_checkpoint_dir(source, revision)
+    if config is None:
+        config = from_hf_config(folder, param_dtype=param_dtype,
+                                attention_impl=attention_impl)
+    graphdef, params = load_hf_params(folder, config, sharding=sharding, strict=strict)
+    return nnx.merge(graphdef, params)
+
+
+def hf_state_dict(model: Decoder, dtype: str | None = None) -> dict[str, np.ndarray]:
+    """The model's weights as HF-named host numpy arrays (in ``dtype``, default the params')."""
+    np_dtype = jnp.dtype(dtype or model.config.param_dtype)
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        key = ".".join(map(str, path))
+        name, transpose = param_to_hf(key)
+        arr = np.asarray(jax.device_get(var.get_value()))
+        out[name] = np.ascontiguousarray((arr.T if transpose else arr).astype(np_dtype))
+    return out
+
+
+def _shard_groups(names: Iterable[str], sizes: Mapping[str, int],
+                  max_shard_bytes: int) -> list[list[str]]:
+    groups: list[list[str]] = [[]]
+    total = 0
+    for name in names:
+        if groups[-1] and total + sizes[name] > max_shard_bytes:
+            groups.append([])
+            total = 0
+        groups[-1].append(name)
+        total += sizes[name]
+    return groups
+
+
+def save_hf(model: Decoder, folder: str | os.PathLike, *, tokenizer: Any = None,
+            dtype: str | None = None, max_shard_bytes: int = 5 * 2**30) -> str:
+    """Writes ``model`` as a HF checkpoint folder that transformers loads.
+
+    Writes ``config.json``, the weights as safetensors (``model.safetensors``, or
+    ``model-0000k-of-0000n.safetensors`` shards plus ``model.safetensors.index.json``
+    when larger than ``max_shard_bytes``) and, when ``tokenizer`` is given, its files
+    (``tokenizer.save_pretrained``). Returns the folder.
+
+    Args:
+        model: the decoder (``nnx.merge(graphdef, params)`` for a split model).
+        folder: destination (created if needed).
+        tokenizer: an optional transformers tokenizer to save beside the weights.
+        dtype: dtype to write (default the params' dtype).
+        max_shard_bytes: largest size of one safetensors file.
+    """
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    tensors = hf_state_dict(model, dtype)
+    names = sorted(tensors)
+    sizes = {n: tensors[n].nbytes for n in names}
+    groups = _shard_groups(names, sizes, max_shard_bytes)
+    metadata = {"format": "pt"}
+    if len(groups) == 1:
+        save_file({n: tensors[n] for n in names}, os.path.join(folder, SAFETENSORS_SINGLE),
+                  metadata=metadata)
+    else:
+        weight_map = {}
+        for k, group in enumerate(groups, start=1):
+            fname = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
+            save_file({n: tensors[n] for n in group}, os.path.join(folder, fname),
+                      metadata=metadata)
+            weight_map.update({n: fname for n in group})
+        with open(os.path.join(folder, SAFETENSORS_INDEX), "w", encoding="utf-8") as f:
+            json.dump({"metadata": {"total_size": sum(sizes.values())},
+                       "weight_map": weight_map}, f, indent=2)
+    hf_config = model.config.to_hf_config()
+    hf_config["torch_dtype"] = str(jnp.dtype(dtype or model.config.param_dtype))
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(hf_config, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
