@@ -47,3 +47,34 @@ def restore(directory: str | os.PathLike, like: PyTree) -> PyTree:
     with ocp.StandardCheckpointer() as ckpt:
         restored = ckpt.restore(os.path.abspath(directory), target)
     return fill_empty(restored, like)
+
+
+class CheckpointManager:
+    """Numbered checkpoints of one run in ``directory``, keeping the newest ``keep``.
+
+    A thin wrapper over ``orbax.checkpoint.CheckpointManager`` that round-trips
+    zero-size arrays (see :func:`strip_empty`). Saves are synchronous: when
+    :meth:`save` returns, the checkpoint is on disk.
+    """
+
+    def __init__(self, directory: str | os.PathLike, keep: int = 2):
+        self.directory = os.path.abspath(directory)
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                 enable_async_checkpointing=False))
+
+    def save(self, step: int, tree: PyTree) -> None:
+        self._manager.save(step, args=ocp.args.StandardSave(strip_empty(tree)), force=True)
+        self._manager.wait_until_finished()
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def restore(self, step: int, like: PyTree) -> PyTree:
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, strip_empty(like))
+        restored = self._manager.restore(step, args=ocp.args.StandardRestore(target))
+        return fill_empty(restored, like)
+
+    def close(self) -> None:
+        self._manager.close()

@@ -1,0 +1,344 @@
+"""GRPO (Shao et al., DeepSeekMath) with sparse or full finetuning.
+
+One step, as in DESIGN.md's spine::
+
+    prompts --sampler(policy, KV cache)--> completions --reward fn--> rewards
+      --group--> advantages --> log-probs (policy [, reference]) --> grpo_loss
+      --> gradients at the active entries (micro-batched, accumulated)
+      --> fused sparse AdamW step (or dense optax.adamw) --> next step
+
+Everything a step needs is a function of the step number and the checkpoint (prompt
+order, PRNG keys), so ``resume`` continues exactly as an uninterrupted run would.
+A sparse run's checkpoint holds the ``k`` trained values and the optimizer state; the
+rest of the model comes from the base weights the run was started from.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from sparsejax import checkpoint as ckpt_lib
+from sparsejax import losses
+from sparsejax.models.logprobs import completion_logprobs
+from sparsejax.sampling import SamplingParams, generate, left_pad
+from sparsejax.trainers.config import GRPOConfig, SparseConfig
+from sparsejax.trainers.reporting import MetricsLog, peak_memory_bytes, plot_curves, read_jsonl
+from sparsejax.trainers.updater import Updater, tree_bytes
+
+PyTree = Any
+RewardFn = Callable[[Sequence[str], Sequence[Any]], Sequence[float]]
+
+
+def prompt_order(num_prompts: int, step: int, per_step: int, seed: int) -> np.ndarray:
+    """Indices of the prompts of ``step``: consecutive slices of per-epoch permutations."""
+    start = step * per_step
+    out = []
+    while len(out) < per_step:
+        epoch, offset = divmod(start + len(out), num_prompts)
+        perm = np.random.default_rng([seed, epoch]).permutation(num_prompts)
+        out.extend(perm[offset:offset + per_step - len(out)].tolist())
+    return np.asarray(out)
+
+
+class GRPOTrainer:
+    """Trains a :class:`~sparsejax.models.Decoder` with GRPO.
+
+    Args:
+        graphdef, params: ``nnx.split`` of the policy (the base model).
+        tokenizer: a transformers tokenizer (decoding completions, saving the model).
+        reward_fn: ``reward_fn(completions, answers) -> rewards`` (one float each);
+            ``accuracy`` in the metrics is the fraction of rewards >= 1.
+        config, sparse: the run's :class:`GRPOConfig` and :class:`SparseConfig`.
+        out_dir: where metrics, checkpoints, plots and the final model go.
+        stop_token_ids: tokens that end a completion (the tokenizer's EOS by default).
+    """
+
+    def __init__(self, graphdef: nnx.GraphDef, params: PyTree, tokenizer: Any,
+                 reward_fn: RewardFn, config: GRPOConfig, sparse: SparseConfig,
+                 out_dir: str | os.PathLike, *, stop_token_ids: Sequence[int] | None = None,
+                 mask: PyTree | None = None):
+        self.graphdef, self.params = graphdef, params
+        self.tokenizer, self.reward_fn = tokenizer, reward_fn
+        self.cfg, self.sparse_cfg = config, sparse
+        self.out_dir = os.fspath(out_dir)
+        os.makedirs(self.out_dir, exist_ok=True)
+        if stop_token_ids is None:
+            stop_token_ids = [tokenizer.eos_token_id]
+        self.stop_token_ids = tuple(int(t) for t in stop_token_ids if t is not None)
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(self.stop_token_ids[0] if pad is None else pad)
+        self.updater = Updater(sparse, params, mask)
+        self.opt_state = self.updater.init(params)
+        # The reference model of the KL term: the base values of the trained entries
+        # (sparse), or a full copy of the base params (dense; only when beta > 0).
+        self.ref_values = None
+        if config.beta > 0:
+            self.ref_values = (self.updater.active_values(params, self.opt_state)
+                               if self.updater.sparse else jax.tree.map(jnp.copy, params))
+        self.step = 0
+        self.base_key = jax.random.key(config.seed)
+        self.checkpoints = ckpt_lib.CheckpointManager(
+            os.path.join(self.out_dir, "checkpoints"), keep=config.keep_checkpoints)
+        self._grad_fn = jax.jit(self._micro_batch_grads)
+        self._logps_fn = jax.jit(self._policy_logprobs)
+
+    # ------------------------------------------------------------------ pieces
+
+    def _policy_logprobs(self, params, prompt_tokens, prompt_mask, tokens, mask):
+        return completion_logprobs(
+            self.graphdef, params, prompt_tokens, prompt_mask, tokens, mask,
+            temperature=self.cfg.temperature, chunk_size=self.cfg.logprob_chunk_size)
+
+    def _micro_batch_grads(self, params, opt_state, batch, num_items):
+        """Loss, metrics and (compressed) gradient of one micro-batch."""
+
+        def loss_fn(p):
+            logps, entropies = completion_logprobs(
+                self.graphdef, p, batch["prompt_tokens"], batch["prompt_mask"],
+                batch["tokens"], batch["mask"], temperature=self.cfg.temperature,
+                chunk_size=self.cfg.logprob_chunk_size, return_entropy=True)
+            return losses.grpo_loss(
+                logps, None, batch["advantages"], batch["mask"],
+                ref_logps=batch.get("ref_logps"), beta=self.cfg.beta,
+                epsilon=self.cfg.epsilon, epsilon_high=self.cfg.epsilon_high,
+                loss_type=self.cfg.loss_type, max_completion_length=self.cfg.max_new_tokens,
+                num_items_in_batch=num_items if self.cfg.loss_type == "dapo" else None,
+                entropies=entropies, top_entropy_quantile=self.cfg.top_entropy_quantile)
+
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return loss, metrics, self.updater.compress(grads, opt_state)
+
+    def _sample(self, prompt_ids: list[list[int]], key: jax.Array, sampling: SamplingParams,
+                batch_size: int) -> dict[str, np.ndarray]:
+        """Completions for ``prompt_ids`` in equal-size batches (no recompiles)."""
+        n = len(prompt_ids)
+        width = max(len(p) for p in prompt_ids)
+        chunks = []
+        for i, start in enumerate(range(0, n, batch_size)):
+            ids = prompt_ids[start:start + batch_size]
+            real = len(ids)
+            ids = ids + [ids[-1]] * (batch_size - real)  # pad the last batch, then drop
+            tokens, mask = left_pad(ids, self.pad_id)
+            out = generate(self.graphdef, self.params, tokens, mask,
+                           jax.random.fold_in(key, i), sampling, pad_id=self.pad_id)
+            chunks.append({k: np.asarray(v)[:real] for k, v in out._asdict().items()})
+        # Batches may bucket their prompts to different widths: left pad to the widest.
+        width = max(c["prompt_tokens"].shape[1] for c in chunks)
+        for c in chunks:
+            extra = width - c["prompt_tokens"].shape[1]
+            c["prompt_tokens"] = np.pad(c["prompt_tokens"], ((0, 0), (extra, 0)),
+                                        constant_values=self.pad_id)
+            c["prompt_mask"] = np.pad(c["prompt_mask"], ((0, 0), (extra, 0)))
+        return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+    def _decode(self, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
+        return [self.tokenizer.decode(t[m.astype(bool)].tolist(), skip_special_tokens=True)
+                for t, m in zip(tokens, mask)]
+
+    def _reference_logprobs(self, samples: dict[str, np.ndarray]) -> np.ndarray:
+        """Per-token log-probs under the base model, micro-batch by micro-batch."""
+        if self.updater.sparse:
+            # Swap the base values into the k trained entries (in place), score, swap back.
+            self.params, current = self.updater.swap_active(
+                self.params, self.opt_state.indices, self.ref_values)
+            params = self.params
+        else:
+            params = self.ref_values
+        out = []
+        mb = self.cfg.micro_batch_size
+        for s in range(0, len(samples["tokens"]), mb):
+            out.append(np.asarray(self._logps_fn(
+                params, samples["prompt_tokens"][s:s + mb], samples["prompt_mask"][s:s + mb],
+                samples["tokens"][s:s + mb], samples["mask"][s:s + mb])))
+        if self.updater.sparse:
+            self.params, _ = self.updater.swap_active(self.params, self.opt_state.indices,
+                                                      current)
+        return np.concatenate(out)
+
+    # ------------------------------------------------------------------ steps
+
+    def train_step(self, prompt_ids: Sequence[list[int]], answers: Sequence[Any]
+                   ) -> dict[str, Any]:
+        """One GRPO step on the prompts of ``self.step``; returns its metrics."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        order = prompt_order(len(prompt_ids), self.step, cfg.prompts_per_step, cfg.seed)
+        group_prompts = [list(prompt_ids[i]) for i in order for _ in range(cfg.num_generations)]
+        group_answers = [answers[i] for i in order for _ in range(cfg.num_generations)]
+        sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens,
+                                  temperature=cfg.temperature, top_p=cfg.top_p,
+                                  top_k=cfg.top_k, stop_token_ids=self.stop_token_ids)
+        key = jax.random.fold_in(self.base_key, self.step)
+        total = len(group_prompts)
+        samples = self._sample(group_prompts, key, sampling,
+                               min(cfg.generation_batch_size, total))
+        t_gen = time.perf_counter() - t0
+
+        texts = self._decode(samples["tokens"], samples["mask"])
+        rewards = np.asarray(self.reward_fn(texts, group_answers), np.float32)
+        if rewards.shape != (total,):
+            raise ValueError(f"reward_fn returned {rewards.shape} rewards for {total} "
+                             "completions")
+        advantages = np.asarray(losses.group_advantages(
+            jnp.asarray(rewards), cfg.num_generations, scale=cfg.advantage_scale))
+        batch_all = {"prompt_tokens": samples["prompt_tokens"],
+                     "prompt_mask": samples["prompt_mask"], "tokens": samples["tokens"],
+                     "mask": samples["mask"], "advantages": advantages}
+        if cfg.beta > 0:
+            batch_all["ref_logps"] = self._reference_logprobs(samples)
+
+        mb = cfg.micro_batch_size
+        num_micro = total // mb
+        num_items = float(samples["mask"].sum()) / num_micro
+        acc, metric_sums = None, {}
+        for s in range(0, total, mb):
+            batch = {k: v[s:s + mb] for k, v in batch_all.items()}
+            loss, metrics, grads = self._grad_fn(self.params, self.opt_state, batch,
+                                                 num_items)
+            acc = grads if acc is None else jax.tree.map(jnp.add, acc, grads)
+            for k, v in {"loss": loss, **metrics}.items():
+                metric_sums[k] = metric_sums.get(k, 0.0) + v
+        acc = jax.tree.map(lambda g: g / num_micro, acc)
+        self.params, self.opt_state, report = self.updater.apply(self.params, acc,
+                                                                 self.opt_state)
+        jax.block_until_ready(self.params)
+        step_time = time.perf_counter() - t0
+
+        lengths = samples["mask"].sum(axis=1)
+        record = {
+            "kind": "train", "step": self.step,
+            "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+            "accuracy": float((rewards >= 1.0).mean()),
+            "completion_length": float(lengths.mean()),
+            "tokens_per_s": float(lengths.sum() / max(t_gen, 1e-9)),
+            "generation_time": t_gen, "step_time": step_time,
+            "grad_norm": float(report.grad_norm), "skipped": bool(report.skipped),
+            **{k: float(v) / num_micro for k, v in metric_sums.items()},
+        }
+        peak = peak_memory_bytes()
+        if peak is not None:
+            record["peak_memory_bytes"] = peak
+        self.step += 1
+        return record
+
+    def evaluate(self, prompt_ids: Sequence[list[int]], answers: Sequence[Any]
+                 ) -> dict[str, Any]:
+        """Accuracy on ``prompt_ids`` (greedy, or sampled at ``eval_temperature``)."""
+        cfg = self.cfg
+        limit = len(prompt_ids) if cfg.eval_limit is None else min(cfg.eval_limit,
+                                                                   len(prompt_ids))
+        ids = [list(p) for p in prompt_ids[:limit]]
+        sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens,
+                                  temperature=cfg.eval_temperature, top_p=cfg.top_p,
+                                  top_k=cfg.top_k, stop_token_ids=self.stop_token_ids)
+        key = jax.random.fold_in(jax.random.key(cfg.seed + 1), self.step)
+        samples = self._sample(ids, key, sampling, min(cfg.eval_batch_size, limit))
+        texts = self._decode(samples["tokens"], samples["mask"])
+        rewards = np.asarray(self.reward_fn(texts, list(answers[:limit])), np.float32)
+        return {"kind": "eval", "step": self.step, "eval_accuracy": float((rewards >= 1).mean()),
+                "eval_reward_mean": float(rewards.mean()), "eval_examples": limit,
+                "eval_completion_length": float(samples["mask"].sum(axis=1).mean()),
+                "eval_samples": [{"completion": t, "answer": str(a), "reward": float(r)}
+                                 for t, a, r in list(zip(texts, answers, rewards))[:3]]}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _checkpoint_tree(self) -> dict[str, Any]:
+        tree = {"opt_state": self.opt_state, "step": np.asarray(self.step, np.int64),
+                "key": jax.random.key_data(self.base_key),
+                "data_position": np.asarray(self.step * self.cfg.prompts_per_step, np.int64)}
+        if self.updater.sparse:
+            tree["active_values"] = self.updater.active_values(self.params, self.opt_state)
+        else:
+            tree["params"] = self.params
+        return tree
+
+    def save_checkpoint(self) -> None:
+        self.checkpoints.save(self.step, self._checkpoint_tree())
+
+    def restore_checkpoint(self) -> int | None:
+        """Restores the newest checkpoint in ``out_dir``; returns its step (None if none).
+
+        For a sparse run the trainer must have been built on the same base params.
+        """
+        step = self.checkpoints.latest_step()
+        if step is None:
+            return None
+        tree = self.checkpoints.restore(step, self._checkpoint_tree())
+        self.opt_state = tree["opt_state"]
+        if self.updater.sparse:
+            self.params, _ = self.updater.swap_active(self.params, self.opt_state.indices,
+                                                      tree["active_values"])
+        else:
+            self.params = tree["params"]
+        self.base_key = jax.random.wrap_key_data(jnp.asarray(tree["key"]))
+        self.step = int(tree["step"])
+        return self.step
+
+    # ------------------------------------------------------------------ the run
+
+    def train(self, prompt_ids: Sequence[list[int]], answers: Sequence[Any], *,
+              eval_prompt_ids: Sequence[list[int]] | None = None,
+              eval_answers: Sequence[Any] | None = None, resume: bool = False,
+              progress: bool = True) -> dict[str, Any]:
+        """Runs ``config.steps`` steps (continuing from a checkpoint with ``resume``).
+
+        Writes ``metrics.jsonl``, checkpoints, ``curves.png`` and ``final_eval.json``
+        under ``out_dir``; returns the last evaluation (or the last train record).
+        """
+        cfg = self.cfg
+        if len(prompt_ids) != len(answers) or not prompt_ids:
+            raise ValueError("need as many answers as prompts, and at least one prompt")
+        restored = self.restore_checkpoint() if resume else None
+        log = MetricsLog(os.path.join(self.out_dir, "metrics.jsonl"),
+                         truncate_after_step=(restored - 1 if restored is not None
+                                              else None))
+        log.write({"kind": "config", "step": -1, "trainable": self.updater.num_trainable(
+            self.params), "optimizer_state_bytes": tree_bytes(self.opt_state),
+            "resumed_from": restored, **{k: v for k, v in vars(cfg).items()},
+            **{f"sparse_{k}": v for k, v in vars(self.sparse_cfg).items()}})
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="GRPO", disable=not progress)
+        last = {}
+        do_eval = eval_prompt_ids is not None and eval_answers is not None
+        while self.step < cfg.steps:
+            last = self.train_step(prompt_ids, answers)
+            log.write(last)
+            bar.update(1)
+            bar.set_postfix(reward=f"{last['reward_mean']:.3f}", acc=f"{last['accuracy']:.3f}",
+                            len=f"{last['completion_length']:.0f}")
+            if do_eval and cfg.eval_every and self.step % cfg.eval_every == 0 \
+                    and self.step < cfg.steps:
+                log.write(self.evaluate(eval_prompt_ids, eval_answers))
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                self.save_checkpoint()
+        bar.close()
+        self.save_checkpoint()
+        if do_eval:
+            last = self.evaluate(eval_prompt_ids, eval_answers)
+            log.write(last)
+            ckpt_lib_json(os.path.join(self.out_dir, "final_eval.json"), last)
+        plot_curves(read_jsonl(log.path), os.path.join(self.out_dir, "curves.png"),
+                    title=f"GRPO, {self.updater.num_trainable(self.params):,} trainable")
+        return last
+
+    def save_model(self, folder: str | os.PathLike) -> str:
+        """The current policy in Hugging Face format (safetensors + config + tokenizer)."""
+        from sparsejax.models.hf_io import save_hf  # pylint: disable=g-import-not-at-top
+        return save_hf(nnx.merge(self.graphdef, self.params), folder, tokenizer=self.tokenizer)
+
+
+def ckpt_lib_json(path: str, record: dict[str, Any]) -> None:
+    import json  # pylint: disable=g-import-not-at-top
+    from sparsejax.trainers.reporting import to_python  # pylint: disable=g-import-not-at-top
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(to_python(record), f, indent=2)

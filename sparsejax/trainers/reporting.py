@@ -1,0 +1,88 @@
+"""Run outputs: a JSONL metrics log, a progress bar, curves as PNG."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def to_python(value: Any) -> Any:
+    """JSON-safe scalars from jax/numpy values (non-finite floats become None)."""
+    if isinstance(value, Mapping):
+        return {str(k): to_python(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_python(v) for v in value]
+    if hasattr(value, "item") and np.size(value) == 1:
+        value = np.asarray(value).item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsLog:
+    """Appends one JSON object per record to ``path`` (a resumed run appends too)."""
+
+    def __init__(self, path: str | os.PathLike, *, truncate_after_step: int | None = None):
+        self.path = os.fspath(path)
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        if truncate_after_step is not None and os.path.exists(self.path):
+            # On resume, drop records of steps after the checkpoint: they will be redone.
+            kept = [r for r in read_jsonl(self.path)
+                    if r.get("step", -1) <= truncate_after_step]
+            with open(self.path, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+        elif truncate_after_step is None and os.path.exists(self.path):
+            os.remove(self.path)
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(to_python(record)) + "\n")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def peak_memory_bytes() -> int | None:
+    """Peak device memory in use, where the backend reports it (GPU), else None."""
+    try:
+        stats = jax.local_devices()[0].memory_stats()
+    except Exception:  # pylint: disable=broad-except
+        return None
+    return None if not stats else stats.get("peak_bytes_in_use")
+
+
+def plot_curves(records: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
+                title: str = "", keys: Sequence[str] = ("reward_mean", "accuracy"),
+                eval_key: str = "eval_accuracy") -> str:
+    """Training curves (one panel per key, eval points overlaid) written to a PNG."""
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+    train = [r for r in records if r.get("kind", "train") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        xs = [r["step"] for r in train if r.get(key) is not None]
+        ys = [r[key] for r in train if r.get(key) is not None]
+        ax.plot(xs, ys, label=f"train {key}")
+        if key == "accuracy" and evals:
+            ax.plot([r["step"] for r in evals], [r[eval_key] for r in evals], "o-",
+                    label="eval accuracy")
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return os.fspath(path)

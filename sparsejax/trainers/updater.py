@@ -1,0 +1,137 @@
+"""The trainers' optimizer: sparse fused AdamW on a mask, or dense optax.adamw.
+
+A trainer accumulates gradients over micro-batches and then steps once. With a mask
+the accumulator holds only the gradient values at the ``k`` active entries (each
+micro-batch's dense gradient is gathered and dropped), clipping uses the norm of
+those entries (that of ``mask * g``), and the fused step writes the ``k`` entries in
+place. ``sparsity=0`` (no mask) is ordinary full finetuning with ``optax.adamw``.
+
+The same object gives the pieces a sparse trainer needs besides the step:
+``active_values`` (the ``k`` trained values: a checkpoint of a sparse run stores these,
+not the whole model) and ``swap_active`` (in-place exchange of the active values, so
+the reference model of a KL term is the current params with the base values swapped
+back in: no second copy of the model).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sparsejax import masks as masks_lib
+from sparsejax.optim import SparseAdamWState, fused_sparse_adamw, gather, scatter
+from sparsejax.trainers.config import SparseConfig
+
+PyTree = Any
+
+
+class StepReport(NamedTuple):
+    grad_norm: jax.Array
+    skipped: jax.Array
+
+
+def learning_rate_schedule(cfg: SparseConfig) -> optax.Schedule:
+    """Constant ``learning_rate`` after a linear warm-up of ``warmup_steps``."""
+    if cfg.warmup_steps <= 0:
+        return optax.constant_schedule(cfg.learning_rate)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps),
+         optax.constant_schedule(cfg.learning_rate)], [cfg.warmup_steps])
+
+
+def build_mask(cfg: SparseConfig, params: PyTree) -> PyTree:
+    """The run's mask: loaded from ``cfg.mask_path`` or drawn at random."""
+    if cfg.mask_path is not None:
+        mask, _ = masks_lib.load_mask(cfg.mask_path, like=params)
+        return mask
+    return masks_lib.random_mask(params, cfg.sparsity, seed=cfg.mask_seed,
+                                 strategy=cfg.mask_strategy)
+
+
+def _clip(grads: PyTree, max_norm: float | None) -> tuple[PyTree, jax.Array]:
+    norm = optax.global_norm(grads)
+    if max_norm is None:
+        return grads, norm
+    scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
+    return jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads), norm
+
+
+class Updater:
+    """Optimizer state handling for one run (see the module docstring)."""
+
+    def __init__(self, cfg: SparseConfig, params: PyTree, mask: PyTree | None = None):
+        self.cfg = cfg
+        self.schedule = learning_rate_schedule(cfg)
+        self.sparse = not cfg.dense
+        if self.sparse:
+            self.mask = build_mask(cfg, params) if mask is None else mask
+            masks_lib.validate_mask(self.mask, params)
+            master = cfg.master_weights
+            if master is None:
+                master = any(x.dtype != jnp.float32 for x in jax.tree.leaves(params))
+            self._opt = fused_sparse_adamw(
+                self.mask, self.schedule, b1=cfg.b1, b2=cfg.b2,
+                weight_decay=cfg.weight_decay, master_weights=master,
+                skip_nonfinite=True, backend=cfg.backend)
+        else:
+            self.mask = None
+            self._tx = optax.adamw(self.schedule, b1=cfg.b1, b2=cfg.b2,
+                                   weight_decay=cfg.weight_decay)
+
+    # ------------------------------------------------------------------ state
+
+    def init(self, params: PyTree) -> PyTree:
+        return self._opt.init(params) if self.sparse else self._tx.init(params)
+
+    def num_trainable(self, params: PyTree) -> int:
+        if self.sparse:
+            return masks_lib.num_active(self.mask)
+        return int(sum(x.size for x in jax.tree.leaves(params)))
+
+    # ------------------------------------------------------------------ gradients
+
+    def compress(self, grads: PyTree, opt_state: PyTree) -> PyTree:
+        """What the accumulator keeps of a dense gradient (traceable)."""
+        if not self.sparse:
+            return grads
+        return jax.tree.map(gather, grads, opt_state.indices)
+
+    @functools.partial(jax.jit, static_argnums=0, donate_argnums=(1, 3))
+    def apply(self, params: PyTree, grads: PyTree, opt_state: PyTree
+              ) -> tuple[PyTree, PyTree, StepReport]:
+        """Clips the (compressed) gradient and steps; params and state are donated."""
+        grads, norm = _clip(grads, self.cfg.max_grad_norm)
+        if self.sparse:
+            params, opt_state, info = self._opt.update(params, grads, opt_state)
+            return params, opt_state, StepReport(norm, info.skipped)
+        ok = jnp.isfinite(norm)
+        updates, new_state = self._tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        params = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_params, params)
+        opt_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, opt_state)
+        return params, opt_state, StepReport(norm, jnp.logical_not(ok))
+
+    # ------------------------------------------------------------------ sparse extras
+
+    def active_values(self, params: PyTree, opt_state: SparseAdamWState) -> PyTree:
+        """The values of the active entries (``k`` per tensor)."""
+        return jax.tree.map(gather, params, opt_state.indices)
+
+    @staticmethod
+    @functools.partial(jax.jit, donate_argnums=0)
+    def swap_active(params: PyTree, indices: PyTree, values: PyTree
+                    ) -> tuple[PyTree, PyTree]:
+        """Writes ``values`` at ``indices`` in place; returns ``(params, previous values)``."""
+        old = jax.tree.map(gather, params, indices)
+        new = jax.tree.map(lambda p, i, v: scatter(p, i, v.astype(p.dtype)),
+                           params, indices, values)
+        return new, old
+
+
+def tree_bytes(tree: PyTree) -> int:
+    return int(sum(np.size(x) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
