@@ -29,4 +29,10 @@ from sparsejax.optim import (
     sparse_adamw,
 )
 
+__all__ = [
+    "Density", "density", "diff_mask", "from_dense", "intersection_size", "jaccard",
+    "load_mask", "num_active", "overlap", "random_baselines", "random_mask", "save_mask",
+    "to_dense", "topk_mask", "validate_mask",
+    "FusedSparseAdamW", "SparseAdamWState", "StepInfo", "fused_sparse_adamw", "sparse_adamw",
+]
 __version__ = "0.1.0"

@@ -13,5 +13,5 @@ def test_readme_python_blocks_run():
     for block in blocks:
         exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 - our own docs
     # The optax example really moved the active entries and nothing else.
-    sj, params, mask = namespace["sj"], namespace["params"], namespace["mask"]
+    sj, mask = namespace["sj"], namespace["mask"]
     assert sj.num_active(mask) == int(0.01 * 512 * 256) + int(0.01 * 256)

@@ -15,7 +15,6 @@ rest of the model comes from the base weights the run was started from.
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -32,7 +31,8 @@ from sparsejax import losses
 from sparsejax.models.logprobs import completion_logprobs
 from sparsejax.sampling import SamplingParams, generate, left_pad
 from sparsejax.trainers.config import GRPOConfig, SparseConfig
-from sparsejax.trainers.reporting import MetricsLog, peak_memory_bytes, plot_curves, read_jsonl
+from sparsejax.trainers.reporting import (MetricsLog, peak_memory_bytes, plot_curves,
+                                           read_jsonl, write_json)
 from sparsejax.trainers.updater import Updater, tree_bytes
 
 PyTree = Any
@@ -122,7 +122,6 @@ class GRPOTrainer:
                 batch_size: int) -> dict[str, np.ndarray]:
         """Completions for ``prompt_ids`` in equal-size batches (no recompiles)."""
         n = len(prompt_ids)
-        width = max(len(p) for p in prompt_ids)
         chunks = []
         for i, start in enumerate(range(0, n, batch_size)):
             ids = prompt_ids[start:start + batch_size]
@@ -326,7 +325,7 @@ class GRPOTrainer:
         if do_eval:
             last = self.evaluate(eval_prompt_ids, eval_answers)
             log.write(last)
-            ckpt_lib_json(os.path.join(self.out_dir, "final_eval.json"), last)
+            write_json(os.path.join(self.out_dir, "final_eval.json"), last)
         plot_curves(read_jsonl(log.path), os.path.join(self.out_dir, "curves.png"),
                     title=f"GRPO, {self.updater.num_trainable(self.params):,} trainable")
         return last
@@ -336,9 +335,3 @@ class GRPOTrainer:
         from sparsejax.models.hf_io import save_hf  # pylint: disable=g-import-not-at-top
         return save_hf(nnx.merge(self.graphdef, self.params), folder, tokenizer=self.tokenizer)
 
-
-def ckpt_lib_json(path: str, record: dict[str, Any]) -> None:
-    import json  # pylint: disable=g-import-not-at-top
-    from sparsejax.trainers.reporting import to_python  # pylint: disable=g-import-not-at-top
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(to_python(record), f, indent=2)

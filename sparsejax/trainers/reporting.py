@@ -45,6 +45,11 @@ class MetricsLog:
             f.write(json.dumps(to_python(record)) + "\n")
 
 
+def write_json(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(to_python(record), f, indent=2)
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
