@@ -1,4 +1,8 @@
-"""The README's Python examples run as written, in order, in one namespace."""
+"""The README's Python examples run as written, in order, in one namespace.
+
+Blocks fenced as ``python`` run here; blocks fenced as ``py`` need the hub or a GPU and
+are shown, not run.
+"""
 
 import re
 from pathlib import Path
