@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 import sparsejax as sj
 from sparsejax import backends
+from sparsejax.optim import gather
 
 SYNTHETIC = {
     # 10 matrices of 3200 x 3125 = 1e8 parameters: the CPU target's tree.
@@ -115,14 +116,23 @@ def bench_preset(preset: str, args, device_kind: str) -> list[dict]:
         rows.append(dict(preset=preset, params=n, density=density, k=k,
                          method="sparse_adamw (optax)", backend="xla", ms=ms,
                          speedup=dense_ms / ms, state_bytes=nbytes(state)))
+        compressed = jax.tree.map(gather, grads, mask)
         for backend in args.backends:
-            fused = sj.fused_sparse_adamw(mask, 1e-4, backend=backend)
-            state = fused.init(params)
-            run = lambda carry, g, f=fused: f.step(carry[0], g, carry[1])[:2]
-            ms = time_steps(run, (copy(params), state), grads, args.steps, args.warmup)
-            rows.append(dict(preset=preset, params=n, density=density, k=k,
-                             method="fused", backend=backend, ms=ms,
-                             speedup=dense_ms / ms, state_bytes=nbytes(state)))
+            # The fused step as a trainer uses it: dense gradients (gathered inside the
+            # step), gradients already compressed to the k entries (a trainer gathers them
+            # inside its backward pass), and with float32 master values (read
+            # contiguously instead of gathered from the params).
+            for method, master, g in (("fused", False, grads),
+                                      ("fused, compressed grads", False, compressed),
+                                      ("fused, compressed + master", True, compressed)):
+                fused = sj.fused_sparse_adamw(mask, 1e-4, backend=backend,
+                                              master_weights=master)
+                state = fused.init(params)
+                run = lambda carry, g_, f=fused: f.step(carry[0], g_, carry[1])[:2]
+                ms = time_steps(run, (copy(params), state), g, args.steps, args.warmup)
+                rows.append(dict(preset=preset, params=n, density=density, k=k,
+                                 method=method, backend=backend, ms=ms,
+                                 speedup=dense_ms / ms, state_bytes=nbytes(state)))
     for r in rows:
         r["state_fraction_of_dense"] = r["state_bytes"] / dense_state_bytes
         r["device"] = device_kind
@@ -142,13 +152,13 @@ def git_commit() -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'preset':<16}{'params':>13}{'density':>9}{'k':>12}  {'method':<22}"
+    head = (f"{'preset':<16}{'params':>13}{'density':>10}{'k':>12}  {'method':<28}"
             f"{'backend':<10}{'ms/step':>10}{'speedup':>9}{'state MB':>10}{'state/dense':>12}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['preset']:<16}{r['params']:>13,}{r['density']:>9.4%}{r['k']:>12,}  "
-            f"{r['method']:<22}{r['backend']:<10}{r['ms']:>10.2f}{r['speedup']:>8.1f}x"
+            f"{r['preset']:<16}{r['params']:>13,}{r['density']:>10.4%}{r['k']:>12,}  "
+            f"{r['method']:<28}{r['backend']:<10}{r['ms']:>10.2f}{r['speedup']:>8.1f}x"
             f"{r['state_bytes'] / 2**20:>10.1f}{r['state_fraction_of_dense']:>12.4f}")
     return "\n".join(lines)
 
