@@ -54,7 +54,7 @@ from sparsejax.trainers.config import SparseConfig
 from sparsejax.trainers.dpo_config import DPOConfig
 from sparsejax.trainers.grpo import prompt_order
 from sparsejax.trainers.reporting import (MetricsLog, peak_memory_bytes, plot_curves,
-                                          read_jsonl, to_python)
+                                          read_jsonl, write_json)
 from sparsejax.trainers.updater import Updater, tree_bytes
 
 PyTree = Any
@@ -230,9 +230,8 @@ class DPOTrainer:
         # The reference: the base values of the k trained entries (sparse); for a dense
         # run the params themselves until they first change, then a host copy.
         self.ref_values = None
-        self._active_values = jax.jit(self.updater.active_values)
         if self.updater.sparse and not config.reference_free:
-            self.ref_values = self._active_values(params, self.opt_state)
+            self.ref_values = self.updater.active_values(params, self.opt_state)
         self._base_host: PyTree | None = None
         self._pristine = True  # self.params are the base params
         self.step = 0
@@ -412,13 +411,9 @@ class DPOTrainer:
     # ------------------------------------------------------------------ checkpoints
 
     def _checkpoint_tree(self) -> dict[str, Any]:
-        tree = {"opt_state": self.opt_state, "step": np.asarray(self.step, np.int64),
+        return {**self.updater.checkpoint_tree(self.params, self.opt_state),
+                "step": np.asarray(self.step, np.int64),
                 "data_position": np.asarray(self.step * self.cfg.batch_size, np.int64)}
-        if self.updater.sparse:
-            tree["active_values"] = self._active_values(self.params, self.opt_state)
-        else:
-            tree["params"] = self.params
-        return tree
 
     def save_checkpoint(self) -> None:
         self.checkpoints.save(self.step, self._checkpoint_tree())
@@ -433,12 +428,7 @@ class DPOTrainer:
             return None
         tree = self.checkpoints.restore(step, self._checkpoint_tree())
         self._keep_base()
-        self.opt_state = tree["opt_state"]
-        if self.updater.sparse:
-            self.params, _ = self.updater.swap_active(self.params, self.opt_state.indices,
-                                                      tree["active_values"])
-        else:
-            self.params = tree["params"]
+        self.params, self.opt_state = self.updater.restore_policy(self.params, tree)
         self.step = int(tree["step"])
         return self.step
 
@@ -504,9 +494,3 @@ class DPOTrainer:
         from sparsejax.models.hf_io import save_hf  # pylint: disable=g-import-not-at-top
         return save_hf(nnx.merge(self.graphdef, self.params), folder, tokenizer=self.tokenizer)
 
-
-def write_json(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
-    """Writes ``record`` as indented JSON (numpy/jax scalars converted)."""
-    import json  # pylint: disable=g-import-not-at-top
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(to_python(record), f, indent=2)

@@ -253,14 +253,10 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ checkpoints
 
     def _checkpoint_tree(self) -> dict[str, Any]:
-        tree = {"opt_state": self.opt_state, "step": np.asarray(self.step, np.int64),
+        return {**self.updater.checkpoint_tree(self.params, self.opt_state),
+                "step": np.asarray(self.step, np.int64),
                 "key": jax.random.key_data(self.base_key),
                 "data_position": np.asarray(self.step * self.cfg.prompts_per_step, np.int64)}
-        if self.updater.sparse:
-            tree["active_values"] = self.updater.active_values(self.params, self.opt_state)
-        else:
-            tree["params"] = self.params
-        return tree
 
     def save_checkpoint(self) -> None:
         self.checkpoints.save(self.step, self._checkpoint_tree())
@@ -274,12 +270,7 @@ class GRPOTrainer:
         if step is None:
             return None
         tree = self.checkpoints.restore(step, self._checkpoint_tree())
-        self.opt_state = tree["opt_state"]
-        if self.updater.sparse:
-            self.params, _ = self.updater.swap_active(self.params, self.opt_state.indices,
-                                                      tree["active_values"])
-        else:
-            self.params = tree["params"]
+        self.params, self.opt_state = self.updater.restore_policy(self.params, tree)
         self.base_key = jax.random.wrap_key_data(jnp.asarray(tree["key"]))
         self.step = int(tree["step"])
         return self.step

@@ -96,10 +96,12 @@ class Updater:
     # ------------------------------------------------------------------ gradients
 
     def compress(self, grads: PyTree, opt_state: PyTree) -> PyTree:
-        """What the accumulator keeps of a dense gradient (traceable)."""
+        """What the accumulator keeps of a dense gradient (traceable): float32 values at
+        the active entries (sparse) or the float32 gradient (dense)."""
+        f32 = lambda g: g.astype(jnp.float32)  # accumulate in float32 even for bf16 params
         if not self.sparse:
-            return grads
-        return jax.tree.map(gather, grads, opt_state.indices)
+            return jax.tree.map(f32, grads)
+        return jax.tree.map(lambda g, i: f32(gather(g, i)), grads, opt_state.indices)
 
     @functools.partial(jax.jit, static_argnums=0, donate_argnums=(1, 3))
     def apply(self, params: PyTree, grads: PyTree, opt_state: PyTree
@@ -116,9 +118,34 @@ class Updater:
         opt_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, opt_state)
         return params, opt_state, StepReport(norm, jnp.logical_not(ok))
 
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint_tree(self, params: PyTree, opt_state: PyTree) -> dict[str, PyTree]:
+        """What a checkpoint keeps of the policy: the optimizer state (with the mask) and
+        the ``k`` trained values (sparse), or the whole params (dense)."""
+        if self.sparse:
+            return {"opt_state": opt_state,
+                    "active_values": self.active_values(params, opt_state)}
+        return {"opt_state": opt_state, "params": params}
+
+    def restore_policy(self, params: PyTree, tree: dict[str, PyTree]
+                       ) -> tuple[PyTree, PyTree]:
+        """``(params, opt_state)`` from a restored :meth:`checkpoint_tree`.
+
+        For a sparse run ``params`` must be the base params the run started from (the
+        trained values are written into them in place).
+        """
+        opt_state = tree["opt_state"]
+        if not self.sparse:
+            return tree["params"], opt_state
+        params, _ = self.swap_active(params, opt_state.indices, tree["active_values"])
+        return params, opt_state
+
     # ------------------------------------------------------------------ sparse extras
 
-    def active_values(self, params: PyTree, opt_state: SparseAdamWState) -> PyTree:
+    @staticmethod
+    @jax.jit
+    def active_values(params: PyTree, opt_state: SparseAdamWState) -> PyTree:
         """The values of the active entries (``k`` per tensor)."""
         return jax.tree.map(gather, params, opt_state.indices)
 
