@@ -1,0 +1,177 @@
+"""The toy RLVR task (generator, tokenizer, reward, SFT batches) and its experiment script."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sparsejax import toy_task as tt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tt.build_tokenizer()
+
+
+# ----------------------------------------------------------------------------- problems
+
+
+def test_problems_are_deterministic_distinct_and_correct():
+    a = tt.make_problems(200, seed=3, digits=2)
+    b = tt.make_problems(200, seed=3, digits=2)
+    assert a == b
+    assert len({(p.a, p.b) for p in a}) == 200
+    assert tt.make_problems(200, seed=4, digits=2) != a
+    for p in a:
+        assert 0 <= p.a < 100 and 0 <= p.b < 100
+        assert p.prompt == f"{p.a}+{p.b}="
+        assert int(p.answer) == p.a + p.b and p.answer == str(p.a + p.b)
+
+
+def test_exclude_keeps_splits_disjoint():
+    held_out = tt.make_problems(300, seed=1, digits=2)
+    train = tt.make_problems(500, seed=2, digits=2, exclude=held_out)
+    assert not {(p.a, p.b) for p in held_out} & {(p.a, p.b) for p in train}
+    rng = np.random.default_rng(0)
+    batch = tt.sample_batch(rng, 1000, 2, frozenset((p.a, p.b) for p in held_out))
+    assert not {(p.a, p.b) for p in held_out} & {(p.a, p.b) for p in batch}
+    with pytest.raises(ValueError):
+        tt.make_problems(101, seed=0, digits=1)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_vocabulary_and_special_ids(tokenizer):
+    assert len(tokenizer) == len(tt.SPECIAL_TOKENS) + len(tt.CHARACTERS) == 16
+    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id,
+            tokenizer.unk_token_id) == (0, 1, 2, 3)
+    ids = [tokenizer.convert_tokens_to_ids(c) for c in tt.CHARACTERS]
+    assert len(set(ids)) == len(ids) and tokenizer.unk_token_id not in ids
+
+
+@pytest.mark.parametrize("text", ["12+345=", "0+0=", "999+1=1000", "7", "+=+="])
+def test_encode_decode_round_trip(tokenizer, text):
+    ids = tokenizer(text)["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and len(ids) == len(text) + 1
+    assert tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    assert tokenizer.decode(ids) == tt.BOS + text
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == ids[1:]
+
+
+def test_decode_drops_eos_and_padding(tokenizer):
+    ids = tokenizer("357", add_special_tokens=False)["input_ids"]
+    seq = ids + [tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.pad_token_id]
+    assert tokenizer.decode(seq, skip_special_tokens=True) == "357"
+    assert tt.reward_fn([tokenizer.decode(seq, skip_special_tokens=True)], ["357"]) == [1.0]
+
+
+def test_unknown_characters_map_to_unk(tokenizer):
+    ids = tokenizer("1 2", add_special_tokens=False)["input_ids"]
+    assert ids[1] == tokenizer.unk_token_id and len(ids) == 3
+
+
+# ----------------------------------------------------------------------------- reward
+
+
+@pytest.mark.parametrize("completion,answer,reward", [
+    ("357", "357", 1.0),
+    (" 357\n", "357", 1.0),  # surrounding whitespace is not part of the answer
+    ("357", 357, 1.0),  # an int answer is compared in canonical form
+    ("0", "0", 1.0),
+    ("358", "357", 0.0),
+    ("35", "357", 0.0),
+    ("3570", "357", 0.0),
+    ("0357", "357", 0.0),  # leading zeros are not the canonical answer
+    ("00", "0", 0.0),
+    ("35 7", "357", 0.0),
+    ("357357", "357", 0.0),
+    ("357=", "357", 0.0),
+    ("+357", "357", 0.0),
+    ("-357", "357", 0.0),
+    ("357.0", "357", 0.0),
+    ("1+2=357", "357", 0.0),
+    ("\uff13\uff15\uff17", "357", 0.0),  # full-width digits are not ASCII digits
+    ("\u0663\u0665\u0667", "357", 0.0),  # nor are Arabic-Indic digits
+    ("", "357", 0.0),
+    ("   ", "357", 0.0),
+])
+def test_reward_is_exact(completion, answer, reward):
+    assert tt.reward_fn([completion], [answer]) == [reward]
+
+
+def test_extract_answer_malformed_is_none():
+    for bad in ["", "abc", "12a", "1 2", "01", "=", "+", "1e3"]:
+        assert tt.extract_answer(bad) is None
+    assert tt.extract_answer(" 42 ") == "42"
+
+
+def test_reward_fn_checks_lengths():
+    with pytest.raises(ValueError):
+        tt.reward_fn(["1", "2"], ["1"])
+
+
+# ----------------------------------------------------------------------------- SFT pieces
+
+
+def test_sft_batch_masks_exactly_the_answer(tokenizer):
+    probs = [tt.Problem(12, 34), tt.Problem(99, 99), tt.Problem(0, 5)]
+    tokens, attn, loss = tt.sft_batch(tokenizer, probs, length=11)
+    for i, p in enumerate(probs):
+        seq = tokenizer(p.prompt)["input_ids"] + tokenizer(
+            p.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        assert tokens[i, :len(seq)].tolist() == seq
+        assert attn[i].sum() == len(seq)
+        targets = tokens[i, 1:][loss[i].astype(bool)].tolist()
+        assert targets == seq[len(seq) - len(p.answer) - 1:]
+    with pytest.raises(ValueError):
+        tt.sft_batch(tokenizer, [tt.Problem(99, 99)], length=8)
+
+
+def test_model_config_is_tiny_qwen2(tokenizer):
+    cfg = tt.model_config(tokenizer, hidden_size=32, num_layers=1)
+    assert cfg.model_type == "qwen2" and cfg.qkv_bias and cfg.tie_word_embeddings
+    assert cfg.vocab_size == len(tokenizer) and cfg.param_dtype == "float32"
+    assert cfg.eos_token_ids == (tokenizer.eos_token_id,)
+
+
+# ----------------------------------------------------------------------------- the script
+
+
+@pytest.mark.slow
+def test_quick_run_writes_every_section(tmp_path):
+    out = tmp_path / "toy"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "experiments", "toy_rlvr.py"), "--quick",
+         "--no-progress", "--out-dir", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    md = (out / "results.md").read_text()
+    for section in ["## Runs", "## (a)", "## (b)", "## (c)", "## (d)", "## (e)", "## (f)",
+                    "## (g)"]:
+        assert section in md, section
+    assert md.count("**Verdict:**") == 7
+    res = json.loads((out / "results.json").read_text())
+    assert sorted(res["measurements"]) == list("abcdefg")
+    assert sorted(res["verdicts"]) == list("abcdefg")
+    names = [r["name"] for r in res["runs"]]
+    assert "full" in names and "diff-mask subnetwork" in names
+    assert sum(n.startswith("random 99% seed") for n in names) >= 2
+    for r in res["runs"]:
+        assert 0.0 <= r["final_accuracy"] <= 1.0
+        assert r["curve"][0][0] == 0 and r["curve"][-1][0] == res["config"]["steps"]
+    b = res["measurements"]["b"]
+    assert b["chance_jaccard"] == pytest.approx(b["density"] / (2 - b["density"]))
+    d = res["measurements"]["d"]
+    assert d["atol"] == 1e-5 and d["dtype"] == "bfloat16" and d["by_layer"] and d["by_type"]
+    for name in ("accuracy_vs_step.png", "accuracy_vs_trainable.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
