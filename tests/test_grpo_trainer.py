@@ -1,6 +1,7 @@
 """GRPO trainer and experiments/grpo_gsm8k.py end to end on a tiny random Qwen2."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -102,6 +103,11 @@ def tiny_hf_model(tmp_path_factory, tokenizer):
 
 
 def run_script(model, out_dir, *extra):
+    """Runs experiments/grpo_gsm8k.py; the runs share a persistent compilation cache beside
+    the model (speed only: a cached executable is the same compiled program)."""
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(Path(model).parent / "jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     cmd = [sys.executable, str(ROOT / "experiments" / "grpo_gsm8k.py"), "--model", str(model),
            "--data-dir", str(SHARED / "data" / "gsm8k"), "--train-limit", "8",
            "--eval-limit", "4", "--prompts-per-step", "2", "--num-generations", "4",
@@ -110,7 +116,7 @@ def run_script(model, out_dir, *extra):
            "--dtype", "float32", "--sparsity", "0.9", "--lr", "1e-2",
            # Rewards of a random model are all 0; weight decay still moves the params.
            "--weight-decay", "0.1", "--out-dir", str(out_dir), "--no-progress", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_grpo_gsm8k_script_runs_and_resumes(tiny_hf_model, tmp_path):
