@@ -60,6 +60,14 @@ def add_run_args(parser: argparse.ArgumentParser, default_out: str) -> None:
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def check_out_dir(args: argparse.Namespace) -> None:
+    """Refuses to start a new run over an earlier run's checkpoints (never lose work)."""
+    ckpt = os.path.join(args.out_dir, "checkpoints")
+    if not args.resume and os.path.isdir(ckpt) and os.listdir(ckpt):
+        raise ValueError(f"{args.out_dir} holds checkpoints of an earlier run: pass --resume "
+                         "to continue it, or choose another --out-dir")
+
+
 def sparse_config(args: argparse.Namespace) -> SparseConfig:
     """The :class:`SparseConfig` of the parsed arguments (raises ValueError if bad)."""
     if not 0.0 <= args.sparsity < 1.0:

@@ -25,8 +25,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (add_model_args, add_run_args, add_sparse_args, fail,  # noqa: E402
-                    load_model_and_tokenizer, sparse_config)
+from common import (add_model_args, add_run_args, add_sparse_args,  # noqa: E402
+                    check_out_dir, fail, load_model_and_tokenizer, sparse_config)
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")  # sparsejax.losses.DPO_LOSS_TYPES
 
@@ -148,6 +148,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         sparse = sparse_config(args)
+        check_out_dir(args)
         from sparsejax.trainers.dpo_config import DPOConfig  # pylint: disable=g-import-not-at-top
         config = DPOConfig(
             steps=args.steps, batch_size=args.batch_size,

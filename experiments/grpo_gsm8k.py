@@ -20,8 +20,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (add_model_args, add_run_args, add_sparse_args, fail,  # noqa: E402
-                    load_model_and_tokenizer, sparse_config)
+from common import (add_model_args, add_run_args, add_sparse_args,  # noqa: E402
+                    check_out_dir, fail, load_model_and_tokenizer, sparse_config)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -71,6 +71,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         sparse = sparse_config(args)
+        check_out_dir(args)
         from sparsejax.trainers.config import GRPOConfig  # pylint: disable=g-import-not-at-top
         config = GRPOConfig(
             steps=args.steps, prompts_per_step=args.prompts_per_step,

@@ -165,3 +165,17 @@ def test_grpo_gsm8k_unknown_model_type(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "Traceback" not in out.stderr and "gpt2" in out.stderr
+
+
+def test_new_run_refuses_an_earlier_runs_checkpoints(tmp_path, tiny_hf_model, tokenizer):
+    (tmp_path / "checkpoints" / "3").mkdir(parents=True)
+    out = subprocess.run([sys.executable, str(ROOT / "experiments" / "grpo_gsm8k.py"),
+                          "--model", str(tiny_hf_model), "--out-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--resume" in out.stderr and "Traceback" not in out.stderr
+    # The library refuses too, before touching anything.
+    trainer = make_trainer(tokenizer, tmp_path / "lib", steps=1, beta=0.0)
+    trainer.save_checkpoint()
+    again = make_trainer(tokenizer, tmp_path / "lib", steps=1, beta=0.0)
+    with pytest.raises(ValueError, match="earlier run"):
+        again.train([[1, 2, 3]], ["1"], progress=False)

@@ -450,9 +450,12 @@ class DPOTrainer:
         ref = np.stack(self.reference_logprobs(enc, needed=needed), axis=1)
         eval_ref = (np.stack(self.reference_logprobs(eval_enc), axis=1)
                     if eval_enc is not None else None)
+        if not resume and self.checkpoints.latest_step() is not None:
+            raise ValueError(f"{self.out_dir} holds checkpoints of an earlier run; resume it "
+                             "or choose another output folder")
         restored = self.restore_checkpoint() if resume else None
         log = MetricsLog(os.path.join(self.out_dir, "metrics.jsonl"),
-                         truncate_after_step=(restored - 1 if restored is not None else None))
+                         resume_step=restored)
         log.write({"kind": "config", "step": -1,
                    "trainable": self.updater.num_trainable(self.params),
                    "optimizer_state_bytes": tree_bytes(self.opt_state),

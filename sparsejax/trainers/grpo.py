@@ -289,10 +289,12 @@ class GRPOTrainer:
         cfg = self.cfg
         if len(prompt_ids) != len(answers) or not prompt_ids:
             raise ValueError("need as many answers as prompts, and at least one prompt")
+        if not resume and self.checkpoints.latest_step() is not None:
+            raise ValueError(f"{self.out_dir} holds checkpoints of an earlier run; resume it "
+                             "or choose another output folder")
         restored = self.restore_checkpoint() if resume else None
         log = MetricsLog(os.path.join(self.out_dir, "metrics.jsonl"),
-                         truncate_after_step=(restored - 1 if restored is not None
-                                              else None))
+                         resume_step=restored)
         log.write({"kind": "config", "step": -1, "trainable": self.updater.num_trainable(
             self.params), "optimizer_state_bytes": tree_bytes(self.opt_state),
             "resumed_from": restored, **{k: v for k, v in vars(cfg).items()},

@@ -26,19 +26,27 @@ def to_python(value: Any) -> Any:
 
 
 class MetricsLog:
-    """Appends one JSON object per record to ``path`` (a resumed run appends too)."""
+    """Appends one JSON object per record to ``path``.
 
-    def __init__(self, path: str | os.PathLike, *, truncate_after_step: int | None = None):
+    A new run starts the file afresh. A run resumed from the checkpoint taken after
+    ``resume_step`` steps keeps what was logged up to that checkpoint (train records of
+    steps ``< resume_step``, evaluations at ``<= resume_step``) and drops the rest, which
+    the resumed run redoes.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, resume_step: int | None = None):
         self.path = os.fspath(path)
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        if truncate_after_step is not None and os.path.exists(self.path):
-            # On resume, drop records of steps after the checkpoint: they will be redone.
-            kept = [r for r in read_jsonl(self.path)
-                    if r.get("step", -1) <= truncate_after_step]
-            with open(self.path, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
-        elif truncate_after_step is None and os.path.exists(self.path):
+        if not os.path.exists(self.path):
+            return
+        if resume_step is None:
             os.remove(self.path)
+            return
+        kept = [r for r in read_jsonl(self.path)
+                if r.get("step", -1) < resume_step
+                or (r.get("kind") != "train" and r.get("step", -1) == resume_step)]
+        with open(self.path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
 
     def write(self, record: Mapping[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
