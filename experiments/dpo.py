@@ -76,18 +76,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _read_jsonl(path: str) -> list[dict[str, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n} is not JSON ({e.msg})") from e
-    return rows
-
-
 def _looks_local(name: str) -> bool:
     return (name.endswith((".jsonl", ".json")) or name.startswith((".", "/", "~"))
             or os.path.exists(name))
@@ -101,7 +89,8 @@ def load_pairs(name: str, split: str, limit: int | None) -> list[dict[str, Any]]
             path = os.path.join(path, f"{split}.jsonl")
         if not os.path.isfile(path):
             raise ValueError(f"dataset file {path!r} not found")
-        rows = _read_jsonl(path)
+        from sparsejax.data.jsonl import read_jsonl  # pylint: disable=g-import-not-at-top
+        rows = read_jsonl(path)
     else:
         import datasets  # pylint: disable=g-import-not-at-top
         try:

@@ -10,9 +10,10 @@ template with the generation prompt appended, so that completions can be scored 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from sparsejax.data.jsonl import read_jsonl
 
 if TYPE_CHECKING:  # datasets is imported lazily: importing it costs about a second
     import datasets
@@ -47,18 +48,6 @@ def parse_gold_answer(answer: str) -> str:
     return gold
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{line_number}: invalid JSON ({err.msg}).") from err
-    return rows
-
-
 def load_gsm8k(
     split: str = "train",
     *,
@@ -89,7 +78,7 @@ def load_gsm8k(
     path = Path(data_dir) / f"{split}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"GSM8K split file not found: {path}")
-    rows = _read_jsonl(path)
+    rows = read_jsonl(path)
     if limit is not None:
         rows = rows[:limit]
     for i, row in enumerate(rows):

@@ -52,6 +52,7 @@ from sparsejax.models.logprobs import completion_logprobs
 from sparsejax.sampling import bucket_length, left_pad, pad_token_id
 from sparsejax.trainers.config import SparseConfig
 from sparsejax.trainers.dpo_config import DPOConfig
+from sparsejax.trainers.policy_run import PolicyRun
 from sparsejax.trainers.grpo import prompt_order
 from sparsejax.trainers.reporting import (MetricsLog, peak_memory_bytes, plot_curves,
                                           read_jsonl, write_json)
@@ -203,7 +204,7 @@ def visited_pairs(num_pairs: int, steps: int, batch_size: int, seed: int) -> np.
 # ---------------------------------------------------------------------- trainer
 
 
-class DPOTrainer:
+class DPOTrainer(PolicyRun):
     """Trains a :class:`~sparsejax.models.Decoder` with DPO (sigmoid, IPO, hinge, robust).
 
     Args:
@@ -410,27 +411,12 @@ class DPOTrainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _checkpoint_tree(self) -> dict[str, Any]:
-        return {**self.updater.checkpoint_tree(self.params, self.opt_state),
-                "step": np.asarray(self.step, np.int64),
-                "data_position": np.asarray(self.step * self.cfg.batch_size, np.int64)}
+    def _extra_state(self) -> dict[str, Any]:
+        return {"data_position": np.asarray(self.step * self.cfg.batch_size, np.int64)}
 
-    def save_checkpoint(self) -> None:
-        self.checkpoints.save(self.step, self._checkpoint_tree())
-
-    def restore_checkpoint(self) -> int | None:
-        """Restores the newest checkpoint in ``out_dir``; returns its step (None if none).
-
-        For a sparse run the trainer must have been built on the same base params.
-        """
-        step = self.checkpoints.latest_step()
-        if step is None:
-            return None
-        tree = self.checkpoints.restore(step, self._checkpoint_tree())
-        self._keep_base()
-        self.params, self.opt_state = self.updater.restore_policy(self.params, tree)
-        self.step = int(tree["step"])
-        return self.step
+    def _load_extra_state(self, tree: dict[str, Any]) -> None:
+        del tree
+        self._keep_base()  # the params are about to stop being the base
 
     # ------------------------------------------------------------------ the run
 
@@ -450,10 +436,7 @@ class DPOTrainer:
         ref = np.stack(self.reference_logprobs(enc, needed=needed), axis=1)
         eval_ref = (np.stack(self.reference_logprobs(eval_enc), axis=1)
                     if eval_enc is not None else None)
-        if not resume and self.checkpoints.latest_step() is not None:
-            raise ValueError(f"{self.out_dir} holds checkpoints of an earlier run; resume it "
-                             "or choose another output folder")
-        restored = self.restore_checkpoint() if resume else None
+        restored = self.begin(resume)
         log = MetricsLog(os.path.join(self.out_dir, "metrics.jsonl"),
                          resume_step=restored)
         log.write({"kind": "config", "step": -1,

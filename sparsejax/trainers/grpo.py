@@ -31,6 +31,7 @@ from sparsejax import losses
 from sparsejax.models.logprobs import completion_logprobs
 from sparsejax.sampling import SamplingParams, generate, left_pad
 from sparsejax.trainers.config import GRPOConfig, SparseConfig
+from sparsejax.trainers.policy_run import PolicyRun
 from sparsejax.trainers.reporting import (MetricsLog, peak_memory_bytes, plot_curves,
                                            read_jsonl, write_json)
 from sparsejax.trainers.updater import Updater, tree_bytes
@@ -50,7 +51,7 @@ def prompt_order(num_prompts: int, step: int, per_step: int, seed: int) -> np.nd
     return np.asarray(out)
 
 
-class GRPOTrainer:
+class GRPOTrainer(PolicyRun):
     """Trains a :class:`~sparsejax.models.Decoder` with GRPO.
 
     Args:
@@ -252,28 +253,12 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _checkpoint_tree(self) -> dict[str, Any]:
-        return {**self.updater.checkpoint_tree(self.params, self.opt_state),
-                "step": np.asarray(self.step, np.int64),
-                "key": jax.random.key_data(self.base_key),
+    def _extra_state(self) -> dict[str, Any]:
+        return {"key": jax.random.key_data(self.base_key),
                 "data_position": np.asarray(self.step * self.cfg.prompts_per_step, np.int64)}
 
-    def save_checkpoint(self) -> None:
-        self.checkpoints.save(self.step, self._checkpoint_tree())
-
-    def restore_checkpoint(self) -> int | None:
-        """Restores the newest checkpoint in ``out_dir``; returns its step (None if none).
-
-        For a sparse run the trainer must have been built on the same base params.
-        """
-        step = self.checkpoints.latest_step()
-        if step is None:
-            return None
-        tree = self.checkpoints.restore(step, self._checkpoint_tree())
-        self.params, self.opt_state = self.updater.restore_policy(self.params, tree)
+    def _load_extra_state(self, tree: dict[str, Any]) -> None:
         self.base_key = jax.random.wrap_key_data(jnp.asarray(tree["key"]))
-        self.step = int(tree["step"])
-        return self.step
 
     # ------------------------------------------------------------------ the run
 
@@ -289,10 +274,7 @@ class GRPOTrainer:
         cfg = self.cfg
         if len(prompt_ids) != len(answers) or not prompt_ids:
             raise ValueError("need as many answers as prompts, and at least one prompt")
-        if not resume and self.checkpoints.latest_step() is not None:
-            raise ValueError(f"{self.out_dir} holds checkpoints of an earlier run; resume it "
-                             "or choose another output folder")
-        restored = self.restore_checkpoint() if resume else None
+        restored = self.begin(resume)
         log = MetricsLog(os.path.join(self.out_dir, "metrics.jsonl"),
                          resume_step=restored)
         log.write({"kind": "config", "step": -1, "trainable": self.updater.num_trainable(

@@ -11,6 +11,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from sparsejax.data.jsonl import read_jsonl
+
 
 def to_python(value: Any) -> Any:
     """JSON-safe scalars from jax/numpy values (non-finite floats become None)."""
@@ -56,11 +58,6 @@ class MetricsLog:
 def write_json(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(to_python(record), f, indent=2)
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def peak_memory_bytes() -> int | None:
