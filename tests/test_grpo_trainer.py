@@ -179,3 +179,20 @@ def test_new_run_refuses_an_earlier_runs_checkpoints(tmp_path, tiny_hf_model, to
     again = make_trainer(tokenizer, tmp_path / "lib", steps=1, beta=0.0)
     with pytest.raises(ValueError, match="earlier run"):
         again.train([[1, 2, 3]], ["1"], progress=False)
+
+
+def test_training_batch_is_trimmed_to_the_longest_completion(tokenizer, tmp_path):
+    graphdef, params = nnx.split(init_model(tiny_config(len(tokenizer)), seed=0))
+    config = GRPOConfig(steps=1, prompts_per_step=2, num_generations=2, max_new_tokens=32,
+                        micro_batch_size=4, generation_batch_size=4)
+    # Every token stops a completion: each is one token long.
+    trainer = GRPOTrainer(graphdef, params, tokenizer, distinct_chars_reward, config,
+                          SparseConfig(sparsity=0.9), tmp_path,
+                          stop_token_ids=range(len(tokenizer)))
+    widths = []
+    grad_fn = trainer._grad_fn
+    trainer._grad_fn = lambda p, s, batch, n: widths.append(batch["tokens"].shape[1]) \
+        or grad_fn(p, s, batch, n)
+    record = trainer.train_step([[1, 2, 3], [4, 5]], ["1", "2"])
+    assert record["completion_length"] == 1.0
+    assert widths == [8]  # bucket_length(1), not max_new_tokens

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from sparsejax import checkpoint as ckpt_lib
 from sparsejax import losses
 from sparsejax.models.logprobs import completion_logprobs
-from sparsejax.sampling import SamplingParams, generate, left_pad
+from sparsejax.sampling import SamplingParams, bucket_length, generate, left_pad
 from sparsejax.trainers.config import GRPOConfig, SparseConfig
 from sparsejax.trainers.policy_run import PolicyRun
 from sparsejax.trainers.reporting import (MetricsLog, peak_memory_bytes, plot_curves,
@@ -183,6 +183,12 @@ class GRPOTrainer(PolicyRun):
         samples = self._sample(group_prompts, key, sampling,
                                min(cfg.generation_batch_size, total))
         t_gen = time.perf_counter() - t0
+        # Train on the longest completion's bucket, not all max_new_tokens positions:
+        # short completions cost less, and bucketing bounds the recompiles.
+        longest = int(samples["mask"].sum(axis=1).max(initial=1))
+        width = min(cfg.max_new_tokens, bucket_length(longest))
+        for name in ("tokens", "logprobs", "mask"):
+            samples[name] = samples[name][:, :width]
 
         texts = self._decode(samples["tokens"], samples["mask"])
         rewards = np.asarray(self.reward_fn(texts, group_answers), np.float32)
