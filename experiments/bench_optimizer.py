@@ -38,6 +38,7 @@ SYNTHETIC = {
     # 10 matrices of 3200 x 3125 = 1e8 parameters: the CPU target's tree.
     "synthetic-100m": {f"w{i}": (3200, 3125) for i in range(10)},
     "synthetic-10m": {f"w{i}": (1000, 1000) for i in range(10)},
+    "synthetic-tiny": {"w": (64, 48), "v": (48,), "t": (4, 8, 16)},  # smoke tests
 }
 DEFAULT_PRESETS_CPU = ["synthetic-100m"]
 DEFAULT_PRESETS_GPU = ["Qwen2.5-0.5B", "Qwen2.5-1.5B", "Llama-3.1-8B"]
@@ -122,11 +123,16 @@ def bench_preset(preset: str, args, device_kind: str) -> list[dict]:
             # step), gradients already compressed to the k entries (a trainer gathers them
             # inside its backward pass), and with float32 master values (read
             # contiguously instead of gathered from the params).
-            for method, master, g in (("fused", False, grads),
-                                      ("fused, compressed grads", False, compressed),
-                                      ("fused, compressed + master", True, compressed)):
+            variants = [("fused", False, grads, 1),
+                        ("fused, compressed grads", False, compressed, 1),
+                        ("fused, compressed + master", True, compressed, 1)]
+            if backend != "xla":  # the kernel can also step many tensors per launch
+                variants.append((f"fused, compressed, {args.tensors_per_launch}/launch", False,
+                                 compressed, args.tensors_per_launch))
+            for method, master, g, per_launch in variants:
                 fused = sj.fused_sparse_adamw(mask, 1e-4, backend=backend,
-                                              master_weights=master)
+                                              master_weights=master,
+                                              tensors_per_launch=per_launch)
                 state = fused.init(params)
                 run = lambda carry, g_, f=fused: f.step(carry[0], g_, carry[1])[:2]
                 ms = time_steps(run, (copy(params), state), g, args.steps, args.warmup)
@@ -152,13 +158,13 @@ def git_commit() -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'preset':<16}{'params':>13}{'density':>10}{'k':>12}  {'method':<28}"
+    head = (f"{'preset':<16}{'params':>13}{'density':>10}{'k':>12}  {'method':<34}"
             f"{'backend':<10}{'ms/step':>10}{'speedup':>9}{'state MB':>10}{'state/dense':>12}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r['preset']:<16}{r['params']:>13,}{r['density']:>10.4%}{r['k']:>12,}  "
-            f"{r['method']:<28}{r['backend']:<10}{r['ms']:>10.2f}{r['speedup']:>8.1f}x"
+            f"{r['method']:<34}{r['backend']:<10}{r['ms']:>10.2f}{r['speedup']:>8.1f}x"
             f"{r['state_bytes'] / 2**20:>10.1f}{r['state_fraction_of_dense']:>12.4f}")
     return "\n".join(lines)
 
@@ -181,6 +187,8 @@ def main(argv=None) -> int:
                         default=["xla", "pallas"] if on_gpu else ["xla"],
                         choices=["xla", "pallas", "interpret"],
                         help="backends of the fused step")
+    parser.add_argument("--tensors-per-launch", type=int, default=32,
+                        help="tensors per kernel launch in the batched pallas row")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps (compile)")
     parser.add_argument("--out", default=None,

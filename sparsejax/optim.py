@@ -115,6 +115,29 @@ def _step_tensor(param, grad_active, idx, mu, nu, master, scalars, backend):
     return param, unflat(new_mu), unflat(new_nu), unflat(new_master)
 
 
+def _step_batched(params, grads, idx, mu, nu, master, scalars, backend, tensors_per_launch):
+    """All tensors' fused steps through the multi-tensor kernel (few launches)."""
+    from sparsejax.kernels import indexed_adamw  # pylint: disable=g-import-not-at-top
+    is_none = lambda x: x is None
+    leaves = [jax.tree.leaves(t, is_leaf=is_none) for t in (params, grads, idx, mu, nu, master)]
+    treedef = jax.tree.structure(params)
+    active = [j for j, i in enumerate(leaves[2]) if i.size]
+    flat = lambda a: None if a is None else a.reshape(-1)
+    outs = indexed_adamw.indexed_adamw_multi_step(
+        [leaves[0][j] for j in active], [flat(leaves[1][j]) for j in active],
+        [flat(leaves[2][j]) for j in active], [flat(leaves[3][j]) for j in active],
+        [flat(leaves[4][j]) for j in active], [flat(leaves[5][j]) for j in active], scalars,
+        grad_is_compressed=True, interpret=backend == "interpret",
+        max_tensors_per_launch=tensors_per_launch)
+    result = [list(leaves[0]), list(leaves[3]), list(leaves[4]), list(leaves[5])]
+    for pos, j in enumerate(active):
+        shape = leaves[2][j].shape
+        result[0][j] = outs[0][pos]
+        for r, out in zip(result[1:], outs[1:]):
+            r[j] = None if out[pos] is None else out[pos].reshape(shape)
+    return tuple(jax.tree.unflatten(treedef, r) for r in result)
+
+
 # ----------------------------------------------------------------------------- shared pieces
 
 
@@ -293,7 +316,8 @@ def fused_sparse_adamw(mask: PyTree, learning_rate: ScalarOrSchedule, b1: float 
                        b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0,
                        weight_decay: float = 1e-4, *, mu_dtype: Any = None,
                        master_weights: bool = False, skip_nonfinite: bool = False,
-                       backend: str = "auto") -> FusedSparseAdamW:
+                       backend: str = "auto",
+                       tensors_per_launch: int = 1) -> FusedSparseAdamW:
     """Sparse AdamW that writes only the ``k`` active entries of the params.
 
     Same hyperparameters, rule and state as :func:`sparse_adamw`, without a dense
@@ -309,9 +333,15 @@ def fused_sparse_adamw(mask: PyTree, learning_rate: ScalarOrSchedule, b1: float 
         state unchanged (but for ``state.skipped``) and report ``info.skipped``.
       backend: ``"auto"``, ``"xla"``, ``"pallas"`` or ``"interpret"``
         (:mod:`sparsejax.backends`).
+      tensors_per_launch: with a Pallas backend, step up to this many tensors per
+        kernel launch (:func:`sparsejax.kernels.indexed_adamw.indexed_adamw_multi_step`)
+        instead of one launch per tensor; same numbers. Whether it pays depends on the
+        GPU's launch overhead against the per-tensor work (``bench_optimizer.py``).
     """
     _check_mask(mask)
     backend = backends.resolve_backend(backend)
+    if tensors_per_launch < 1:
+        raise ValueError(f"tensors_per_launch must be >= 1, got {tensors_per_launch}")
 
     def init_fn(params):
         return _init_state(mask, params, mu_dtype, master_weights)
@@ -324,10 +354,14 @@ def fused_sparse_adamw(mask: PyTree, learning_rate: ScalarOrSchedule, b1: float 
         g, s, ok = _guard(g, _scalars(state.count, learning_rate, b1, b2, eps, eps_root,
                                       weight_decay), skip_nonfinite)
         master = state.master if state.master is not None else jax.tree.map(lambda _: None, idx)
-        out = jax.tree.map(
-            lambda p, g_, i, m, v, w: _step_tensor(p, g_, i, m, v, w, s, backend),
-            params, g, idx, state.mu, state.nu, master, is_leaf=lambda x: x is None)
-        new_params, mu, nu, new_master = _unzip(out, 4)
+        if tensors_per_launch > 1 and backend != "xla":
+            new_params, mu, nu, new_master = _step_batched(
+                params, g, idx, state.mu, state.nu, master, s, backend, tensors_per_launch)
+        else:
+            out = jax.tree.map(
+                lambda p, g_, i, m, v, w: _step_tensor(p, g_, i, m, v, w, s, backend),
+                params, g, idx, state.mu, state.nu, master, is_leaf=lambda x: x is None)
+            new_params, mu, nu, new_master = _unzip(out, 4)
         new_state = _advance(state, ok, mu, nu,
                              new_master if state.master is not None else None)
         return new_params, new_state, StepInfo(skipped=jnp.logical_not(ok))

@@ -298,21 +298,25 @@ def test_bad_inputs_raise_clear_errors():
 
 @pytest.mark.parametrize("strategy", ["per_tensor", "row_balanced"])
 def test_backends_agree_through_the_optimizer(strategy):
-    """The fused step via the interpreted Pallas kernel equals the xla backend."""
+    """The fused step via the interpreted Pallas kernel (one launch per tensor, or several
+    tensors per launch) equals the xla backend."""
     rng = np.random.default_rng(10)
     params = make_params(rng)
     mask = sj.random_mask(params, 0.5, seed=7, strategy=strategy)
     results = {}
-    for backend in ("xla", "interpret"):
+    for name, backend, per_launch in (("xla", "xla", 1), ("interpret", "interpret", 1),
+                                      ("batched", "interpret", 3)):
         fused = sj.fused_sparse_adamw(mask, SCHEDULE, weight_decay=0.1, backend=backend,
-                                      master_weights=True)
+                                      master_weights=True, tensors_per_launch=per_launch)
         p, s = jax.tree.map(jnp.copy, params), fused.init(params)
         step_rng = np.random.default_rng(11)
         for _ in range(5):
             p, s, _ = fused.step(p, random_grads(step_rng, params), s)
-        results[backend] = (p, s)
-    assert rel_err(results["interpret"][0], results["xla"][0]) <= 1e-6
-    assert rel_err(results["interpret"][1].nu, results["xla"][1].nu) <= 1e-6
+        results[name] = (p, s)
+    for name in ("interpret", "batched"):
+        assert rel_err(results[name][0], results["xla"][0]) <= 1e-6
+        assert rel_err(results[name][1].nu, results["xla"][1].nu) <= 1e-6
+        assert rel_err(results[name][1].master, results["xla"][1].master) <= 1e-6
     assert rel_err(results["xla"][0], params) > 1e-3
 
 

@@ -1,0 +1,37 @@
+"""experiments/bench_optimizer.py runs end to end and writes its record."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_optimizer_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "bench_optimizer.py"), "--preset",
+         "synthetic-tiny", "--densities", "0.5", "0.1", "--steps", "1", "--warmup", "1",
+         "--backends", "xla", "interpret", "--tensors-per-launch", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads(out.read_text())
+    for key in ("device", "jax", "date", "commit", "command"):
+        assert record[key], key
+    methods = {(r["method"], r["backend"], r["density"]) for r in record["results"]}
+    assert ("optax.adamw", "xla", 1.0) in methods
+    assert ("fused", "interpret", 0.1) in methods
+    assert ("fused, compressed, 2/launch", "interpret", 0.5) in methods
+    dense = [r for r in record["results"] if r["method"] == "optax.adamw"][0]
+    for r in record["results"]:
+        assert r["ms"] > 0 and abs(r["speedup"] - dense["ms"] / r["ms"]) < 1e-9
+        if r["density"] <= 0.1:  # moments of k entries (plus the k indices) only
+            assert r["k"] < r["params"] and r["state_bytes"] < dense["state_bytes"]
+    assert "optax.adamw" in run.stdout  # the table
+
+
+def test_bench_optimizer_rejects_bad_density():
+    run = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_optimizer.py"),
+                          "--densities", "1.5"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "densities" in run.stderr
