@@ -422,15 +422,13 @@ def write_markdown(path: str, res: dict[str, Any]) -> None:
               f"Total: {d['total']['changed']:,} of {d['total']['params']:,} changed, update "
               f"sparsity {fmt_pct(d['total']['sparsity'], 2)}; mean update rank "
               f"{fmt_pct(d['total']['mean_rank_fraction'])} of full rank.", "",
-              "| layer | params | update sparsity | mean rank |", "|---|---:|---:|---:|"]
-    for g_ in d["by_layer"]:
-        lines.append(f"| {g_['name']} | {g_['params']:,} | {fmt_pct(g_['sparsity'], 2)} | "
-                     f"{fmt_pct(g_['mean_rank_fraction'])} |")
-    lines += ["", "| matrix | params | update sparsity | mean rank |", "|---|---:|---:|---:|"]
-    for g_ in d["by_type"]:
-        lines.append(f"| {g_['name']} | {g_['params']:,} | {fmt_pct(g_['sparsity'], 2)} | "
-                     f"{fmt_pct(g_['mean_rank_fraction'])} |")
-    lines += ["", f"**Verdict:** {v['d']}", "",
+              ]
+    for heading, groups in (("layer", d["by_layer"]), ("matrix", d["by_type"])):
+        lines += [f"| {heading} | params | update sparsity | mean rank |", "|---|---:|---:|---:|"]
+        lines += [f"| {g_['name']} | {g_['params']:,} | {fmt_pct(g_['sparsity'], 2)} | "
+                  f"{fmt_pct(g_['mean_rank_fraction'])} |" for g_ in groups]
+        lines.append("")
+    lines += [f"**Verdict:** {v['d']}", "",
               "## (e) Predicting the update from the first 10% of the full run", "",
               f"Scores over {e['window_checkpoints']} checkpoints "
               f"(steps 0..{e['window_checkpoints'] - 1}); "

@@ -1,23 +1,4 @@
 """Datasets for RL finetuning: GSM8K problems, gold answers and ``\\boxed{}`` prompts."""
 
-from sparsejax.data.gsm8k import (
-    BOXED_INSTRUCTION,
-    GSM8K_HF_NAME,
-    GSM8K_SPLITS,
-    build_messages,
-    format_prompt,
-    load_gsm8k,
-    parse_gold_answer,
-    with_prompts,
-)
-
-__all__ = [
-    "BOXED_INSTRUCTION",
-    "GSM8K_HF_NAME",
-    "GSM8K_SPLITS",
-    "build_messages",
-    "format_prompt",
-    "load_gsm8k",
-    "parse_gold_answer",
-    "with_prompts",
-]
+from sparsejax.data.gsm8k import *  # noqa: F401,F403 - the public names of gsm8k
+from sparsejax.data.gsm8k import __all__  # noqa: F401
