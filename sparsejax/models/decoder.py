@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sparsejax import sparse_grads
 from sparsejax.models.config import DecoderConfig
 
 
@@ -49,14 +50,15 @@ def _normal(rngs: nnx.Rngs, shape, dtype, std: float = 0.02) -> jax.Array:
 
 
 class Dense(nnx.Module):
-    """``y = x @ kernel (+ bias)`` with a ``(in, out)`` kernel."""
+    """``y = x @ kernel (+ bias)`` with a ``(in, out)`` kernel (a plain array, or a
+    :class:`~sparsejax.sparse_grads.SparseWeight` whose gradient is its active entries)."""
 
     def __init__(self, din: int, dout: int, *, use_bias: bool, dtype, rngs: nnx.Rngs):
         self.kernel = nnx.Param(_normal(rngs, (din, dout), dtype))
         self.bias = nnx.Param(jnp.zeros((dout,), dtype)) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = x @ self.kernel[...]
+        y = sparse_grads.matmul(x, self.kernel[...])
         if self.bias is not None:
             y = y + self.bias[...]
         return y
@@ -258,7 +260,7 @@ class Decoder(nnx.Module):
             cache: per-layer :class:`LayerCache`, or None for a plain forward pass.
             cache_index: slot where this call's keys/values are written.
         """
-        x = self.embed[...][tokens]
+        x = sparse_grads.take_rows(self.embed[...], tokens)
         cos, sin = rope_cos_sin(self.config, positions)
         new_cache = []
         for i, layer in enumerate(self.layers):
@@ -272,7 +274,7 @@ class Decoder(nnx.Module):
 
     def logits(self, h: jax.Array) -> jax.Array:
         """float32 logits of hidden states ``h [..., hidden]``."""
-        return jnp.matmul(h, self.output_matrix(), preferred_element_type=jnp.float32)
+        return sparse_grads.matmul(h, self.output_matrix(), preferred_element_type=jnp.float32)
 
     def __call__(self, tokens: jax.Array, attention_mask: jax.Array | None = None
                  ) -> jax.Array:

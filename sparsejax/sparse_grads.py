@@ -1,0 +1,237 @@
+"""Weight gradients only at the active entries of a mask (the sparse backward pass).
+
+For a layer ``y = x @ W`` with ``W [in, out]`` and tokens ``t``, the dense backward
+pass forms ``dW = x^T dy`` (a matmul as large as the forward one) and a sparse run
+then keeps ``k`` of its entries. Here the trained variables are the ``k`` active
+values themselves, and the backward pass computes only
+
+    dx = dy @ W^T                                   (dense, as autodiff does)
+    dvalues[j] = sum_t x[t, a_j] * dy[t, b_j]       (a sampled dense-dense product)
+
+for the active entries ``(a_j, b_j)`` of ``W``, in float32 (products and sums), and
+never the ``[in, out]`` gradient. The same holds for
+
+* an embedding lookup ``h = E[tokens]``: ``dvalues[j] = sum_{t: tokens[t] = r_j}
+  dh[t, c_j]`` at the active entries ``(r_j, c_j)`` of ``E``, a segment sum over the
+  distinct tokens of the batch (``[tokens, hidden]``, never ``[vocab, hidden]``);
+* a tied output matrix ``logits = h @ E^T``: the sampled product with transposed
+  coordinates (entry ``(r, c)`` of ``E`` is entry ``(c, r)`` of ``E^T``); both
+  contributions add up in the cotangent of the one ``values`` leaf.
+
+A tensor without active entries is a constant (no weight-gradient work at all). A
+masked tensor that is not a matrix (norm weights, biases) gets the dense gradient of
+its few entries, gathered at the mask: ``scatter(W, idx, values)`` is differentiated.
+
+Mechanism: :func:`attach` turns ``(params, mask, values)`` into the params the model
+sees, with each masked matrix replaced by a :class:`SparseWeight` pytree holding the
+current tensor (it already contains the values), its mask leaf and the differentiable
+values. The model's matmuls and lookups go through :func:`matmul` and
+:func:`take_rows`, which are the plain ``jnp`` ops for an array (so the dense path is
+unchanged) and the custom-VJP versions for a :class:`SparseWeight`. :func:`value_and_grad`
+puts it together: ``jax.value_and_grad`` with respect to the values tree. Both mask
+layouts (flat ``(k,)`` and row-balanced ``(rows, c)``) hold flat indices, so entry
+``(a, b)`` is ``divmod(idx, cols)``. The sampled product runs on the backend switch of
+:mod:`sparsejax.backends` (``xla``; ``pallas``/``interpret``: the Triton kernel in
+:mod:`sparsejax.kernels.sampled_matmul`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from sparsejax import backends
+from sparsejax.optim import gather, scatter
+
+PyTree = Any
+
+__all__ = ["SparseWeight", "attach", "matmul", "take_rows", "value_and_grad",
+           "compressed_values"]
+
+
+@jax.tree_util.register_pytree_node_class
+class SparseWeight:
+    """A masked matrix seen by the model: its tensor, mask leaf and trainable values.
+
+    ``weight`` is the stored tensor (``[rows, cols]``, already holding ``values`` at
+    ``indices``; no gradient flows into it), ``indices`` its mask leaf and ``values``
+    the differentiable active values (shaped like ``indices``). ``transposed`` views
+    the matrix as ``weight.T`` (a tied output matrix). ``w[...]`` is ``w`` itself, as
+    for an ``nnx.Param``'s value; any other use as an array raises.
+    """
+
+    def __init__(self, weight, indices, values, transposed: bool = False, backend="auto"):
+        self.weight, self.indices, self.values = weight, indices, values
+        self.transposed, self.backend = transposed, backend
+
+    def tree_flatten(self):
+        return (self.weight, self.indices, self.values), (self.transposed, self.backend)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        s = tuple(self.weight.shape)
+        return s[::-1] if self.transposed else s
+
+    @property
+    def dtype(self):
+        return self.weight.dtype
+
+    @property
+    def T(self) -> SparseWeight:  # pylint: disable=invalid-name
+        return SparseWeight(self.weight, self.indices, self.values, not self.transposed,
+                            self.backend)
+
+    def __getitem__(self, key):
+        if key is Ellipsis:
+            return self
+        raise TypeError("a SparseWeight supports only w[...]; use sparse_grads.take_rows "
+                        "for an embedding lookup (or --sparse-grads off)")
+
+    def __jax_array__(self):
+        raise TypeError("a SparseWeight reached an op other than sparse_grads.matmul / "
+                        "take_rows; this model needs --sparse-grads off")
+
+
+def _coords(w: SparseWeight) -> tuple[jax.Array, jax.Array]:
+    """``(a, b)``: flat ``(k,)`` in/out coordinates of the active entries in ``w.shape``."""
+    idx = w.indices.reshape(-1)
+    r, c = jnp.divmod(idx, jnp.int32(w.weight.shape[1]))
+    return (c, r) if w.transposed else (r, c)
+
+
+# ----------------------------------------------------------------------------- matmul
+
+
+def _dense_matmul(x, w, preferred_element_type):
+    return jnp.matmul(x, w, preferred_element_type=preferred_element_type)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _sparse_matmul(x, weight, indices, values, transposed, preferred_element_type, backend):
+    w = weight.T if transposed else weight
+    return _dense_matmul(x, w, preferred_element_type)
+
+
+def _sparse_matmul_fwd(x, weight, indices, values, transposed, preferred_element_type,
+                       backend):
+    y = _sparse_matmul(x, weight, indices, values, transposed, preferred_element_type,
+                       backend)
+    return y, (x, weight, indices, values)
+
+
+def _sparse_matmul_bwd(transposed, preferred_element_type, backend, res, dy):
+    x, weight, indices, values = res
+    w = weight.T if transposed else weight
+    # dx exactly as autodiff of the plain matmul computes it (same ops, same rounding).
+    _, vjp_x = jax.vjp(lambda x_: _dense_matmul(x_, w, preferred_element_type), x)
+    (dx,) = vjp_x(dy)
+    a, b = _coords(SparseWeight(weight, indices, values, transposed))
+    xt = x.reshape(-1, x.shape[-1]).T
+    dyt = dy.reshape(-1, dy.shape[-1]).T
+    dv = backends.sampled_product_fn(backend)(xt, dyt, a, b)
+    return dx, None, None, dv.reshape(values.shape).astype(values.dtype)
+
+
+_sparse_matmul.defvjp(_sparse_matmul_fwd, _sparse_matmul_bwd)
+
+
+def matmul(x: jax.Array, w: jax.Array | SparseWeight, *,
+           preferred_element_type=None) -> jax.Array:
+    """``x @ w``; for a :class:`SparseWeight` its backward gives only the active entries.
+
+    For an array ``w`` this is exactly ``jnp.matmul`` (the dense path is unchanged).
+    """
+    if not isinstance(w, SparseWeight):
+        return jnp.matmul(x, w, preferred_element_type=preferred_element_type)
+    if x.shape[-1] != w.shape[0]:
+        raise ValueError(f"matmul: x {x.shape} does not fit a weight of shape {w.shape}")
+    return _sparse_matmul(x, w.weight, w.indices, w.values, w.transposed,
+                          preferred_element_type, w.backend)
+
+
+# ----------------------------------------------------------------------------- lookup
+
+
+@jax.custom_vjp
+def _sparse_take_rows(weight, indices, values, tokens):
+    return weight[tokens]
+
+
+def _sparse_take_rows_fwd(weight, indices, values, tokens):
+    return weight[tokens], (weight.shape[0], weight.shape[1], indices, values, tokens)
+
+
+def _sparse_take_rows_bwd(res, dh):
+    vocab, cols, indices, values, tokens = res
+    tok = tokens.reshape(-1).astype(jnp.int32)
+    n = tok.shape[0]
+    # Distinct tokens of the batch (padded with `vocab`, past every row), and each
+    # token's slot: the gradient of the rows the batch uses is [n, cols], never [vocab, cols].
+    uniq, inv = jnp.unique(tok, size=n, fill_value=vocab, return_inverse=True)
+    g = jax.ops.segment_sum(dh.reshape(n, cols).astype(jnp.float32), inv.reshape(-1),
+                            num_segments=n)
+    r, c = jnp.divmod(indices.reshape(-1), jnp.int32(cols))
+    slot = jnp.clip(jnp.searchsorted(uniq, r), 0, n - 1)
+    dv = jnp.where(uniq[slot] == r, g[slot, c], 0.0)
+    return None, None, dv.reshape(values.shape).astype(values.dtype), None
+
+
+_sparse_take_rows.defvjp(_sparse_take_rows_fwd, _sparse_take_rows_bwd)
+
+
+def take_rows(w: jax.Array | SparseWeight, tokens: jax.Array) -> jax.Array:
+    """Embedding lookup ``w[tokens]``; for a :class:`SparseWeight` the backward gives only
+    the active entries (``w[tokens]`` exactly for an array)."""
+    if not isinstance(w, SparseWeight):
+        return w[tokens]
+    if w.transposed:
+        raise ValueError("take_rows: a transposed SparseWeight has no rows to look up")
+    return _sparse_take_rows(w.weight, w.indices, w.values, tokens)
+
+
+# ----------------------------------------------------------------------------- trees
+
+
+def compressed_values(params: PyTree, mask: PyTree) -> PyTree:
+    """float32 values of ``params`` at ``mask`` (shaped like the mask leaves)."""
+    return jax.tree.map(lambda p, i: gather(p, i).astype(jnp.float32), params, mask)
+
+
+def _attach_leaf(p, idx, v, backend):
+    p = jax.lax.stop_gradient(p)
+    if idx.size == 0:
+        return p  # a constant: no weight-gradient work at all
+    if p.ndim == 2:
+        return SparseWeight(p, idx, v, False, backend)
+    # Small tensors (norm weights, biases): the dense gradient of the leaf, gathered.
+    return scatter(p, idx, v.astype(p.dtype))
+
+
+def attach(params: PyTree, mask: PyTree, values: PyTree, backend: str = "auto") -> PyTree:
+    """The params the model sees: masked matrices as :class:`SparseWeight` (see module doc).
+
+    ``params`` must already hold ``values`` at the mask (the forward pass reads the
+    tensors); gradients with respect to ``values`` are the compressed gradient.
+    """
+    return jax.tree.map(lambda p, i, v: _attach_leaf(p, i, v, backend), params, mask, values)
+
+
+def value_and_grad(loss_fn: Callable[[PyTree], Any], params: PyTree, mask: PyTree, *,
+                   has_aux: bool = False, backend: str = "auto"):
+    """``jax.value_and_grad(loss_fn)`` with the gradient only at the mask's entries.
+
+    Returns ``(value, grads)`` where ``grads`` holds float32 gradients shaped like the
+    mask leaves, equal to ``gather(jax.grad(loss_fn)(params), mask)`` up to float32
+    rounding, computed without any dense ``[in, out]`` weight gradient.
+    """
+    values = compressed_values(params, mask)
+    f = lambda v: loss_fn(attach(params, mask, v, backend))
+    return jax.value_and_grad(f, has_aux=has_aux)(values)
