@@ -54,8 +54,7 @@ from sparsejax.trainers.config import SparseConfig
 from sparsejax.trainers.dpo_config import DPOConfig
 from sparsejax.trainers.policy_run import PolicyRun
 from sparsejax.trainers.grpo import prompt_order
-from sparsejax.trainers.reporting import (MetricsLog, peak_memory_bytes, plot_curves,
-                                          read_jsonl, write_json)
+from sparsejax.trainers.reporting import peak_memory_bytes, plot_curves
 from sparsejax.trainers.updater import Updater, tree_bytes
 
 PyTree = Any
@@ -421,24 +420,31 @@ class DPOTrainer(PolicyRun):
     # ------------------------------------------------------------------ the run
 
     def train(self, pairs: Sequence[Pair], eval_pairs: Sequence[Pair] | None = None, *,
-              resume: bool = False, progress: bool = True) -> dict[str, Any]:
+              resume: bool = False, progress: bool = True, overwrite: bool = False,
+              final_model_dir: str | os.PathLike | None = None,
+              run_info: dict[str, Any] | None = None) -> dict[str, Any]:
         """Runs ``config.steps`` steps (continuing from a checkpoint with ``resume``).
 
-        Writes ``metrics.jsonl``, checkpoints, ``curves.png`` and (with eval pairs)
-        ``final_eval.json`` under ``out_dir``; returns the final evaluation (or the last
-        train record).
+        Writes ``metrics.jsonl``, checkpoints, ``curves.png``, (with eval pairs)
+        ``final_eval.json``, the final model (with ``final_model_dir``) and
+        ``finished.json`` under ``out_dir`` (see :class:`PolicyRun` for the run's life
+        cycle); returns the final evaluation (or the last train record). ``run_info``
+        (e.g. the model's name) joins the run's identity.
         """
         cfg = self.cfg
+        from sparsejax.trainers.policy_run import tree_digest  # pylint: disable=g-import-not-at-top
         enc = self.encode(pairs)
+        self.run_info = run_info
+        if self.open_run(resume, overwrite=overwrite, data=tree_digest(tuple(enc))) is not None:
+            return self.finished_result()
         eval_enc = self.encode(self._eval_subset(eval_pairs)) if eval_pairs else None
         # Reference log-probs first, while a dense run's params are still the base.
         needed = visited_pairs(enc.num_pairs, cfg.steps, cfg.batch_size, cfg.seed)
         ref = np.stack(self.reference_logprobs(enc, needed=needed), axis=1)
         eval_ref = (np.stack(self.reference_logprobs(eval_enc), axis=1)
                     if eval_enc is not None else None)
-        restored = self.begin(resume)
-        log = MetricsLog(os.path.join(self.out_dir, "metrics.jsonl"),
-                         resume_step=restored)
+        restored = self.restore(resume)
+        log = self.metrics_log(restored)
         log.write({"kind": "config", "step": -1,
                    "trainable": self.updater.num_trainable(self.params),
                    "optimizer_state_bytes": tree_bytes(self.opt_state),
@@ -447,33 +453,27 @@ class DPOTrainer(PolicyRun):
                    "completion_width": enc.chosen_tokens.shape[1],
                    **vars(cfg), **{f"sparse_{k}": v for k, v in vars(self.sparse_cfg).items()}})
         bar = tqdm(total=cfg.steps, initial=self.step, desc="DPO", disable=not progress)
-        last: dict[str, Any] = {}
-        while self.step < cfg.steps:
-            last = self.train_step(enc, ref)
-            log.write(last)
+        evaluate = ((lambda: self._evaluate_encoded(eval_enc, eval_ref))
+                    if eval_enc is not None else None)
+
+        def on_step(rec):
             bar.update(1)
-            bar.set_postfix(loss=f"{last['loss']:.4f}",
-                            acc=f"{last['rewards/accuracies']:.2f}",
-                            margin=f"{last['rewards/margins']:.3f}")
-            if eval_enc is not None and cfg.eval_every and self.step % cfg.eval_every == 0 \
-                    and self.step < cfg.steps:
-                log.write(self._evaluate_encoded(eval_enc, eval_ref))
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
-                self.save_checkpoint()
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['rewards/accuracies']:.2f}",
+                            margin=f"{rec['rewards/margins']:.3f}")
+
+        def plot(rows, path):
+            # plot_curves overlays eval points on the panel named "accuracy".
+            rows = [{**r, "accuracy": r["rewards/accuracies"]} if r.get("kind") == "train"
+                    else r for r in rows]
+            plot_curves(rows, path, keys=("loss", "rewards/margins", "accuracy"),
+                        eval_key="eval_accuracy",
+                        title=f"DPO ({cfg.loss_type}), "
+                              f"{self.updater.num_trainable(self.params):,} trainable")
+
+        last = self.run_steps(lambda: self.train_step(enc, ref), evaluate, log, on_step)
         bar.close()
-        self.save_checkpoint()
-        if eval_enc is not None:
-            last = self._evaluate_encoded(eval_enc, eval_ref)
-            log.write(last)
-            write_json(os.path.join(self.out_dir, "final_eval.json"), last)
-        # plot_curves overlays eval points on the panel named "accuracy".
-        records = [{**r, "accuracy": r["rewards/accuracies"]} if r.get("kind") == "train"
-                   else r for r in read_jsonl(log.path)]
-        plot_curves(records, os.path.join(self.out_dir, "curves.png"),
-                    keys=("loss", "rewards/margins", "accuracy"), eval_key="eval_accuracy",
-                    title=f"DPO ({cfg.loss_type}), "
-                          f"{self.updater.num_trainable(self.params):,} trainable")
-        return last
+        final = self.finish(log, evaluate, plot, final_model_dir)
+        return last if final is None else final
 
     def save_model(self, folder: str | os.PathLike) -> str:
         """The current policy in Hugging Face format (safetensors + config + tokenizer)."""

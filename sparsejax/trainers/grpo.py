@@ -32,8 +32,7 @@ from sparsejax.models.logprobs import completion_logprobs
 from sparsejax.sampling import SamplingParams, bucket_length, generate, left_pad
 from sparsejax.trainers.config import GRPOConfig, SparseConfig
 from sparsejax.trainers.policy_run import PolicyRun
-from sparsejax.trainers.reporting import (MetricsLog, peak_memory_bytes, plot_curves,
-                                           read_jsonl, write_json)
+from sparsejax.trainers.reporting import peak_memory_bytes, plot_curves
 from sparsejax.trainers.updater import Updater, tree_bytes
 
 PyTree = Any
@@ -271,45 +270,48 @@ class GRPOTrainer(PolicyRun):
     def train(self, prompt_ids: Sequence[list[int]], answers: Sequence[Any], *,
               eval_prompt_ids: Sequence[list[int]] | None = None,
               eval_answers: Sequence[Any] | None = None, resume: bool = False,
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True, overwrite: bool = False,
+              final_model_dir: str | os.PathLike | None = None,
+              run_info: dict[str, Any] | None = None) -> dict[str, Any]:
         """Runs ``config.steps`` steps (continuing from a checkpoint with ``resume``).
 
-        Writes ``metrics.jsonl``, checkpoints, ``curves.png`` and ``final_eval.json``
-        under ``out_dir``; returns the last evaluation (or the last train record).
+        Writes ``metrics.jsonl``, checkpoints, ``curves.png``, ``final_eval.json``, the
+        final model (with ``final_model_dir``) and ``finished.json`` under ``out_dir``
+        (see :class:`PolicyRun` for the run's life cycle: lock, identity check, verified
+        restore, clean stops); returns the last evaluation (or the last train record).
+        ``run_info`` (e.g. the model's name) joins the run's identity.
         """
         cfg = self.cfg
         if len(prompt_ids) != len(answers) or not prompt_ids:
             raise ValueError("need as many answers as prompts, and at least one prompt")
-        restored = self.begin(resume)
-        log = MetricsLog(os.path.join(self.out_dir, "metrics.jsonl"),
-                         resume_step=restored)
+        from sparsejax.trainers.policy_run import tree_digest  # pylint: disable=g-import-not-at-top
+        self.run_info = run_info
+        data = tree_digest([np.asarray(p, np.int64) for p in prompt_ids]
+                           + [np.asarray([str(a) for a in answers])])
+        if self.open_run(resume, overwrite=overwrite, data=data) is not None:
+            return self.finished_result()
+        restored = self.restore(resume)
+        log = self.metrics_log(restored)
         log.write({"kind": "config", "step": -1, "trainable": self.updater.num_trainable(
             self.params), "optimizer_state_bytes": tree_bytes(self.opt_state),
             "resumed_from": restored, **{k: v for k, v in vars(cfg).items()},
             **{f"sparse_{k}": v for k, v in vars(self.sparse_cfg).items()}})
         bar = tqdm(total=cfg.steps, initial=self.step, desc="GRPO", disable=not progress)
-        last = {}
         do_eval = eval_prompt_ids is not None and eval_answers is not None
-        while self.step < cfg.steps:
-            last = self.train_step(prompt_ids, answers)
-            log.write(last)
+        evaluate = (lambda: self.evaluate(eval_prompt_ids, eval_answers)) if do_eval else None
+
+        def on_step(rec):
             bar.update(1)
-            bar.set_postfix(reward=f"{last['reward_mean']:.3f}", acc=f"{last['accuracy']:.3f}",
-                            len=f"{last['completion_length']:.0f}")
-            if do_eval and cfg.eval_every and self.step % cfg.eval_every == 0 \
-                    and self.step < cfg.steps:
-                log.write(self.evaluate(eval_prompt_ids, eval_answers))
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
-                self.save_checkpoint()
+            bar.set_postfix(reward=f"{rec['reward_mean']:.3f}", acc=f"{rec['accuracy']:.3f}",
+                            len=f"{rec['completion_length']:.0f}")
+
+        last = self.run_steps(lambda: self.train_step(prompt_ids, answers), evaluate, log,
+                              on_step)
         bar.close()
-        self.save_checkpoint()
-        if do_eval:
-            last = self.evaluate(eval_prompt_ids, eval_answers)
-            log.write(last)
-            write_json(os.path.join(self.out_dir, "final_eval.json"), last)
-        plot_curves(read_jsonl(log.path), os.path.join(self.out_dir, "curves.png"),
-                    title=f"GRPO, {self.updater.num_trainable(self.params):,} trainable")
-        return last
+        title = f"GRPO, {self.updater.num_trainable(self.params):,} trainable"
+        final = self.finish(log, evaluate, lambda rows, path: plot_curves(
+            rows, path, title=title), final_model_dir)
+        return last if final is None else final
 
     def save_model(self, folder: str | os.PathLike) -> str:
         """The current policy in Hugging Face format (safetensors + config + tokenizer)."""

@@ -1,22 +1,62 @@
-"""What every trainer run holds and checkpoints: the policy, its optimizer, the step."""
+"""What every trainer run holds and checkpoints, and the life of a run around its steps.
+
+A run (see DESIGN.md, "A run is a unit that survives") locks its output folder, refuses
+an earlier run's outputs unless it resumes or overwrites them, stores its identity in
+every checkpoint and checks it on resume, restores the newest intact checkpoint, stops
+cleanly on SIGINT/SIGTERM (see :mod:`sparsejax.trainers.signals`), and finishes with the
+final evaluation, the plot, the final model and ``finished.json`` (written last). A run
+stopped anywhere, even after its last step, is completed by resuming it; resuming a
+finished run changes nothing.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
 from sparsejax import checkpoint as ckpt_lib
+from sparsejax import run_dir
+from sparsejax.trainers import signals
+from sparsejax.trainers.reporting import MetricsLog, read_metrics
 from sparsejax.trainers.updater import Updater
 
 PyTree = Any
 
 
-class PolicyRun:
-    """Checkpointing shared by the trainers.
+def tree_digest(tree: PyTree) -> str:
+    """A short SHA-256 of the arrays (or JSON-able values) of ``tree``."""
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(tree):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.view(np.uint8).reshape(-1) if a.size and a.dtype != object else
+                 json.dumps(a.tolist()).encode())
+    return h.hexdigest()[:16]
 
-    A subclass sets ``updater``, ``params``, ``opt_state``, ``step`` and ``checkpoints``
-    (a :class:`~sparsejax.checkpoint.CheckpointManager`) and may add its own state with
+
+def _config_dict(cfg: Any) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg))
+    return {k: v for k, v in d.items() if k not in run_dir.RESUMABLE}
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class PolicyRun:
+    """Checkpointing and the run life cycle shared by the trainers.
+
+    A subclass sets ``updater``, ``params``, ``opt_state``, ``step``, ``cfg``,
+    ``sparse_cfg``, ``out_dir`` and ``checkpoints`` (a
+    :class:`~sparsejax.checkpoint.CheckpointManager`) and may add its own state with
     :meth:`_extra_state` / :meth:`_load_extra_state`. A checkpoint holds the policy as
     :meth:`Updater.checkpoint_tree` gives it (for a sparse run only the ``k`` trained
     values and the optimizer state), the step, and the extra state.
@@ -26,7 +66,33 @@ class PolicyRun:
     params: PyTree
     opt_state: PyTree
     step: int
+    cfg: Any
+    sparse_cfg: Any
+    out_dir: str
     checkpoints: ckpt_lib.CheckpointManager
+    run_info: Mapping[str, Any] | None = None
+    _identity: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ identity
+
+    def identity(self, data: str | None = None) -> dict[str, Any]:
+        """The settings a resume must not change (stored in every checkpoint): the
+        model's shapes and dtypes, the mask, the run's settings (all but
+        :data:`sparsejax.run_dir.RESUMABLE`), the data digest and ``run_info``."""
+        leaves = jax.tree_util.tree_flatten_with_path(self.params)[0]
+        shapes = [(jax.tree_util.keystr(p), list(x.shape), str(x.dtype)) for p, x in leaves]
+        out = {"trainer": type(self).__name__,
+               "dtype": sorted({str(x.dtype) for _, x in leaves}),
+               "model_shapes": hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16],
+               "trainable": self.updater.num_trainable(self.params),
+               "mask": tree_digest(self.updater.mask) if self.updater.sparse else None,
+               "config": _config_dict(self.cfg), "sparse": _config_dict(self.sparse_cfg),
+               "run": dict(self.run_info or {})}
+        if data is not None:
+            out["data"] = data
+        return json.loads(json.dumps(out, default=str))
+
+    # ------------------------------------------------------------------ checkpoints
 
     def _extra_state(self) -> dict[str, Any]:
         """Arrays of the run's own state to checkpoint (e.g. PRNG key, data position)."""
@@ -41,28 +107,139 @@ class PolicyRun:
                 "step": np.asarray(self.step, np.int64), **self._extra_state()}
 
     def save_checkpoint(self) -> None:
-        self.checkpoints.save(self.step, self._checkpoint_tree())
+        """Writes the checkpoint of ``self.step`` (verified on restore)."""
+        if self._identity is None:
+            self._identity = self.identity()
+        self.checkpoints.save(self.step, self._checkpoint_tree(), identity=self._identity)
 
-    def begin(self, resume: bool) -> int | None:
-        """Starts a run: restores the newest checkpoint with ``resume`` (returning its
-        step), else refuses a folder that holds an earlier run's checkpoints."""
-        if resume:
-            return self.restore_checkpoint()
-        if self.checkpoints.latest_step() is not None:
-            raise ValueError(f"{self.checkpoints.directory} holds checkpoints of an earlier "
-                             "run; resume it or choose another output folder")
-        return None
+    def _save_if_new(self) -> None:
+        if self.step > 0 and self.checkpoints.latest_step() != self.step:
+            self.save_checkpoint()
 
     def restore_checkpoint(self) -> int | None:
-        """Restores the newest checkpoint; returns its step (None if there is none).
+        """Restores the newest intact checkpoint whose identity matches this run's;
+        returns its step (None if there is none).
 
-        For a sparse run the trainer must have been built on the same base params.
+        Raises:
+            ValueError: the checkpoint's identity differs (names the settings).
+            sparsejax.checkpoint.CheckpointError: no checkpoint is intact.
         """
-        step = self.checkpoints.latest_step()
-        if step is None:
+        if self._identity is None:
+            self._identity = self.identity()
+        got = self.checkpoints.restore_latest(
+            self._checkpoint_tree(),
+            check_identity=lambda ident, where: run_dir.check_identity(
+                ident, self._identity, where))
+        if got is None:
             return None
-        tree = self.checkpoints.restore(step, self._checkpoint_tree())
+        _, tree = got
         self._load_extra_state(tree)
         self.params, self.opt_state = self.updater.restore_policy(self.params, tree)
         self.step = int(tree["step"])
         return self.step
+
+    # ------------------------------------------------------------------ the run
+
+    def open_run(self, resume: bool, *, overwrite: bool = False, data: str | None = None
+                 ) -> int | None:
+        """Locks ``out_dir`` and checks what is there, before any heavy work.
+
+        Returns the step of a finished run being resumed (nothing left to do), else
+        None. Raises ValueError for a new run over an earlier run's outputs (unless
+        ``overwrite``) and :class:`~sparsejax.run_dir.RunError` if another run holds
+        the folder.
+        """
+        run_dir.lock(self.out_dir)
+        self._identity = self.identity(data)
+        if not resume:
+            run_dir.refuse_earlier_run(self.out_dir, overwrite=overwrite)
+            return None
+        done = run_dir.finished_step(self.out_dir)
+        if done is not None and done >= self.cfg.steps:
+            _say(f"{self.out_dir}: the run is finished (step {done}); nothing to do")
+            return done
+        return None
+
+    def begin(self, resume: bool, *, overwrite: bool = False) -> int | None:
+        """Starts a run: :meth:`open_run`, then restores the newest intact checkpoint
+        with ``resume`` (returning its step; None when starting from step 0)."""
+        if self.open_run(resume, overwrite=overwrite) is not None:
+            return self.step
+        return self.restore(resume)
+
+    def restore(self, resume: bool) -> int | None:
+        """The restore half of :meth:`begin` (after :meth:`open_run`)."""
+        if not resume:
+            return None
+        restored = self.restore_checkpoint()
+        if restored is None:
+            _say(f"{self.out_dir}: no checkpoint to resume from; starting at step 0")
+        elif restored > self.cfg.steps:
+            raise ValueError(f"--steps {self.cfg.steps} is below the checkpoint's step "
+                             f"{restored}; pass --steps {restored} or more")
+        else:
+            run_dir.clear_finished(self.out_dir)
+        return restored
+
+    def metrics_log(self, restored: int | None) -> MetricsLog:
+        return MetricsLog(os.path.join(self.out_dir, "metrics.jsonl"), resume_step=restored,
+                          final_step=self.cfg.steps)
+
+    def finished_result(self) -> dict[str, Any]:
+        """What :meth:`train` returns for a finished run: its final evaluation."""
+        path = os.path.join(self.out_dir, "final_eval.json")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        return {}
+
+    def run_steps(self, step_fn: Callable[[], dict[str, Any]],
+                  eval_fn: Callable[[], dict[str, Any]] | None, log: MetricsLog,
+                  on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Steps to ``cfg.steps`` with periodic evaluations and checkpoints, then the
+        final checkpoint (unless it exists). A SIGINT/SIGTERM (with
+        :func:`signals.install`) stops after the current step and its checkpoint."""
+        cfg = self.cfg
+        last: dict[str, Any] = {}
+        with signals.deferred():
+            signals.check(self.step, self._save_if_new)
+            while self.step < cfg.steps:
+                last = step_fn()
+                log.write(last)
+                if on_step is not None:
+                    on_step(last)
+                due = lambda every: every and self.step % every == 0 and self.step < cfg.steps
+                if eval_fn is not None and due(cfg.eval_every):
+                    log.write(eval_fn())
+                if due(cfg.save_every):
+                    self.save_checkpoint()
+                signals.check(self.step, self._save_if_new)
+            self._save_if_new()
+        return last
+
+    def finish(self, log: MetricsLog, final_eval_fn: Callable[[], dict[str, Any]] | None,
+               plot_fn: Callable[[list[dict[str, Any]], str], Any],
+               final_model_dir: str | os.PathLike | None = None) -> dict[str, Any] | None:
+        """The end of a run after its final checkpoint: final evaluation
+        (``final_eval.json``), ``curves.png``, the final model (with
+        ``final_model_dir``), then ``finished.json``; each written whole or not at all."""
+        last = None
+        if final_eval_fn is not None:
+            last = final_eval_fn()
+            log.write(last)
+            from sparsejax.trainers.reporting import to_python  # pylint: disable=g-import-not-at-top
+            run_dir.write_json_atomic(os.path.join(self.out_dir, "final_eval.json"),
+                                      to_python(last))
+        curves = os.path.join(self.out_dir, "curves.png")
+        tmp = os.path.join(self.out_dir, ".curves.tmp.png")
+        with run_dir.disk_errors(curves):
+            plot_fn(read_metrics(log.path), tmp)
+            os.replace(tmp, curves)
+        if final_model_dir is not None:
+            with run_dir.atomic_folder(final_model_dir) as folder:
+                self.save_model(folder)
+        run_dir.mark_finished(self.out_dir, self.step)
+        return last
+
+    def save_model(self, folder: str | os.PathLike) -> str:  # pragma: no cover
+        raise NotImplementedError

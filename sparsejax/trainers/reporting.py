@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,15 +29,18 @@ def to_python(value: Any) -> Any:
 
 
 class MetricsLog:
-    """Appends one JSON object per record to ``path``.
+    """Appends one JSON object per line to ``path``, each line whole (one write, flush
+    and fsync), so a crash or a full disk leaves at most one torn last line.
 
     A new run starts the file afresh. A run resumed from the checkpoint taken after
     ``resume_step`` steps keeps what was logged up to that checkpoint (train records of
-    steps ``< resume_step``, evaluations at ``<= resume_step``) and drops the rest, which
-    the resumed run redoes.
+    steps ``< resume_step``, evaluations at ``<= resume_step``, except the final
+    evaluation at ``final_step``, which the resumed run redoes) and drops the rest; a
+    torn last line is dropped, and said.
     """
 
-    def __init__(self, path: str | os.PathLike, *, resume_step: int | None = None):
+    def __init__(self, path: str | os.PathLike, *, resume_step: int | None = None,
+                 final_step: int | None = None):
         self.path = os.fspath(path)
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         if not os.path.exists(self.path):
@@ -44,15 +48,44 @@ class MetricsLog:
         if resume_step is None:
             os.remove(self.path)
             return
-        kept = [r for r in read_jsonl(self.path)
-                if r.get("step", -1) < resume_step
-                or (r.get("kind") != "train" and r.get("step", -1) == resume_step)]
-        with open(self.path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
+        rows = read_metrics(self.path)
+        keep_evals = final_step is None or resume_step < final_step
+        kept = [r for r in rows if r.get("step", -1) < resume_step
+                or (keep_evals and r.get("kind") != "train"
+                    and r.get("step", -1) == resume_step)]
+        from sparsejax import run_dir  # pylint: disable=g-import-not-at-top
+        run_dir.atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: Mapping[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(to_python(record)) + "\n")
+        from sparsejax import run_dir  # pylint: disable=g-import-not-at-top
+        line = json.dumps(to_python(record)) + "\n"
+        with run_dir.disk_errors(self.path):
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a metrics log; a torn (unparsable) last line is dropped, and said.
+
+    Raises:
+        ValueError: naming the file and line of an earlier line that is not JSON.
+    """
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    rows = []
+    numbered = [(i, l) for i, l in enumerate(lines, start=1) if l.strip()]
+    for n, (number, line) in enumerate(numbered):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if n == len(numbered) - 1:
+                print(f"{path}:{number}: dropped a torn last line (an interrupted write)",
+                      file=sys.stderr)
+                break
+            raise ValueError(f"{path}:{number}: invalid JSON ({err.msg})") from err
+    return rows
 
 
 def write_json(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
