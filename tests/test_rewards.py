@@ -19,11 +19,14 @@ from sparsejax.data import (
     with_prompts,
 )
 from sparsejax.rewards import (
+    MAX_SCAN_CHARS,
     answers_match,
     boxed_format_reward,
     completion_text,
+    exact_match_reward,
     extract_answer,
     extract_boxed,
+    format_reward,
     gsm8k_accuracy_reward,
     parse_number,
     score_completion,
@@ -333,3 +336,113 @@ def test_prompt_with_real_qwen_chat_template():
     assert prompt.endswith("<|im_start|>assistant\n")
     ds = with_prompts(datasets.Dataset.from_dict({"question": ["a", "b"]}), tokenizer)
     assert ds["prompt"][1].endswith("<|im_start|>assistant\n") and "\nb\n" in ds["prompt"][1]
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 13 red-team cases: time, subtractions, non-ASCII and spaced digits, length mismatch
+
+_TEN_MB = 10_000_000
+_ADVERSARIAL = {  # one per pattern the extraction searches for, and their combinations
+    "boxed_dollar": "\\boxed $",
+    "boxed_space": "\\boxed ",
+    "boxed_unclosed": "\\boxed{",
+    "fbox_unclosed": "\\fbox {",
+    "braces": "{{}",
+    "hash": "#### ",
+    "hash_newline": "####\n",
+    "answer_is": "The answer is ",
+    "answer_is_word": "answer: x\n",
+    "subtractions": "1 - ",
+    "dashes": "-",
+    "comma_runs": "1,",
+    "digits": "9",
+    "arabic_digits": "\u0667",
+    "fracs": "answer is \\frac{",
+}
+
+
+@pytest.mark.parametrize("unit", list(_ADVERSARIAL.values()), ids=list(_ADVERSARIAL))
+@pytest.mark.parametrize("size", [1_000_000, _TEN_MB], ids=["1MB", "10MB"])
+def test_adversarial_text_is_scored_fast(unit, size):
+    # 1 MB is inside the scanned window (proves the scan is linear: the old extract_boxed took
+    # 2-9 s on 1 MB of "\\boxed $"); 10 MB proves the bound. Rewards run over the whole batch API.
+    text = unit * (size // len(unit))
+    for reward in (lambda: gsm8k_accuracy_reward([text], ["18"]), lambda: boxed_format_reward([text]),
+                   lambda: exact_match_reward([text], ["18"])):
+        start = time.perf_counter()
+        assert reward() == [0.0]
+        assert time.perf_counter() - start < 1.0
+
+
+def test_answer_at_the_end_of_long_text_is_found():
+    assert score_completion("x" * (MAX_SCAN_CHARS * 3) + " so \\boxed{18}", "18") == 1.0
+    assert score_completion("x" * (MAX_SCAN_CHARS * 3) + " #### 18", "18") == 1.0
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("3 - 4", "4"),
+        ("16 - 3 - 4", "4"),
+        ("we get 16 - 3 - 4", "4"),
+        ("(16) - 4", "4"),
+        ("x - 4", "4"),
+        ("x-4", "4"),
+        ("50% - 4", "4"),
+        ("-4", "-4"),
+        ("= -4", "-4"),
+        ("x = -4", "-4"),
+        ("it fell to -4", "-4"),
+        ("5 + -4", "-4"),
+        ("5 \u2212 4", "4"),  # a unicode minus between numbers is a subtraction too
+        ("\u22124", "-4"),
+        ("#### -4", "-4"),
+        ("The answer is -4.", "-4"),
+        ("answer: 16 - 3 - 4", "16"),
+    ],
+)
+def test_subtractions_are_not_negative_numbers(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_subtraction_regressions_score_against_negative_gold():
+    assert score_completion("16 - 3 - 4", "-4") == 0.0
+    assert score_completion("3 - 4", "-4") == 0.0
+    assert score_completion("16 - 3 - 4", "9") == 0.0
+    assert score_completion("so the change is = -4", "-4") == 1.0
+    assert score_completion("\\boxed{-4}", "-4") == 1.0
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["\\boxed{\u0667\u0662}", "\\boxed{\uff17\uff12}", "\\boxed{7 2}", "\\boxed{7\\,2}", "\\boxed{7\\;2}",
+     "\u0667\u0662", "\uff17\uff12", "The answer is \u0667\u0662", "#### \uff17\uff12", "\\boxed{1\u0662}",
+     "72\u0663", "\u06637 2"],
+    ids=["arabic_indic_boxed", "fullwidth_boxed", "spaced_boxed", "thin_space_boxed", "thick_space_boxed",
+         "arabic_indic", "fullwidth", "arabic_answer_is", "fullwidth_hash", "mixed_scripts", "trailing_arabic",
+         "leading_arabic"],
+)
+def test_non_ascii_and_spaced_digits_are_not_72(text):
+    assert score_completion(text, "72") == 0.0
+
+
+@pytest.mark.parametrize("text", ["\u0667\u0662", "\uff17\uff12", "7 2", "7\\,2", "1\u0662", "12 34"])
+def test_parse_number_refuses_non_ascii_and_spaced_digits(text):
+    assert parse_number(text) is None
+
+
+def test_thousands_separators_still_parse():
+    assert parse_number("1 000") == 1000
+    assert parse_number("1 000 000.5") == Fraction(2000001, 2)
+    assert parse_number("1\\,000") == 1000
+    assert score_completion("\\boxed{12\\,345}", "12345") == 1.0
+
+
+@pytest.mark.parametrize("reward", [gsm8k_accuracy_reward, exact_match_reward, format_reward],
+                         ids=["gsm8k", "exact", "format"])
+def test_batch_rewards_refuse_mismatched_lengths(reward):
+    with pytest.raises(ValueError, match=r"3 completions but 2 answers") as err:
+        reward(["a", "b", "c"], ["1", "2"])
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="must be a list"):
+        reward("abc", ["1", "2", "3"])

@@ -12,7 +12,14 @@ Every reward is a function ``reward(completions, answers, **kwargs) -> list[floa
 """
 
 from sparsejax.rewards.base import RewardFn, check_batch
-from sparsejax.rewards.extract import NUMBER_PATTERN, completion_text, extract_answer, extract_boxed, last_number
+from sparsejax.rewards.extract import (
+    MAX_SCAN_CHARS,
+    NUMBER_PATTERN,
+    completion_text,
+    extract_answer,
+    extract_boxed,
+    last_number,
+)
 from sparsejax.rewards.numeric import (
     MAX_NUMBER_CHARS,
     answers_match,
@@ -34,7 +41,7 @@ from sparsejax.rewards.symbolic import MathVerifier, math_reward, require_math_v
 from sparsejax.rewards.text import boxed_format_reward, exact_match_reward, format_reward, normalize_text
 
 __all__ = [
-    "MAX_NUMBER_CHARS", "NUMBER_PATTERN", "REWARDS", "CombinedReward", "MathVerifier", "RewardFn",
+    "MAX_NUMBER_CHARS", "MAX_SCAN_CHARS", "NUMBER_PATTERN", "REWARDS", "CombinedReward", "MathVerifier", "RewardFn",
     "answers_match", "boxed_format_reward", "check_batch", "combine_rewards", "completion_text",
     "exact_match_reward", "extract_answer", "extract_boxed", "format_reward", "get_reward",
     "gold_answer", "gsm8k_accuracy_reward", "last_number", "load_reward_function", "math_reward",
