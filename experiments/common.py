@@ -1,22 +1,195 @@
-"""Pieces the experiment scripts share: argument groups, model loading, errors.
+"""Pieces the experiment scripts share: argument groups, checks, model loading, errors.
 
-Scripts import this as ``from common import ...`` (it sits beside them).
+Scripts import this as ``from common import ...`` (it sits beside them). Nothing here
+imports jax or sparsejax at import time, so ``--help`` and bad flags answer at once:
+every flag, the model folder and the data files are checked before anything heavy
+is imported or loaded.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
+import struct
 import sys
-from typing import Any, NoReturn
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from sparsejax.trainers.config import SparseConfig
+if TYPE_CHECKING:
+    from sparsejax.trainers.config import SparseConfig
 
 
-def fail(message: str) -> NoReturn:
-    """Exits with status 2 and a one-line message (no traceback)."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Exits with status ``code`` (2: bad input) and a one-line message (no traceback)."""
+    print(f"error: {str(message).strip().splitlines()[0] if str(message).strip() else message}",
+          file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+# ---------------------------------------------------------------------- flag checks
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_number(args: argparse.Namespace, name: str, *, low: float | None = None,
+                 high: float | None = None, low_open: bool = False,
+                 high_open: bool = False) -> None:
+    """Raises ValueError naming the flag unless ``args.<name>`` (if set) is finite and
+    in the range (``low``/``high`` inclusive unless ``*_open``)."""
+    value = getattr(args, name)
+    if value is None:
+        return
+    bounds = (("(" if low_open else "[") + ("-inf" if low is None else f"{low:g}") + ", "
+              + ("inf" if high is None else f"{high:g}") + (")" if high_open or high is None
+                                                            else "]"))
+    bad = not math.isfinite(value)
+    bad = bad or (low is not None and (value < low or (low_open and value == low)))
+    bad = bad or (high is not None and (value > high or (high_open and value == high)))
+    if bad and isinstance(value, int) and high is None and not low_open:
+        raise ValueError(f"{flag(name)} must be >= {low:g}, got {value}")
+    if bad:
+        raise ValueError(f"{flag(name)} must be a finite number in {bounds}, got {value}")
+
+
+def check_numbers(args: argparse.Namespace, rules: dict[str, tuple]) -> None:
+    """``rules``: flag attribute -> ``(low, high)`` or ``(low, high, low_open, high_open)``."""
+    for name, rule in rules.items():
+        low, high, *open_ = rule
+        check_number(args, name, low=low, high=high,
+                     low_open=bool(open_ and open_[0]),
+                     high_open=bool(len(open_) > 1 and open_[1]))
+
+
+def check_out_dir_path(path: str, name: str = "--out-dir") -> None:
+    probe = os.path.abspath(path)
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if probe and not os.path.isdir(probe):
+        raise ValueError(f"{name} {path!r}: {probe} is a file, not a folder")
+
+
+def check_safetensors(path: str) -> None:
+    """Raises ValueError naming ``path`` unless it is a whole safetensors file (header
+    readable, file as long as the header says)."""
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("shorter than its 8-byte header length")
+            (n,) = struct.unpack("<Q", raw)
+            if n > 100_000_000 or 8 + n > size:
+                raise ValueError(f"is truncated ({size} bytes; the header alone needs "
+                                 f"{8 + n})" if n <= 100_000_000 else "has no valid header")
+            header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{path} is not a safetensors file (unreadable header)") from None
+    except ValueError as e:
+        raise ValueError(f"{path} {e}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file (unreadable header)")
+    end = max((t["data_offsets"][1] for k, t in header.items()
+               if k != "__metadata__" and isinstance(t, dict) and "data_offsets" in t),
+              default=0)
+    if 8 + n + end > size:
+        raise ValueError(f"{path} is truncated ({size} of {8 + n + end} bytes)")
+
+
+def looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.path.exists(os.path.expanduser(name))
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model",
+                   "vocab.txt")
+
+
+def check_model_folder(args: argparse.Namespace) -> None:
+    """Local ``--model`` / ``--tokenizer`` folders: config.json is valid JSON, the
+    safetensors files are whole, tokenizer files exist. Hub ids are not checked here."""
+    model = os.path.expanduser(args.model)
+    if looks_local(args.model):
+        if not os.path.isdir(model):
+            raise ValueError(f"--model {args.model!r}: no such folder")
+        config = os.path.join(model, "config.json")
+        if not os.path.isfile(config):
+            raise ValueError(f"--model {args.model!r}: {config} is missing")
+        try:
+            with open(config, encoding="utf-8") as f:
+                parsed = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{config} is not valid JSON ({e})") from None
+        if not isinstance(parsed, dict):
+            raise ValueError(f"{config} is not a JSON object")
+        weights = sorted(n for n in os.listdir(model) if n.endswith(".safetensors"))
+        if not weights:
+            raise ValueError(f"--model {args.model!r}: no *.safetensors weights in {model}")
+        for name in weights:
+            check_safetensors(os.path.join(model, name))
+    tok_name = args.tokenizer or args.model
+    what = "--tokenizer" if args.tokenizer else "--model"
+    tok = os.path.expanduser(tok_name)
+    if looks_local(tok_name):
+        if not os.path.isdir(tok):
+            raise ValueError(f"{what} {tok_name!r}: no such folder (for the tokenizer)")
+        if not any(os.path.isfile(os.path.join(tok, n)) for n in TOKENIZER_FILES):
+            raise ValueError(f"{what} {tok_name!r}: no tokenizer files in {tok} (need one of "
+                             f"{', '.join(TOKENIZER_FILES)})"
+                             + ("" if args.tokenizer else "; pass --tokenizer"))
+
+
+def check_jsonl(path: str, *, required: tuple[str, ...] = ()) -> int:
+    """Checks a JSON Lines data file; returns its number of records.
+
+    Raises:
+        ValueError: naming the file and line of a line that is not a JSON object (or
+            lacks a ``required`` field), or naming the file if it has no records.
+    """
+    count = 0
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: not a JSON object "
+                                 f"(a {type(row).__name__})")
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise ValueError(f"{path}:{number}: lacks {', '.join(map(repr, missing))}")
+            count += 1
+    if not count:
+        raise ValueError(f"{path} has no records")
+    return count
+
+
+def check_mask_file(path: str | None) -> None:
+    if path is None:
+        return
+    if not os.path.isfile(path):
+        raise ValueError(f"--mask-path {path!r} is not a file")
+    try:
+        check_safetensors(path)
+    except ValueError as e:
+        raise ValueError(f"--mask-path: {e}") from None
+
+
+def check_run_args(args: argparse.Namespace) -> None:
+    """The checks every training script shares (mask, optimizer, run flags)."""
+    check_numbers(args, {"sparsity": (0.0, 1.0, False, True), "lr": (0.0, None, True),
+                         "weight_decay": (0.0, None), "max_grad_norm": (None, None)})
+    for name in ("warmup_steps", "save_every", "seed", "mask_seed"):
+        check_number(args, name, low=0)
+    check_out_dir_path(args.out_dir)
+    check_mask_file(args.mask_path)
+    if args.resume and getattr(args, "overwrite", False):
+        raise ValueError("--resume and --overwrite exclude each other")
 
 
 def add_model_args(parser: argparse.ArgumentParser, default_model: str) -> None:
@@ -47,6 +220,9 @@ def add_sparse_args(parser: argparse.ArgumentParser, *, default_lr: float | None
                        help="clip the (active) gradient to this global norm; <= 0 disables")
     group.add_argument("--backend", default="auto", choices=["auto", "xla", "pallas", "interpret"],
                        help="sparse step implementation")
+    group.add_argument("--sparse-grads", default="auto", choices=["auto", "on", "off"],
+                       help="sparse runs: weight gradients only at the active entries "
+                       "(auto: on where bench_train_step.py measured it faster)")
 
 
 def add_run_args(parser: argparse.ArgumentParser, default_out: str) -> None:
@@ -55,21 +231,40 @@ def add_run_args(parser: argparse.ArgumentParser, default_out: str) -> None:
                        help="metrics.jsonl, checkpoints/, curves.png, final_eval.json, final_model/")
     group.add_argument("--save-every", type=int, default=10, help="checkpoint every N steps")
     group.add_argument("--resume", action="store_true",
-                       help="continue from the newest checkpoint in --out-dir")
+                       help="continue from the newest intact checkpoint in --out-dir (a "
+                            "finished run: nothing to do)")
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace an earlier run's outputs in --out-dir")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def check_out_dir(args: argparse.Namespace) -> None:
-    """Refuses to start a new run over an earlier run's checkpoints (never lose work)."""
-    ckpt = os.path.join(args.out_dir, "checkpoints")
-    if not args.resume and os.path.isdir(ckpt) and os.listdir(ckpt):
-        raise ValueError(f"{args.out_dir} holds checkpoints of an earlier run: pass --resume "
-                         "to continue it, or choose another --out-dir")
+def open_out_dir(args: argparse.Namespace) -> bool:
+    """Locks ``--out-dir`` for this process and checks what it holds, before any heavy
+    work. Returns True when ``--resume`` finds the run finished (nothing to do).
+
+    Raises:
+        ValueError: a new run over an earlier run's outputs without --overwrite.
+        sparsejax.run_dir.RunError: another run holds the folder.
+    """
+    from sparsejax import run_dir  # pylint: disable=g-import-not-at-top
+    from sparsejax.trainers import signals  # pylint: disable=g-import-not-at-top
+    signals.install()
+    run_dir.lock(args.out_dir)
+    if not args.resume:
+        run_dir.refuse_earlier_run(args.out_dir, overwrite=getattr(args, "overwrite", False))
+        return False
+    done = run_dir.finished_step(args.out_dir)
+    if done is not None and done >= args.steps:
+        print(f"{args.out_dir}: the run is finished (step {done}); nothing to do",
+              file=sys.stderr)
+        return True
+    return False
 
 
 def sparse_config(args: argparse.Namespace) -> SparseConfig:
     """The :class:`SparseConfig` of the parsed arguments (raises ValueError if bad)."""
+    from sparsejax.trainers.config import SparseConfig  # pylint: disable=g-import-not-at-top
     if not 0.0 <= args.sparsity < 1.0:
         raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     lr = args.lr
@@ -82,22 +277,58 @@ def sparse_config(args: argparse.Namespace) -> SparseConfig:
         mask_path=args.mask_path, learning_rate=lr, warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else None,
-        backend=args.backend)
+        backend=args.backend, sparse_grads=args.sparse_grads)
 
 
 def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """``(graphdef, params, tokenizer)`` from ``--model`` / ``--tokenizer`` / ``--dtype``.
 
-    Raises ValueError with a readable message when the model cannot be used.
+    Raises ValueError with a one-line message naming the model or the tokenizer.
     """
     from flax import nnx  # pylint: disable=g-import-not-at-top
     from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
     from sparsejax.models import load_hf  # pylint: disable=g-import-not-at-top
+
+    def first_line(e: BaseException) -> str:
+        return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
     try:
         model = load_hf(args.model, param_dtype=args.dtype)
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model,
-                                                  trust_remote_code=False)
-    except (OSError, NotImplementedError, KeyError) as e:
-        raise ValueError(f"cannot load model {args.model!r}: {str(e).splitlines()[0]}") from e
+    except Exception as e:  # pylint: disable=broad-except  # any unusable model: one line
+        raise ValueError(f"cannot load model {args.model!r}: {first_line(e)}") from e
+    name = args.tokenizer or args.model
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+    except Exception as e:  # pylint: disable=broad-except
+        raise ValueError(f"cannot load tokenizer {name!r}"
+                         f"{' (--tokenizer)' if args.tokenizer else ''}: {first_line(e)}"
+                         ) from e
+    if tokenizer.eos_token_id is None and len(tokenizer) == 0:
+        raise ValueError(f"tokenizer {name!r} is empty")
     graphdef, params = nnx.split(model)
     return graphdef, params, tokenizer
+
+
+def run_main(main: Callable[[], int]) -> None:
+    """Runs a script's ``main`` and exits: 0 done, 1 a run error (disk full, lock held,
+    no intact checkpoint: one line), 2 bad input, 130/143 SIGINT/SIGTERM ("interrupted
+    at step N; resume with --resume"). After a stop or a run error the process exits
+    at once (``os._exit``), so no background writer thread prints on the way out.
+    Imports nothing heavy itself (:func:`open_out_dir` installs the signal handlers)."""
+    try:
+        code = main()
+    except KeyboardInterrupt as e:  # also sparsejax.trainers.signals.Interrupted
+        code = getattr(e, "exit_code", 130)
+        print(e.message() if hasattr(e, "message") else "interrupted; resume with --resume",
+              file=sys.stderr)
+    except Exception as e:  # pylint: disable=broad-except
+        run_dir = sys.modules.get("sparsejax.run_dir")
+        if run_dir is None or not isinstance(e, run_dir.RunError):
+            raise
+        code = 1
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+    else:
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -26,7 +26,9 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (add_model_args, add_run_args, add_sparse_args,  # noqa: E402
-                    check_out_dir, fail, load_model_and_tokenizer, sparse_config)
+                    check_jsonl, check_model_folder, check_number, check_numbers,
+                    check_run_args, fail, load_model_and_tokenizer, open_out_dir, run_main,
+                    sparse_config)
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")  # sparsejax.losses.DPO_LOSS_TYPES
 
@@ -89,6 +91,7 @@ def load_pairs(name: str, split: str, limit: int | None) -> list[dict[str, Any]]
             path = os.path.join(path, f"{split}.jsonl")
         if not os.path.isfile(path):
             raise ValueError(f"dataset file {path!r} not found")
+        check_jsonl(path)  # names the file and line of a bad record, or an empty file
         from sparsejax.data.jsonl import read_jsonl  # pylint: disable=g-import-not-at-top
         rows = read_jsonl(path)
     else:
@@ -133,11 +136,22 @@ def check_pairs(pairs: list[dict[str, Any]], what: str) -> None:
                              "rejected)") from e
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Every flag and the model folder, before anything heavy."""
+    for name in ("steps", "batch_size", "micro_batch_size", "max_prompt_length",
+                 "max_completion_length", "logprob_chunk_size"):
+        check_number(args, name, low=1)
+    check_number(args, "eval_every", low=0)
+    check_numbers(args, {"beta": (0.0, None, True), "label_smoothing": (0.0, 0.5)})
+    check_run_args(args)
+    check_model_folder(args)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        check_args(args)
         sparse = sparse_config(args)
-        check_out_dir(args)
         from sparsejax.trainers.dpo_config import DPOConfig  # pylint: disable=g-import-not-at-top
         config = DPOConfig(
             steps=args.steps, batch_size=args.batch_size,
@@ -151,6 +165,8 @@ def main(argv=None) -> int:
         evals = eval_pairs_of(args)
         if evals is not None:
             check_pairs(evals, "eval")
+        if open_out_dir(args):
+            return 0
     except ValueError as e:
         fail(str(e))
 
@@ -161,7 +177,12 @@ def main(argv=None) -> int:
         graphdef, params, tokenizer = load_model_and_tokenizer(args)
     except ValueError as e:
         fail(str(e))
-    trainer = DPOTrainer(graphdef, params, tokenizer, config, sparse, args.out_dir)
+    try:
+        trainer = DPOTrainer(graphdef, params, tokenizer, config, sparse, args.out_dir)
+    except Exception as e:  # pylint: disable=broad-except  # a mask that does not fit
+        if not args.mask_path and not isinstance(e, ValueError):
+            raise
+        fail(f"--mask-path {args.mask_path!r}: {e}" if args.mask_path else str(e))
     try:
         trainer.encode(train[:1])  # tokenizer problems (no EOS, chat prompts) answer here
     except ValueError as e:
@@ -170,12 +191,18 @@ def main(argv=None) -> int:
           f"{sum(x.size for x in jax.tree.leaves(params)):,} parameters "
           f"({'full finetuning' if sparse.dense else f'sparsity {sparse.sparsity}'}), "
           f"LR {sparse.learning_rate}, {len(train):,} pairs", file=sys.stderr)
-    final = trainer.train(train, evals, resume=args.resume, progress=not args.no_progress)
-    model_dir = trainer.save_model(os.path.join(args.out_dir, "final_model"))
+    model_dir = os.path.join(args.out_dir, "final_model")
+    try:
+        final = trainer.train(train, evals, resume=args.resume, progress=not args.no_progress,
+                              final_model_dir=model_dir,
+                              run_info={"model": args.model,
+                                        "tokenizer": args.tokenizer or args.model})
+    except ValueError as e:  # a resume with changed settings, --steps below the checkpoint
+        fail(str(e))
     print(json.dumps(final, indent=2, default=float))
     print(f"final model: {model_dir}", file=sys.stderr)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -37,7 +37,10 @@ RESUMABLE = frozenset({
     "micro_batch_size", "logprob_chunk_size", "backend", "progress"})
 
 # Config field -> command-line flag, where the two names differ.
-FLAG_NAMES = {"learning_rate": "--lr", "sparse.learning_rate": "--lr"}
+FLAG_NAMES = {"learning_rate": "--lr", "sparse.learning_rate": "--lr",
+              "mask": "the mask's entries", "model_shapes": "the model's shapes",
+              "trainable": "the number of trainable entries", "data": "the training data",
+              "trainer": "the trainer"}
 
 
 class RunError(Exception):
@@ -92,6 +95,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with disk_errors(path):
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=folder)
         try:
+            os.fchmod(fd, 0o644)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
                 f.flush()
@@ -114,6 +118,7 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[str]:
     path = os.path.abspath(os.fspath(path))
     parent = os.path.dirname(path)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    os.chmod(tmp, 0o755)
     try:
         with disk_errors(path):
             yield tmp
