@@ -67,12 +67,14 @@ class GRPOConfig:
     top_entropy_quantile: float = 1.0
     logprob_chunk_size: int = 1024
     eval_every: int = 0  # 0: only at the end
+    kl_bias_correction: bool = False  # TRL's GRPO default use_bias_correction_kl=False
     eval_limit: int | None = None
     eval_temperature: float = 0.0  # 0: greedy
     eval_batch_size: int = 64
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
     seed: int = 0
+    eval_max_new_tokens: int | None = None  # None: max_new_tokens
 
     def __post_init__(self):
         for name in ("steps", "prompts_per_step", "num_generations", "max_new_tokens",

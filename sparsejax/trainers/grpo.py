@@ -110,6 +110,7 @@ class GRPOTrainer(PolicyRun):
             return losses.grpo_loss(
                 logps, None, batch["advantages"], batch["mask"],
                 ref_logps=batch.get("ref_logps"), beta=self.cfg.beta,
+                use_bias_correction_kl=self.cfg.kl_bias_correction,
                 epsilon=self.cfg.epsilon, epsilon_high=self.cfg.epsilon_high,
                 loss_type=self.cfg.loss_type, max_completion_length=self.cfg.max_new_tokens,
                 num_items_in_batch=num_items if self.cfg.loss_type == "dapo" else None,
@@ -243,7 +244,7 @@ class GRPOTrainer(PolicyRun):
         limit = len(prompt_ids) if cfg.eval_limit is None else min(cfg.eval_limit,
                                                                    len(prompt_ids))
         ids = [list(p) for p in prompt_ids[:limit]]
-        sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens,
+        sampling = SamplingParams(max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
                                   temperature=cfg.eval_temperature, top_p=cfg.top_p,
                                   top_k=cfg.top_k, stop_token_ids=self.stop_token_ids)
         key = jax.random.fold_in(jax.random.key(cfg.seed + 1), self.step)
