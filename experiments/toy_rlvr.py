@@ -40,18 +40,53 @@ import tempfile
 import time
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
-from tqdm import tqdm
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import check_number, check_out_dir_path, fail  # noqa: E402
 
-from sparsejax import analysis
-from sparsejax import masks as masks_lib
-from sparsejax import toy_task as tt
-from sparsejax.models import init_model, save_hf
-from sparsejax.trainers import GRPOConfig, GRPOTrainer, SparseConfig
-from sparsejax.trainers.reporting import to_python
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny CI configuration (< 2 minutes); writes to "
+                             "experiments/results/toy_rlvr_quick/ unless --out-dir is given")
+    parser.add_argument("--out-dir", default=None,
+                        help="results folder (default experiments/results/toy_rlvr/)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the data splits, model init, SFT and GRPO sampling")
+    parser.add_argument("--steps", type=int, default=None, help="GRPO steps per run")
+    parser.add_argument("--lr-scale", type=float, default=1.0,
+                        help="multiply every learning rate (for a sweep)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    try:
+        check_number(args, "steps", low=1)
+        check_number(args, "seed", low=0)
+        check_number(args, "lr_scale", low=0.0, low_open=True)
+        if args.out_dir is not None:
+            check_out_dir_path(args.out_dir)
+    except ValueError as e:
+        fail(str(e))
+    return args
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and bad flags answer before jax is imported
+
+# pylint: disable=wrong-import-position
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from sparsejax import analysis  # noqa: E402
+from sparsejax import masks as masks_lib  # noqa: E402
+from sparsejax import toy_task as tt  # noqa: E402
+from sparsejax.models import init_model, save_hf  # noqa: E402
+from sparsejax.trainers import GRPOConfig, GRPOTrainer, SparseConfig  # noqa: E402
+from sparsejax.trainers.reporting import to_python  # noqa: E402
 
 # Learning rate per sparsity. The Multiple Ticket paper uses 1e-6 for full finetuning
 # and 1e-4 at 99% up to 1e-2 at 99.999% (Qwen2.5, GSM8K). We keep the monotone trend:
@@ -508,24 +543,6 @@ def plot(out_dir: str, res: dict[str, Any]) -> list[str]:
 # ----------------------------------------------------------------------------- main
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny CI configuration (< 2 minutes); writes to "
-                             "experiments/results/toy_rlvr_quick/ unless --out-dir is given")
-    parser.add_argument("--out-dir", default=None,
-                        help="results folder (default experiments/results/toy_rlvr/)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the data splits, model init, SFT and GRPO sampling")
-    parser.add_argument("--steps", type=int, default=None, help="GRPO steps per run")
-    parser.add_argument("--lr-scale", type=float, default=1.0,
-                        help="multiply every learning rate (for a sweep)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     preset = QUICK if args.quick else DEFAULT
@@ -676,4 +693,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -96,6 +98,18 @@ def _run(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI; returns the exit status (0 ok, 2 bad input)."""
     args = _build_parser().parse_args(argv)
+    for name in ("save_mask", "json"):  # output folders checked before any work
+        path = getattr(args, name, None)
+        if path is None:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path) or not os.path.isdir(folder):
+            what = "is a folder" if os.path.isdir(path) else f"folder {folder} does not exist"
+            print(f"error: --{name.replace('_', '-')} {path}: {what}", file=sys.stderr)
+            return 2
+    if args.command == "diff" and not (math.isfinite(args.atol) and args.atol >= 0):
+        print(f"error: --atol must be a finite number >= 0, got {args.atol}", file=sys.stderr)
+        return 2
     from sparsejax.analysis.checkpoints import AnalysisError  # pylint: disable=g-import-not-at-top
     try:
         _run(args)
