@@ -112,13 +112,14 @@ def _parse_clean(s: str) -> Fraction | None:
     return None
 
 
-def parse_number(text: Any, *, strip_percent: bool = True) -> Fraction | None:
+def parse_number(text: Any, *, strip_percent: bool = True, embedded: bool = True) -> Fraction | None:
     """The exact value of a numeric answer string, or ``None`` if it is not one.
 
     ``"$1,234.50."`` gives ``Fraction(2469, 2)``; ``"\\frac{1}{2}"`` and ``"1/2"`` give ``1/2``;
     ``"50\\%"`` gives ``50`` when ``strip_percent`` (else ``None``); ``"18 \\text{ apples}"``
-    gives ``18`` (exactly one number in a non-numeric string); ``"3 or 4"``, ``"7 2"`` and
-    ``"٧٢"`` give ``None``.
+    gives ``18`` when ``embedded`` (exactly one number in a non-numeric string; ``"x+1"`` gives
+    1 too, so pass ``embedded=False`` where the string may be an expression); ``"3 or 4"``,
+    ``"7 2"`` and ``"٧٢"`` give ``None``.
     """
     if not isinstance(text, str) or not text:
         return None
@@ -131,7 +132,7 @@ def parse_number(text: Any, *, strip_percent: bool = True) -> Fraction | None:
         value = _parse_clean(s)
         if value is not None:
             return value
-        if not strip_percent and "%" in s:
+        if not embedded or (not strip_percent and "%" in s):
             return None
         candidates = list(_NUMBER_RE.finditer(s))
         if len(candidates) == 1 and "frac" not in s and "/" not in s:
