@@ -71,21 +71,19 @@ def test_a_hanging_comparison_is_cut_at_the_timeout(verifier):
 
 
 def test_works_from_threads(verifier):
-    # math-verify's own timeouts use signal.alarm, which fails off the main thread; ours do not.
+    # math-verify's own timeouts use signal.alarm, which fails off the main thread; ours do not,
+    # and concurrent calls queue on the verifier's lock.
     results = {}
 
     def score(i):
         results[i] = verifier([f"\\boxed{{\\frac{{{i}}}{{2}}}}", "\\boxed{x}"], [str(i / 2), "y"])
 
-    with verifier_lock:
-        threads = [threading.Thread(target=score, args=(i,)) for i in range(1, 3)]
-        for t in threads:
-            t.start()
-            t.join(timeout=60)
-    assert results == {1: [1.0, 0.0], 2: [1.0, 0.0]}
-
-
-verifier_lock = threading.Lock()
+    threads = [threading.Thread(target=score, args=(i,)) for i in range(1, 4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert results == {1: [1.0, 0.0], 2: [1.0, 0.0], 3: [1.0, 0.0]}
 
 
 def test_errors(verifier, monkeypatch):
@@ -107,3 +105,11 @@ def test_errors(verifier, monkeypatch):
 def test_fast_path_does_not_read_expressions_as_numbers(verifier):
     # parse_number's embedded-number rule reads "x+1" as 1; the math reward must not.
     assert verifier(["\\boxed{x+1}", "\\boxed{x+1}"], ["1", "1+x"]) == [0.0, 1.0]
+
+
+def test_a_dead_worker_is_replaced(verifier):
+    verifier(["\\boxed{x+2}"], ["2+x"])  # workers are up
+    for worker in verifier._workers:
+        worker.proc.kill()
+        worker.proc.wait()
+    assert verifier(["\\boxed{x+2}", "\\boxed{2x}"], ["2+x", "x+x"]) == [1.0, 1.0]

@@ -35,6 +35,7 @@ import os
 import select
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -117,6 +118,7 @@ class MathVerifier:
         self.memory_limit_mb = memory_limit_mb
         self.timeouts = 0  # pairs that ran out of time, over this verifier's life
         self._workers: list[_Worker] = []
+        self._lock = threading.Lock()  # one batch at a time: calls from several threads queue
         atexit.register(self.close)
 
     def _fast(self, pred: str | None, gold: str | None) -> float | None:
@@ -142,6 +144,11 @@ class MathVerifier:
         if not pending:
             return scores
         require_math_verify()
+        with self._lock:
+            self._score_in_workers(pairs, pending, scores)
+        return scores
+
+    def _score_in_workers(self, pairs: Sequence[tuple[str, str]], pending: list[int], scores: list[float]) -> None:
         while len(self._workers) < min(self.num_workers, len(pending)):
             self._workers.append(_Worker(self.memory_limit_mb, start_timeout_s=60.0))
         idle = list(self._workers)
@@ -150,7 +157,14 @@ class MathVerifier:
         while queue or busy:
             while idle and queue:
                 worker, i = idle.pop(), queue.pop()
-                worker.send(*pairs[i])
+                try:
+                    worker.send(*pairs[i])
+                except OSError:  # the worker died between batches: replace it, retry the pair
+                    worker.kill()
+                    self._workers.remove(worker)
+                    worker = _Worker(self.memory_limit_mb, start_timeout_s=60.0)
+                    self._workers.append(worker)
+                    worker.send(*pairs[i])
                 busy[worker.proc.stdout.fileno()] = (worker, i, time.monotonic() + self.timeout_s)
             wait = max(0.0, min(deadline for _, _, deadline in busy.values()) - time.monotonic())
             ready, _, _ = select.select([w.proc.stdout for w, _, _ in busy.values()], [], [], wait)
@@ -172,7 +186,6 @@ class MathVerifier:
                     replacement = _Worker(self.memory_limit_mb, start_timeout_s=60.0)
                     self._workers.append(replacement)
                     idle.append(replacement)
-        return scores
 
     def __call__(self, completions: Sequence[Any], answers: Sequence[Any], **kwargs: Any) -> list[float]:
         """The ``math`` reward of a batch (see :func:`math_reward`)."""
@@ -188,9 +201,10 @@ class MathVerifier:
 
     def close(self) -> None:
         """Stop the worker processes (a later call starts new ones)."""
-        for worker in self._workers:
-            worker.kill()
-        self._workers = []
+        with self._lock:
+            for worker in self._workers:
+                worker.kill()
+            self._workers = []
 
 
 _DEFAULT: MathVerifier | None = None
