@@ -50,7 +50,24 @@ from sparsejax.optim import gather, scatter
 PyTree = Any
 
 __all__ = ["SparseWeight", "attach", "matmul", "take_rows", "value_and_grad",
-           "compressed_values"]
+           "compressed_values", "use_sparse_grads", "AUTO_MAX_DENSITY"]
+
+AUTO_MAX_DENSITY = {"cpu": 0.02, "gpu": 0.01}
+"""Largest mask density (active / all entries) at which ``sparse_grads="auto"`` uses
+the sparse backward, per platform. CPU: measured by ``experiments/bench_train_step.py``
+(see the README table). GPU: not yet measured; 1% is the working figure until the
+benchmark runs on one (the dense weight-gradient matmul runs on tensor cores there)."""
+
+
+def use_sparse_grads(setting: str, density: float, backend: str = "auto") -> bool:
+    """Whether a sparse run uses the sparse backward: ``"on"``, ``"off"``, or ``"auto"``
+    (on iff ``density <= AUTO_MAX_DENSITY`` of the platform the backend runs on)."""
+    if setting not in ("auto", "on", "off"):
+        raise ValueError(f"sparse_grads must be auto, on or off, got {setting!r}")
+    if setting != "auto":
+        return setting == "on"
+    on_gpu = backends.resolve_backend(backend) == "pallas" or jax.default_backend() == "gpu"
+    return density <= AUTO_MAX_DENSITY["gpu" if on_gpu else "cpu"]
 
 
 @jax.tree_util.register_pytree_node_class

@@ -26,12 +26,15 @@ class SparseConfig:
     max_grad_norm: float | None = 1.0
     backend: str = "auto"
     master_weights: bool | None = None  # None: on when params are not float32
+    sparse_grads: str = "auto"  # on|off|auto: weight gradients only at the mask (sparse runs)
 
     def __post_init__(self):
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.sparse_grads not in ("auto", "on", "off"):
+            raise ValueError(f"sparse_grads must be auto, on or off, got {self.sparse_grads!r}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError("max_grad_norm must be > 0 (or None to disable clipping)")
 

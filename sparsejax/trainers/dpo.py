@@ -278,8 +278,7 @@ class DPOTrainer(PolicyRun):
             chosen, rejected = self._sequence_logps(p, batch)
             return self._loss(chosen, rejected, batch)
 
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        grads = self.updater.compress(grads, opt_state)
+        (loss, metrics), grads = self.updater.value_and_grad(loss_fn, params, opt_state)
         acc = jax.tree.map(lambda a, g: a + (weight * g).astype(a.dtype), acc, grads)
         return {"loss": loss, **metrics}, acc
 

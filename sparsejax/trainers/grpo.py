@@ -116,8 +116,8 @@ class GRPOTrainer(PolicyRun):
                 num_items_in_batch=num_items if self.cfg.loss_type == "dapo" else None,
                 entropies=entropies, top_entropy_quantile=self.cfg.top_entropy_quantile)
 
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        return loss, metrics, self.updater.compress(grads, opt_state)
+        (loss, metrics), grads = self.updater.value_and_grad(loss_fn, params, opt_state)
+        return loss, metrics, grads
 
     def _sample(self, prompt_ids: list[list[int]], key: jax.Array, sampling: SamplingParams,
                 batch_size: int) -> dict[str, np.ndarray]:

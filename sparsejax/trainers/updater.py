@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from sparsejax import masks as masks_lib
+from sparsejax import sparse_grads as sparse_grads_lib
 from sparsejax.optim import SparseAdamWState, fused_sparse_adamw, gather, scatter
 from sparsejax.trainers.config import SparseConfig
 
@@ -78,8 +79,12 @@ class Updater:
                 self.mask, self.schedule, b1=cfg.b1, b2=cfg.b2,
                 weight_decay=cfg.weight_decay, master_weights=master,
                 skip_nonfinite=True, backend=cfg.backend)
+            self.sparse_grads = sparse_grads_lib.use_sparse_grads(
+                cfg.sparse_grads, masks_lib.num_active(self.mask)
+                / max(1, sum(x.size for x in jax.tree.leaves(params))), cfg.backend)
         else:
             self.mask = None
+            self.sparse_grads = False
             self._tx = optax.adamw(self.schedule, b1=cfg.b1, b2=cfg.b2,
                                    weight_decay=cfg.weight_decay)
 
@@ -102,6 +107,20 @@ class Updater:
         if not self.sparse:
             return jax.tree.map(f32, grads)
         return jax.tree.map(lambda g, i: f32(gather(g, i)), grads, opt_state.indices)
+
+    def value_and_grad(self, loss_fn, params: PyTree, opt_state: PyTree):
+        """``((loss, aux), grads)`` of ``loss_fn(params) -> (loss, aux)`` (traceable), with
+        ``grads`` what the accumulator keeps (:meth:`compress`'s shapes and dtypes).
+
+        Sparse runs with ``sparse_grads`` compute the gradient only at the active
+        entries (:mod:`sparsejax.sparse_grads`: no dense weight gradient); otherwise the
+        dense gradient is taken and compressed.
+        """
+        if self.sparse_grads:
+            return sparse_grads_lib.value_and_grad(loss_fn, params, opt_state.indices,
+                                                   has_aux=True, backend=self.cfg.backend)
+        out, grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return out, self.compress(grads, opt_state)
 
     @functools.partial(jax.jit, static_argnums=0, donate_argnums=(1, 3))
     def apply(self, params: PyTree, grads: PyTree, opt_state: PyTree
