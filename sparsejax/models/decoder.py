@@ -158,6 +158,10 @@ class Attention(nnx.Module):
         q = apply_rope(self.q_proj(x).reshape(b, t, c.num_heads, c.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim), cos, sin)
         v = self.v_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+        if cache is not None and hasattr(cache, "attend"):
+            # A cache that stores and attends by itself (sparsejax.rollouts.SlotCache).
+            out, cache = cache.attend(q, k, v)
+            return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim)), cache
         if cache is not None:
             start = (0, cache_index, 0, 0)
             k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
