@@ -103,6 +103,7 @@ def looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.path.exists(os.path.expanduser(name))
 
 
+MODEL_TYPES = ("llama", "qwen2")  # sparsejax.models.config.SUPPORTED_MODEL_TYPES
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model",
                    "vocab.txt")
 
@@ -124,6 +125,9 @@ def check_model_folder(args: argparse.Namespace) -> None:
             raise ValueError(f"{config} is not valid JSON ({e})") from None
         if not isinstance(parsed, dict):
             raise ValueError(f"{config} is not a JSON object")
+        if parsed.get("model_type") not in MODEL_TYPES:
+            raise ValueError(f"{config}: model_type {parsed.get('model_type')!r} is not "
+                             f"supported; expected one of {MODEL_TYPES}")
         weights = sorted(n for n in os.listdir(model) if n.endswith(".safetensors"))
         if not weights:
             raise ValueError(f"--model {args.model!r}: no *.safetensors weights in {model}")

@@ -15,12 +15,14 @@ line; nothing corrupted is ever returned.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import sys
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -81,6 +83,46 @@ def restore(directory: str | os.PathLike, like: PyTree) -> PyTree:
     return fill_empty(restored, like)
 
 
+@contextlib.contextmanager
+def _quiet_writer_threads() -> Iterator[None]:
+    """Orbax writes in background threads (and tensorstore callbacks) that also print
+    the error they hand back to the caller. While orbax writes, stderr goes to memory;
+    it is replayed afterwards unless the write failed on a full disk, which the caller
+    then reports once, in one line."""
+    previous = threading.excepthook
+
+    def hook(args):
+        if not run_dir.is_disk_full(args.exc_value):
+            previous(args)
+
+    threading.excepthook = hook
+    try:
+        sys.stderr.flush()
+        saved_fd = os.dup(2)
+        mem = os.memfd_create("orbax-stderr")
+    except (AttributeError, OSError):  # no memfd (not Linux): only the thread hook
+        saved_fd = mem = None
+    if mem is not None:
+        os.dup2(mem, 2)
+    full = False
+    try:
+        yield
+    except BaseException as e:
+        full = run_dir.is_disk_full(e)
+        raise
+    finally:
+        threading.excepthook = previous
+        if mem is not None:
+            sys.stderr.flush()
+            os.dup2(saved_fd, 2)
+            os.close(saved_fd)
+            if not full:
+                os.lseek(mem, 0, os.SEEK_SET)
+                while chunk := os.read(mem, 1 << 16):
+                    os.write(2, chunk)
+            os.close(mem)
+
+
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -136,7 +178,7 @@ class CheckpointManager:
                 if os.path.exists(path):
                     shutil.rmtree(path)
                 os.makedirs(path)
-                with ocp.StandardCheckpointer() as ckpt:
+                with _quiet_writer_threads(), ocp.StandardCheckpointer() as ckpt:
                     ckpt.save(os.path.join(path, STATE), host)
                     ckpt.wait_until_finished()
                 manifest = {"format": 1, "step": int(step), "checksums": checksums(host),

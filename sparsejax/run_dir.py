@@ -55,7 +55,8 @@ class DiskFullError(RunError):
         super().__init__(f"no space left on device writing {self.path}")
 
 
-def _is_disk_full(err: BaseException | None) -> bool:
+def is_disk_full(err: BaseException | None) -> bool:
+    """Whether ``err`` or an exception in its chain is "no space left" (or quota)."""
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
@@ -75,7 +76,7 @@ def disk_errors(path: str | os.PathLike) -> Iterator[None]:
     except DiskFullError:
         raise
     except Exception as e:  # pylint: disable=broad-except
-        if _is_disk_full(e):
+        if is_disk_full(e):
             raise DiskFullError(path) from None
         raise
 
