@@ -25,6 +25,8 @@ import numpy as np
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+#: Rematerialization policies of the decoder's layers (see :class:`DecoderConfig`).
+REMAT_POLICIES = ("none", "layer", "dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +69,16 @@ class DecoderConfig:
             softmax and the output logits are always computed in float32.
         attention_impl: ``"auto"`` (cuDNN fused attention on GPU for bf16/fp16 and
             supported head sizes, plain XLA otherwise), ``"xla"`` or ``"cudnn"``.
+        attention_chunk_size: on the XLA path, attention over more than
+            ``chunk x chunk`` query-key pairs runs in ``chunk x chunk`` blocks with an
+            online softmax (:mod:`sparsejax.models.attention`), so no ``T x S`` scores
+            are held, forward or backward; 0 always materializes the full scores.
+        remat: what the backward pass keeps of each layer's forward activations.
+            ``"layer"`` keeps only each layer's input and recomputes the layer
+            (``jax.checkpoint``; activation memory ``layers x B x T x hidden``);
+            ``"dots"`` also keeps the outputs of the matmuls without batch dimensions
+            (the projections: less recompute, more memory); ``"none"`` keeps
+            everything. Only affects gradients, never values.
     """
 
     model_type: str = "llama"
@@ -90,6 +102,8 @@ class DecoderConfig:
     pad_token_id: int | None = None
     param_dtype: str = "float32"
     attention_impl: str = "auto"
+    attention_chunk_size: int = 512
+    remat: str = "layer"
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -105,6 +119,11 @@ class DecoderConfig:
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl {self.attention_impl!r} not in "
                              f"{ATTENTION_IMPLS}")
+        if self.attention_chunk_size < 0:
+            raise ValueError(f"attention_chunk_size must be >= 0, got "
+                             f"{self.attention_chunk_size}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat {self.remat!r} not in {REMAT_POLICIES}")
 
     def replace(self, **changes: Any) -> "DecoderConfig":
         """A copy with some fields changed (e.g. ``param_dtype="bfloat16"``)."""

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sparsejax.models.attention import chunked_attention
 from sparsejax import sparse_grads
 from sparsejax.models.config import DecoderConfig
 
@@ -126,6 +127,11 @@ def attention(config: DecoderConfig, q: jax.Array, k: jax.Array, v: jax.Array,
               mask: jax.Array) -> jax.Array:
     """Masked grouped-query attention ``[B, T, H, D]``; cuDNN where it applies, else XLA.
 
+    On the XLA path, more than ``attention_chunk_size**2`` query-key pairs run in
+    blocks (:func:`~sparsejax.models.attention.chunked_attention`: no ``T x S``
+    scores, forward or backward); smaller problems, such as a decode step's single
+    query, use one full-score einsum.
+
     With ``attention_impl="auto"`` a cuDNN failure at trace time falls back to XLA
     with a warning; ``"cudnn"`` raises instead.
     """
@@ -137,6 +143,9 @@ def attention(config: DecoderConfig, q: jax.Array, k: jax.Array, v: jax.Array,
             if config.attention_impl == "cudnn":
                 raise
             warnings.warn(f"cuDNN attention unavailable ({e}); using XLA attention")
+    chunk = config.attention_chunk_size
+    if chunk and q.shape[1] * k.shape[1] > chunk * chunk:
+        return chunked_attention(q, k, v, mask, chunk_q=chunk, chunk_k=chunk)
     return _xla_attention(q, k, v, mask)
 
 
@@ -205,6 +214,54 @@ class Block(nnx.Module):
         return x + self.mlp(self.post_attn_norm(x)), cache
 
 
+_REMAT_POLICIES = {
+    "layer": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _remat_layer(layer: Block, remat: str, x, cos, sin, mask) -> jax.Array:
+    """``layer(x)`` (no cache) whose backward pass recomputes the layer's activations.
+
+    The forward pass keeps only what ``jax.checkpoint``'s policy ``remat`` saves (for
+    ``"layer"``: the layer's inputs). The backward pass ties those residuals to the
+    incoming cotangent with an optimization barrier before recomputing, so XLA cannot
+    hoist the recomputation of every layer to the start of the backward pass (which
+    would hold all layers' activations at once, as no remat does), and finishes the
+    layer's whole backward (weight gradients included) before the next one.
+
+    XLA's GPU and TPU pipelines keep optimization barriers until after CSE; its CPU
+    pipeline removes them first (pass ``cse_barrier_expander``), so on CPU the
+    recomputation is merged back into the forward pass and saves nothing unless
+    that pass is disabled (``experiments/memory_plan.py`` does so).
+    """
+    graphdef, state = nnx.split(layer)
+
+    def run(state, x, cos, sin, mask):
+        return nnx.merge(graphdef, state)(x, cos, sin, mask, None, 0)[0]
+
+    @jax.custom_vjp
+    def call(state, x, cos, sin, mask):
+        return run(state, x, cos, sin, mask)
+
+    def call_fwd(state, x, cos, sin, mask):
+        if remat == "layer":
+            return run(state, x, cos, sin, mask), (state, x, cos, sin, mask)
+        return jax.vjp(jax.checkpoint(run, policy=_REMAT_POLICIES[remat]),
+                       state, x, cos, sin, mask)
+
+    def call_bwd(res, g):
+        res, g = jax.lax.optimization_barrier((res, g))
+        vjp_fn = jax.vjp(run, *res)[1] if remat == "layer" else res
+        # One barrier over all of this layer's cotangents: the next layer's backward
+        # (which needs d_x) cannot start before this layer's weight gradients exist, so
+        # XLA cannot defer them and keep every layer's activations alive meanwhile.
+        return jax.lax.optimization_barrier(vjp_fn(g))
+
+    call.defvjp(call_fwd, call_bwd)
+    return call(state, x, cos, sin, mask)
+
+
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     """Position ids ``cumsum(mask) - 1`` (pads get 0); ``[B, T]`` int32."""
     m = attention_mask.astype(jnp.int32)
@@ -268,7 +325,12 @@ class Decoder(nnx.Module):
         cos, sin = rope_cos_sin(self.config, positions)
         new_cache = []
         for i, layer in enumerate(self.layers):
-            x, c = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_index)
+            if cache is None and self.config.remat != "none":
+                x = _remat_layer(layer, self.config.remat, x, cos, sin, mask)
+                c = None
+            else:
+                x, c = layer(x, cos, sin, mask, None if cache is None else cache[i],
+                             cache_index)
             new_cache.append(c)
         return self.final_norm(x), (None if cache is None else tuple(new_cache))
 
@@ -299,6 +361,23 @@ def init_model(config: DecoderConfig, seed: int = 0) -> Decoder:
         return nnx.split(Decoder(config, rngs=nnx.Rngs(seed)))[1]
 
     return nnx.merge(graphdef, make())
+
+
+def reconfigure(graphdef: nnx.GraphDef, params: nnx.State, **changes) -> nnx.GraphDef:
+    """The graphdef of the same decoder with config fields changed (e.g. ``remat``).
+
+    Only fields that leave the params' shapes and dtypes alone make sense here
+    (``remat``, ``attention_impl``, ``attention_chunk_size``): the returned graphdef
+    merges with the same ``params`` pytree. Nothing is allocated.
+    """
+    current = nnx.merge(graphdef, params).config
+    config = current.replace(**changes)
+    if config == current:
+        return graphdef
+    new, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))))
+    if jax.tree.structure(abstract) != jax.tree.structure(params):
+        raise ValueError(f"config changes {sorted(changes)} change the params' structure")
+    return new
 
 
 def apply(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array,
