@@ -5,6 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 
+def _check_remat(remat: str) -> None:
+    from sparsejax.models.config import REMAT_POLICIES  # pylint: disable=g-import-not-at-top
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {remat!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class SparseConfig:
     """Which weights train and how the optimizer steps them.
@@ -69,6 +75,7 @@ class GRPOConfig:
     beta: float = 0.0
     top_entropy_quantile: float = 1.0
     logprob_chunk_size: int = 1024
+    remat: str = "layer"  # decoder rematerialization: none | layer | dots (DecoderConfig.remat)
     eval_every: int = 0  # 0: only at the end
     kl_bias_correction: bool = False  # TRL's GRPO default use_bias_correction_kl=False
     eval_limit: int | None = None
@@ -93,3 +100,4 @@ class GRPOConfig:
             raise ValueError("temperature must be > 0 for GRPO sampling")
         if not 0.0 < self.top_entropy_quantile <= 1.0:
             raise ValueError("top_entropy_quantile must be in (0, 1]")
+        _check_remat(self.remat)

@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from sparsejax import checkpoint as ckpt_lib
 from sparsejax.losses.dpo import dpo_loss
+from sparsejax.models.decoder import reconfigure
 from sparsejax.models.logprobs import completion_logprobs
 from sparsejax.sampling import bucket_length, left_pad, pad_token_id
 from sparsejax.trainers.config import SparseConfig
@@ -220,6 +221,7 @@ class DPOTrainer(PolicyRun):
                  config: DPOConfig, sparse: SparseConfig, out_dir: str | os.PathLike,
                  mask: PyTree | None = None, *, chat_template: bool | None = None):
         self.graphdef, self.params = graphdef, params
+        self.graphdef = reconfigure(graphdef, params, remat=config.remat)
         self.tokenizer = tokenizer
         self.cfg, self.sparse_cfg = config, sparse
         self.chat_template = chat_template

@@ -33,6 +33,8 @@ class DPOConfig:
         seed: seeds the data order.
         logprob_chunk_size: tokens projected to the vocabulary at once.
         reference_free: no reference model (its log-probs are 0).
+        remat: the decoder's rematerialization in the backward pass, ``none`` |
+            ``layer`` | ``dots`` (:class:`~sparsejax.models.DecoderConfig` ``remat``).
     """
 
     steps: int = 100
@@ -50,6 +52,7 @@ class DPOConfig:
     seed: int = 0
     logprob_chunk_size: int = 1024
     reference_free: bool = False
+    remat: str = "layer"
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "micro_batch_size", "max_prompt_length",
@@ -77,3 +80,6 @@ class DPOConfig:
         if self.loss_type in ("ipo", "hinge") and eps != 0.0:
             raise ValueError(f"label_smoothing must be 0 for loss_type {self.loss_type!r}, "
                              f"got {eps}")
+        from sparsejax.models.config import REMAT_POLICIES  # pylint: disable=g-import-not-at-top
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")

@@ -28,8 +28,10 @@ from tqdm import tqdm
 
 from sparsejax import checkpoint as ckpt_lib
 from sparsejax import losses
+from sparsejax.models.decoder import reconfigure
 from sparsejax.models.logprobs import completion_logprobs
-from sparsejax.sampling import SamplingParams, bucket_length, generate, left_pad
+from sparsejax.rollouts import rollout
+from sparsejax.sampling import SamplingParams, bucket_length, left_pad
 from sparsejax.trainers.config import GRPOConfig, SparseConfig
 from sparsejax.trainers.policy_run import PolicyRun
 from sparsejax.trainers.reporting import peak_memory_bytes, plot_curves
@@ -68,6 +70,7 @@ class GRPOTrainer(PolicyRun):
                  out_dir: str | os.PathLike, *, stop_token_ids: Sequence[int] | None = None,
                  mask: PyTree | None = None):
         self.graphdef, self.params = graphdef, params
+        self.graphdef = reconfigure(graphdef, params, remat=config.remat)
         self.tokenizer, self.reward_fn = tokenizer, reward_fn
         self.cfg, self.sparse_cfg = config, sparse
         self.out_dir = os.fspath(out_dir)
@@ -120,26 +123,37 @@ class GRPOTrainer(PolicyRun):
         return loss, metrics, grads
 
     def _sample(self, prompt_ids: list[list[int]], key: jax.Array, sampling: SamplingParams,
-                batch_size: int) -> dict[str, np.ndarray]:
-        """Completions for ``prompt_ids`` in equal-size batches (no recompiles)."""
-        n = len(prompt_ids)
-        chunks = []
-        for i, start in enumerate(range(0, n, batch_size)):
-            ids = prompt_ids[start:start + batch_size]
-            real = len(ids)
-            ids = ids + [ids[-1]] * (batch_size - real)  # pad the last batch, then drop
+                *, num_samples: int, num_slots: int, prompts_per_call: int
+                ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """``num_samples`` completions of each prompt (prompt-major rows) and their cost.
+
+        Prompts go to :func:`sparsejax.rollouts.rollout` ``prompts_per_call`` at a time
+        (each prefilled once, its samples decoded in ``num_slots`` slots); the last
+        call is padded to the same count (no recompiles) and the padding dropped.
+        Returns the samples and ``{compile_s, run_s, decode_steps, slot_steps,
+        useful_tokens}`` summed over the calls.
+        """
+        chunks, cost = [], dict.fromkeys(("compile_s", "run_s", "decode_steps",
+                                          "slot_steps", "useful_tokens"), 0.0)
+        for i, start in enumerate(range(0, len(prompt_ids), prompts_per_call)):
+            ids = prompt_ids[start:start + prompts_per_call]
+            real = len(ids) * num_samples
+            ids = ids + [ids[-1]] * (prompts_per_call - len(ids))
             tokens, mask = left_pad(ids, self.pad_id)
-            out = generate(self.graphdef, self.params, tokens, mask,
-                           jax.random.fold_in(key, i), sampling, pad_id=self.pad_id)
-            chunks.append({k: np.asarray(v)[:real] for k, v in out._asdict().items()})
-        # Batches may bucket their prompts to different widths: left pad to the widest.
+            out = rollout(self.graphdef, self.params, tokens, mask, jax.random.fold_in(key, i),
+                          sampling, num_samples=num_samples, num_slots=num_slots,
+                          pad_id=self.pad_id)
+            chunks.append({k: v[:real] for k, v in out._asdict().items() if k != "stats"})
+            for k in cost:
+                cost[k] += getattr(out.stats, k)
+        # Calls may bucket their prompts to different widths: left pad to the widest.
         width = max(c["prompt_tokens"].shape[1] for c in chunks)
         for c in chunks:
             extra = width - c["prompt_tokens"].shape[1]
             c["prompt_tokens"] = np.pad(c["prompt_tokens"], ((0, 0), (extra, 0)),
                                         constant_values=self.pad_id)
             c["prompt_mask"] = np.pad(c["prompt_mask"], ((0, 0), (extra, 0)))
-        return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+        return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}, cost
 
     def _decode(self, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
         return [self.tokenizer.decode(t[m.astype(bool)].tolist(), skip_special_tokens=True)
@@ -173,15 +187,17 @@ class GRPOTrainer(PolicyRun):
         cfg = self.cfg
         t0 = time.perf_counter()
         order = prompt_order(len(prompt_ids), self.step, cfg.prompts_per_step, cfg.seed)
-        group_prompts = [list(prompt_ids[i]) for i in order for _ in range(cfg.num_generations)]
         group_answers = [answers[i] for i in order for _ in range(cfg.num_generations)]
         sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens,
                                   temperature=cfg.temperature, top_p=cfg.top_p,
                                   top_k=cfg.top_k, stop_token_ids=self.stop_token_ids)
         key = jax.random.fold_in(self.base_key, self.step)
-        total = len(group_prompts)
-        samples = self._sample(group_prompts, key, sampling,
-                               min(cfg.generation_batch_size, total))
+        total = len(order) * cfg.num_generations
+        step_prompts = [list(prompt_ids[i]) for i in order]
+        samples, gen = self._sample(step_prompts, key, sampling,
+                                    num_samples=cfg.num_generations,
+                                    num_slots=min(cfg.generation_batch_size, total),
+                                    prompts_per_call=len(step_prompts))
         t_gen = time.perf_counter() - t0
         # Train on the longest completion's bucket, not all max_new_tokens positions:
         # short completions cost less, and bucketing bounds the recompiles.
@@ -226,8 +242,12 @@ class GRPOTrainer(PolicyRun):
             "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
             "accuracy": float((rewards >= 1.0).mean()),
             "completion_length": float(lengths.mean()),
-            "tokens_per_s": float(lengths.sum() / max(t_gen, 1e-9)),
-            "generation_time": t_gen, "step_time": step_time,
+            # steady-state sampling speed: compilation is reported on its own
+            "tokens_per_s": gen["useful_tokens"] / max(gen["run_s"], 1e-9),
+            "generation_time": t_gen, "generation_compile_time": gen["compile_s"],
+            "decode_steps": int(gen["decode_steps"]),
+            "slot_occupancy": gen["useful_tokens"] / max(gen["slot_steps"], 1),
+            "step_time": step_time,
             "grad_norm": float(report.grad_norm), "skipped": bool(report.skipped),
             **{k: float(v) / num_micro for k, v in metric_sums.items()},
         }
@@ -248,7 +268,9 @@ class GRPOTrainer(PolicyRun):
                                   temperature=cfg.eval_temperature, top_p=cfg.top_p,
                                   top_k=cfg.top_k, stop_token_ids=self.stop_token_ids)
         key = jax.random.fold_in(jax.random.key(cfg.seed + 1), self.step)
-        samples = self._sample(ids, key, sampling, min(cfg.eval_batch_size, limit))
+        samples, _ = self._sample(ids, key, sampling, num_samples=1,
+                                  num_slots=min(cfg.eval_batch_size, limit),
+                                  prompts_per_call=min(cfg.eval_batch_size, limit))
         texts = self._decode(samples["tokens"], samples["mask"])
         rewards = np.asarray(self.reward_fn(texts, list(answers[:limit])), np.float32)
         return {"kind": "eval", "step": self.step, "eval_accuracy": float((rewards >= 1).mean()),
