@@ -204,6 +204,9 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str) -> None:
                        help="tokenizer hub id or folder (default: the model's)")
     group.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                        help="parameter dtype")
+    group.add_argument("--remat", default="layer", choices=["none", "layer", "dots"],
+                       help="what the backward pass recomputes: layer keeps only each layer's "
+                       "input (least memory), dots also the matmul outputs, none keeps all")
 
 
 def add_sparse_args(parser: argparse.ArgumentParser, *, default_lr: float | None) -> None:

@@ -159,7 +159,8 @@ def main(argv=None) -> int:
             label_smoothing=args.label_smoothing, max_prompt_length=args.max_prompt_length,
             max_completion_length=args.max_completion_length, eval_every=args.eval_every,
             eval_limit=args.eval_limit or None, save_every=args.save_every, seed=args.seed,
-            logprob_chunk_size=args.logprob_chunk_size, reference_free=args.reference_free)
+            logprob_chunk_size=args.logprob_chunk_size, reference_free=args.reference_free,
+            remat=args.remat)
         train = load_pairs(args.dataset, args.split, args.limit)
         check_pairs(train, "train")
         evals = eval_pairs_of(args)

@@ -119,7 +119,7 @@ def main(argv=None) -> int:
             eval_limit=args.eval_limit, eval_temperature=args.eval_temperature,
             eval_batch_size=args.eval_batch_size,
             eval_max_new_tokens=args.eval_max_new_tokens, save_every=args.save_every,
-            seed=args.seed)
+            seed=args.seed, remat=args.remat)
         if open_out_dir(args):
             return 0
     except ValueError as e:
