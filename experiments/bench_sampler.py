@@ -1,21 +1,33 @@
-"""Sampler throughput: prefill and decode tokens/s beside the HBM roofline.
+"""GRPO rollout benchmark: the slot sampler vs the batch sampler vs transformers' generate.
 
-For a preset with random weights (the weights do not change the work), at each batch
-size: prefill ``--prompt-len`` tokens per row, then decode ``--new-tokens`` tokens
-(no stop tokens, so every step runs). Decode is memory bound: each step reads all the
-weights once plus the KV cache, so the roofline is::
+The workload of one GRPO step: ``--prompts`` prompts x ``--samples`` samples, up to
+``--new-tokens`` tokens, sampled at temperature 1. Prompts have the token lengths of
+real GSM8K prompts (question + ``\\boxed{}`` instruction through the Qwen2.5 chat
+template; ids folded into the model's vocabulary: the weights are random, so only the
+shapes matter). Completion lengths vary as real ones do: a random set of stop tokens
+holds ``1 / --mean-length`` of the vocabulary, so that each token ends the completion
+with that probability (geometric lengths; the default mean, 124, is the mean token
+length of GSM8K's reference solutions).
 
-    step_time >= (weight_bytes + kv_bytes_read) / hbm_bandwidth
-    decode tokens/s <= batch / step_time
+Side by side in one process, on the same model and the same batch:
 
-``kv_bytes_read`` uses the mean context length ``prompt + new/2`` (the ideal); the
-sampler attends over the whole preallocated cache (``prompt + new`` slots, masked), so
-the bound it can reach is also reported. Results go to a JSON file under
-``experiments/results/`` with device, JAX version, date, git commit and command.
+* ``batch``: :func:`sparsejax.sampling.generate` on all ``P x G`` rows (each row
+  prefills its prompt; the batch decodes until its longest completion ends);
+* ``slots``: :func:`sparsejax.rollouts.rollout` (shared prefill, continuous batching
+  over ``--slots`` decode slots, attention over the filled chunks);
+* ``hf``: transformers' batched ``generate`` (PyTorch, left padded, the same weights
+  and rows, ``do_sample=True, top_k=0``).
+
+Reported per sampler: useful tokens/s (tokens up to and including the stop token,
+compilation excluded), decode steps, slot occupancy (useful tokens / (steps x rows)),
+and the mean decode step against its floor: the bytes a step must read (all params
+plus the keys/values of the filled part of every active sequence's cache) over the
+memory bandwidth measured here (a jitted sum over a 512 MB array). JSON goes under
+``experiments/results/`` with device, versions, date, commit, command and CPU load.
 
 Example::
 
-    python experiments/bench_sampler.py --preset Qwen2.5-0.5B --batch-sizes 1,16,64
+    python experiments/bench_sampler.py                 # SmolLM2-135M shapes, 8 x 8, 256
     python experiments/bench_sampler.py --tiny          # CPU smoke test, seconds
 """
 
@@ -23,163 +35,323 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
+import platform
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
-from sparsejax import sampling
+from sparsejax import rollouts, sampling
 from sparsejax.models import PRESETS, DecoderConfig, init_model
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+
+#: SmolLM2-135M's shapes (HuggingFaceTB/SmolLM2-135M config.json), float32.
+SMOLLM2_135M = DecoderConfig(
+    model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+    num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5,
+    rope_theta=100000.0, tie_word_embeddings=True, max_position_embeddings=8192,
+    bos_token_id=0, eos_token_ids=(0,), param_dtype="float32")
 TINY = DecoderConfig(model_type="llama", vocab_size=256, hidden_size=64,
                      intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                      head_dim=16, tie_word_embeddings=True, param_dtype="float32")
+MODELS = {"SmolLM2-135M": SMOLLM2_135M, **PRESETS}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--preset", default="Qwen2.5-0.5B", choices=sorted(PRESETS),
+    parser.add_argument("--model", default="SmolLM2-135M", choices=sorted(MODELS),
                         help="model shapes (random weights)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--tiny", action="store_true",
-                        help="a tiny float32 model, batch 2, prompt 16, 8 new tokens "
-                             "(CPU smoke test; overrides --preset and sizes)")
-    parser.add_argument("--batch-sizes", default="1,16,64",
-                        help="comma-separated batch sizes")
-    parser.add_argument("--prompt-len", type=int, default=256)
-    parser.add_argument("--new-tokens", type=int, default=512)
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
-    parser.add_argument("--repeats", type=int, default=2,
-                        help="timed runs per batch size (the best is reported)")
-    parser.add_argument("--hbm-gbps", type=float, default=3350.0,
-                        help="peak HBM bandwidth in GB/s (3350: H100 SXM)")
+                        help="tiny model, 2 prompts x 3 samples, 12 new tokens (smoke test)")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--mean-length", type=float, default=124.0,
+                        help="1 / per-token stop probability (GSM8K solutions: 124)")
+    parser.add_argument("--slots", default="16",
+                        help="comma-separated decode slot counts of the slot sampler")
+    parser.add_argument("--chunk-size", type=int, default=64,
+                        help="cache slots per decode-attention chunk")
+    parser.add_argument("--batch-rows", default="64",
+                        help="comma-separated rows per call of the batch sampler "
+                             "(default all P x G rows at once, as the trainer did)")
+    parser.add_argument("--no-hf", action="store_true", help="skip transformers")
+    parser.add_argument("--bandwidth-gbps", type=float, default=None,
+                        help="memory bandwidth for the floor (default: measured)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None,
-                        help="JSON path (default experiments/results/bench_sampler_<model>_<time>.json)")
-    return parser.parse_args(argv)
+    parser.add_argument("--out", default=None, help="JSON path (default "
+                        "experiments/results/bench_sampler_<model>_<time>.json)")
+    args = parser.parse_args(argv)
+    for name in ("prompts", "samples", "new_tokens", "chunk_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.mean_length < 1:
+        parser.error("--mean-length must be >= 1")
+    return args
 
 
 def git_commit() -> str:
     try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                               text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
-def roofline(config: DecoderConfig, batch: int, context: float, hbm_gbps: float) -> dict:
-    """Bytes read per decode step and the decode tokens/s they allow."""
-    itemsize = jnp.dtype(config.param_dtype).itemsize
-    weights = config.num_params()
-    if not config.tie_word_embeddings:
-        weights -= config.vocab_size * config.hidden_size  # only `batch` rows gathered
-    weight_bytes = weights * itemsize
-    kv_bytes = (2 * config.num_layers * batch * context * config.num_kv_heads
-                * config.head_dim * itemsize)
-    step_s = (weight_bytes + kv_bytes) / (hbm_gbps * 1e9)
-    return {"weight_bytes": int(weight_bytes), "kv_bytes": int(kv_bytes),
-            "step_ms": 1e3 * step_s, "tokens_per_s": batch / step_s}
+def gsm8k_prompt_lengths(count: int, seed: int) -> list[int]:
+    """Token lengths of ``count`` GSM8K test prompts in the Qwen2.5 chat format."""
+    path = os.path.join(SHARED, "data", "gsm8k", "test.jsonl")
+    tok_dir = os.path.join(SHARED, "tokenizers", "qwen2.5")
+    if not (os.path.exists(path) and os.path.isdir(tok_dir)):
+        return np.random.default_rng(seed).integers(90, 180, count).tolist()
+    from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
+
+    from sparsejax.data.gsm8k import format_prompt  # pylint: disable=import-outside-toplevel
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    pick = np.random.default_rng(seed).choice(len(rows), count, replace=False)
+    return [len(tok(format_prompt(rows[i]["question"], tok), add_special_tokens=False)
+                ["input_ids"]) for i in pick]
 
 
-def bench_one(graphdef, params, config: DecoderConfig, batch: int, prompt_len: int,
-              new_tokens: int, repeats: int, seed: int) -> dict:
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, config.vocab_size, (batch, prompt_len), dtype=np.int32)
-    mask = np.ones_like(tokens)
-    params_s = sampling.SamplingParams(max_new_tokens=new_tokens, temperature=1.0)
+def workload(config: DecoderConfig, args) -> dict:
+    """Prompts (token ids), the stop set and the pad id."""
+    rng = np.random.default_rng(args.seed)
+    lengths = ([int(rng.integers(3, 9)) for _ in range(args.prompts)] if args.tiny
+               else gsm8k_prompt_lengths(args.prompts, args.seed))
+    stops = max(1, round(config.vocab_size / args.mean_length))
+    ids = rng.permutation(np.arange(1, config.vocab_size))
+    stop_ids, body = ids[:stops], ids[stops:]
+    prompts = [rng.choice(body, n).tolist() for n in lengths]
+    return {"prompts": prompts, "stop_ids": tuple(int(t) for t in stop_ids), "pad_id": 0}
 
-    @jax.jit
-    def run_prefill(params, tokens, mask):
-        cache = sampling.init_cache(config, batch, prompt_len + new_tokens)
-        return sampling.prefill(graphdef, params, tokens, mask, cache)
 
-    def timed(fn):
+def measure_bandwidth_gbps() -> float:
+    """Read bandwidth of a jitted sum over 512 MB (best of 5), GB/s."""
+    x = jnp.ones((128 * 2**20,), jnp.float32)
+    f = jax.jit(jnp.sum)
+    f(x).block_until_ready()
+    best = min(_timed(lambda: f(x).block_until_ready()) for _ in range(5))
+    return x.nbytes / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def useful_mask(tokens: np.ndarray, stop_ids) -> np.ndarray:
+    """1 up to and including each row's first stop token."""
+    is_stop = np.isin(tokens, np.asarray(stop_ids))
+    first = np.where(is_stop.any(1), is_stop.argmax(1), tokens.shape[1] - 1)
+    return (np.arange(tokens.shape[1])[None] <= first[:, None]).astype(np.int32)
+
+
+def kv_bytes_per_token(config: DecoderConfig) -> int:
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * \
+        jnp.dtype(config.param_dtype).itemsize
+
+
+def floor_ms(config: DecoderConfig, steps: int, context_sum: float, gbps: float) -> float:
+    """Mean time a decode step needs to read all params and the filled caches."""
+    param_bytes = config.num_params() * jnp.dtype(config.param_dtype).itemsize
+    total = steps * param_bytes + context_sum * kv_bytes_per_token(config)
+    return 1e3 * total / max(steps, 1) / (gbps * 1e9)
+
+
+def run_batch(graphdef, params, config, work, sp, rows, key) -> dict:
+    """The batch sampler over all P x G rows, ``rows`` per call."""
+    seqs = [p for p in work["prompts"] for _ in range(work["samples"])]
+    compile_s = run_s = prefill_s = 0.0
+    steps, useful, ctx, out_tokens = 0, 0, 0.0, []
+    for start in range(0, len(seqs), rows):
+        chunk = seqs[start:start + rows]
+        tokens, mask = sampling.left_pad(chunk, work["pad_id"])
+        static = dict(sampling=sp, pad_id=work["pad_id"])
         t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        return time.perf_counter() - t0
+        compiled = sampling._generate.lower(  # pylint: disable=protected-access
+            graphdef, params, tokens, mask, key, **static).compile()
+        compile_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        toks, _, _ = jax.device_get(compiled(params, tokens, mask, jax.random.fold_in(
+            key, start)))
+        run_s += time.perf_counter() - t0
+        prefill_s += time_prefill(graphdef, params, config, tokens, mask)
+        m = useful_mask(np.asarray(toks), sp.stop_token_ids)
+        n_steps = int(m.sum(1).max())
+        steps += n_steps
+        useful += int(m.sum())
+        # every row attends over the whole preallocated cache (P + N slots) each step
+        ctx += n_steps * len(chunk) * (tokens.shape[1] + sp.max_new_tokens)
+        out_tokens.append(m.sum(1))
+    return dict(compile_s=compile_s, run_s=run_s, prefill_s=prefill_s, decode_steps=steps,
+                rows=rows, useful_tokens=useful, occupancy=useful / (steps * rows),
+                kv_context_sum=ctx, lengths=np.concatenate(out_tokens))
 
-    compile_prefill = timed(lambda: run_prefill(params, tokens, mask))
-    prefill_s = min(timed(lambda: run_prefill(params, tokens, mask)) for _ in range(repeats))
-    gen = lambda k: sampling.generate(graphdef, params, tokens, mask,  # noqa: E731
-                                      jax.random.key(k), params_s, bucket=False)
-    compile_gen = timed(lambda: gen(seed).tokens)
-    total_s = min(timed(lambda: gen(seed + 1 + r).tokens) for r in range(repeats))
-    decode_s = max(total_s - prefill_s, 1e-9)
-    return {
-        "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-        "prefill_s": prefill_s, "prefill_tokens_per_s": batch * prompt_len / prefill_s,
-        "generate_s": total_s, "decode_s": decode_s,
-        "decode_tokens_per_s": batch * new_tokens / decode_s,
-        "decode_step_ms": 1e3 * decode_s / new_tokens,
-        "compile_s": {"prefill": compile_prefill - prefill_s, "generate": compile_gen - total_s},
-    }
+
+@functools.lru_cache(maxsize=None)
+def _prefill_fn(graphdef, config):
+    return jax.jit(lambda p, t, m: sampling.prefill(
+        graphdef, p, t, m, sampling.init_cache(config, t.shape[0], t.shape[1]))[0])
+
+
+def time_prefill(graphdef, params, config, tokens, mask) -> float:
+    """Best of two prefills of the left-padded ``tokens`` (after one to compile)."""
+    fn = _prefill_fn(graphdef, config)
+    fn(params, tokens, mask).block_until_ready()
+    return min(_timed(lambda: fn(params, tokens, mask).block_until_ready()) for _ in range(2))
+
+
+def run_slots(graphdef, params, config, work, sp, slots, chunk, key) -> dict:
+    tokens, mask = sampling.left_pad(work["prompts"], work["pad_id"])
+    out = rollouts.rollout(graphdef, params, tokens, mask, key, sp,
+                           num_samples=work["samples"], num_slots=slots, chunk_size=chunk,
+                           pad_id=work["pad_id"])
+    st = out.stats
+    lp = out.prompt_tokens.shape[1]
+    prefill_s = time_prefill(graphdef, params, config, *rollouts.rebucket(
+        tokens, mask, work["pad_id"]))
+    # a step reads the chunks up to the longest active filled length; the ideal floor
+    # counts each active sequence's own filled length (prompt bucket + generated)
+    ctx = float(sum(sum(lp + t + 1 for t in range(n)) for n in out.lengths))
+    return dict(compile_s=st.compile_s, run_s=st.run_s, prefill_s=prefill_s,
+                decode_steps=st.decode_steps, rows=min(slots, len(out.lengths)),
+                useful_tokens=st.useful_tokens, occupancy=st.occupancy,
+                kv_context_sum=ctx, lengths=out.lengths)
+
+
+def run_hf(graphdef, params, work, sp, seed) -> dict:
+    import torch  # pylint: disable=import-outside-toplevel
+    from transformers import AutoModelForCausalLM  # pylint: disable=import-outside-toplevel
+
+    from sparsejax.models.hf_io import save_hf  # pylint: disable=import-outside-toplevel
+    with tempfile.TemporaryDirectory() as folder:
+        save_hf(nnx.merge(graphdef, params), folder)
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    seqs = [p for p in work["prompts"] for _ in range(work["samples"])]
+    tokens, mask = sampling.left_pad(seqs, work["pad_id"])
+    torch.manual_seed(seed)
+    kwargs = dict(input_ids=torch.tensor(tokens, dtype=torch.long),
+                  attention_mask=torch.tensor(mask, dtype=torch.long), do_sample=True,
+                  temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=sp.max_new_tokens,
+                  eos_token_id=list(sp.stop_token_ids), pad_token_id=work["pad_id"])
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        out = hf.generate(**kwargs)
+        run_s = time.perf_counter() - t0
+    gen = out[:, tokens.shape[1]:].numpy()
+    m = useful_mask(np.pad(gen, ((0, 0), (0, sp.max_new_tokens - gen.shape[1]))),
+                    sp.stop_token_ids)
+    m[:, gen.shape[1]:] = 0
+    steps = gen.shape[1]
+    ctx = float(sum(len(seqs) * (tokens.shape[1] + t + 1) for t in range(steps)))
+    return dict(compile_s=0.0, run_s=run_s, prefill_s=None, decode_steps=steps,
+                rows=len(seqs), useful_tokens=int(m.sum()),
+                occupancy=int(m.sum()) / (steps * len(seqs)), kv_context_sum=ctx,
+                lengths=m.sum(1), torch_threads=torch.get_num_threads(),
+                torch_version=torch.__version__)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.tiny:
-        config, name = TINY.replace(attention_impl=args.attention), "tiny"
-        batch_sizes, prompt_len, new_tokens = [2], 16, 8
+        name, config = "tiny", TINY
+        args.prompts, args.samples, args.new_tokens = 2, 3, 12
+        args.mean_length = min(args.mean_length, 6.0)
+        slot_counts, batch_rows = [2], [6]
     else:
-        name = args.preset
-        config = PRESETS[name].replace(param_dtype=args.dtype, attention_impl=args.attention)
-        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-        prompt_len, new_tokens = args.prompt_len, args.new_tokens
-    model = init_model(config, seed=args.seed)
-    graphdef, params = nnx.split(model)
-    del model
+        name = args.model
+        config = MODELS[name].replace(param_dtype=args.dtype)
+        slot_counts = [int(s) for s in args.slots.split(",")]
+        batch_rows = [int(r) for r in args.batch_rows.split(",")]
+    load = {"start": os.getloadavg()}
+    work = workload(config, args)
+    work["samples"] = args.samples
+    sp = sampling.SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0,
+                                 stop_token_ids=work["stop_ids"])
+    graphdef, params = nnx.split(init_model(config, seed=args.seed))
+    key = jax.random.key(args.seed)
+    gbps = args.bandwidth_gbps or measure_bandwidth_gbps()
+    print(f"{name}: {config.num_params() / 1e6:.1f}M params {config.param_dtype}, "
+          f"{args.prompts} prompts x {args.samples} samples, <= {args.new_tokens} new "
+          f"tokens, stop p = {len(work['stop_ids']) / config.vocab_size:.4f}/token, "
+          f"bandwidth {gbps:.1f} GB/s, load {load['start'][0]:.2f}", flush=True)
 
     results = []
-    for batch in tqdm(batch_sizes, desc=f"bench {name}", unit="batch size"):
-        r = bench_one(graphdef, params, config, batch, prompt_len, new_tokens,
-                      args.repeats, args.seed)
-        ideal = roofline(config, batch, prompt_len + new_tokens / 2, args.hbm_gbps)
-        full = roofline(config, batch, prompt_len + new_tokens, args.hbm_gbps)
-        r["roofline"] = {"mean_context": ideal, "full_cache": full}
-        r["fraction_of_roofline"] = r["decode_tokens_per_s"] / ideal["tokens_per_s"]
-        results.append(r)
+    for slots in slot_counts:
+        r = run_slots(graphdef, params, config, work, sp, slots, args.chunk_size, key)
+        results.append({"sampler": "slots", "label": f"slots ({slots} slots)", **r})
+        print(f"  done {results[-1]['label']}: {r['run_s']:.1f} s", flush=True)
+    for rows in batch_rows:
+        r = run_batch(graphdef, params, config, work, sp, rows, key)
+        results.append({"sampler": "batch", "label": f"batch ({rows} rows/call)", **r})
+        print(f"  done {results[-1]['label']}: {r['run_s']:.1f} s", flush=True)
+    if not args.no_hf:
+        r = run_hf(graphdef, params, work, sp, args.seed)
+        results.append({"sampler": "hf", "label": f"transformers generate ({r['rows']} rows)",
+                        **r})
+        print(f"  done hf: {r['run_s']:.1f} s", flush=True)
+    load["end"] = os.getloadavg()
 
-    header = (f"{'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'step ms':>8} "
-              f"{'roofline tok/s':>15} {'roof step ms':>12} {'% roof':>7}")
-    print(f"\n{name}: {config.num_params() / 1e6:.1f}M params, {config.param_dtype}, "
-          f"prompt {prompt_len}, {new_tokens} new tokens, HBM {args.hbm_gbps:g} GB/s")
-    print(header)
+    base = next(r for r in results if r["sampler"] == "batch")
     for r in results:
-        roof = r["roofline"]["mean_context"]
-        print(f"{r['batch']:>5} {r['prefill_tokens_per_s']:>14.0f} "
-              f"{r['decode_tokens_per_s']:>13.1f} {r['decode_step_ms']:>8.2f} "
-              f"{roof['tokens_per_s']:>15.1f} {roof['step_ms']:>12.3f} "
-              f"{100 * r['fraction_of_roofline']:>6.1f}%")
+        r["tokens_per_s"] = r["useful_tokens"] / r["run_s"]
+        r["speedup_vs_batch"] = r["tokens_per_s"] / (base["useful_tokens"] / base["run_s"])
+        decode_s = r["run_s"] - (r["prefill_s"] or 0.0)
+        r["decode_step_ms"] = 1e3 * decode_s / max(r["decode_steps"], 1)
+        r["floor_step_ms"] = floor_ms(config, r["decode_steps"], r["kv_context_sum"], gbps)
+        lengths = np.asarray(r.pop("lengths"))
+        r["length_stats"] = {"mean": float(lengths.mean()), "p10": float(np.percentile(
+            lengths, 10)), "p50": float(np.median(lengths)), "p90": float(
+                np.percentile(lengths, 90)), "max": int(lengths.max())}
 
+    print(f"\n{'sampler':<34} {'useful tok/s':>12} {'x batch':>8} {'steps':>6} "
+          f"{'occupancy':>9} {'step ms':>8} {'floor ms':>8} {'compile s':>9} {'mean len':>8}")
+    for r in results:
+        print(f"{r['label']:<34} {r['tokens_per_s']:>12.1f} {r['speedup_vs_batch']:>7.2f}x "
+              f"{r['decode_steps']:>6} {100 * r['occupancy']:>8.1f}% "
+              f"{r['decode_step_ms']:>8.1f} {r['floor_step_ms']:>8.1f} "
+              f"{r['compile_s']:>9.1f} {r['length_stats']['mean']:>8.1f}")
+
+    import flax  # pylint: disable=import-outside-toplevel
+    import transformers  # pylint: disable=import-outside-toplevel
     report = {
-        "benchmark": "bench_sampler",
-        "model": name,
-        "config": {k: (v if not hasattr(v, "__dataclass_fields__") else str(v))
-                   for k, v in config.__dict__.items()},
+        "benchmark": "bench_sampler", "model": name,
+        "config": {k: str(v) for k, v in config.__dict__.items()},
         "num_params": config.num_params(),
-        "device": jax.devices()[0].device_kind,
-        "platform": jax.default_backend(),
+        "workload": {"prompts": args.prompts, "samples": args.samples,
+                     "max_new_tokens": args.new_tokens, "mean_length": args.mean_length,
+                     "num_stop_tokens": len(work["stop_ids"]),
+                     "prompt_lengths": [len(p) for p in work["prompts"]],
+                     "chunk_size": args.chunk_size},
+        "device": jax.devices()[0].device_kind, "platform": jax.default_backend(),
+        "cpu_count": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+        "load_average": load, "bandwidth_gbps": gbps,
+        "versions": {"jax": jax.__version__, "flax": flax.__version__,
+                     "transformers": transformers.__version__, "numpy": np.__version__,
+                     "python": platform.python_version()},
         "jax_version": jax.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "git_commit": git_commit(),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "hbm_gbps": args.hbm_gbps,
         "results": results,
     }
-    out = args.out
-    if out is None:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                           f"bench_sampler_{name}_{stamp}.json")
+    out = args.out or os.path.join(ROOT, "experiments", "results", "bench_sampler_"
+                                   f"{name}_{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2, default=str)

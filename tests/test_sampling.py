@@ -277,15 +277,23 @@ def test_bench_sampler_smoke(tmp_path, capsys):
     spec.loader.exec_module(bench)
     with pytest.raises(SystemExit):
         bench.parse_args(["--help"])
-    assert "--hbm-gbps" in capsys.readouterr().out
+    assert "--slots" in capsys.readouterr().out
     defaults = bench.parse_args([])
-    assert defaults.batch_sizes == "1,16,64" and defaults.prompt_len == 256
-    assert defaults.new_tokens == 512 and defaults.hbm_gbps == 3350.0
+    assert (defaults.model, defaults.prompts, defaults.samples, defaults.new_tokens) == (
+        "SmolLM2-135M", 8, 8, 256)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--chunk-size", "0"])
     out = tmp_path / "bench.json"
-    bench.main(["--tiny", "--repeats", "1", "--out", str(out)])
+    bench.main(["--tiny", "--out", str(out)])
     report = json.loads(out.read_text())
-    for key in ("device", "jax_version", "date", "git_commit", "command", "results"):
+    for key in ("device", "versions", "date", "git_commit", "command", "load_average",
+                "bandwidth_gbps", "results"):
         assert key in report
-    r = report["results"][0]
-    assert r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0
-    assert r["roofline"]["mean_context"]["tokens_per_s"] > 0
+    by = {r["sampler"]: r for r in report["results"]}
+    assert set(by) == {"slots", "batch", "hf"}
+    for r in by.values():
+        assert r["tokens_per_s"] > 0 and 0 < r["occupancy"] <= 1
+        assert r["decode_steps"] >= r["useful_tokens"] / r["rows"]
+        assert r["floor_step_ms"] > 0
+    # the same workload everywhere: 2 prompts x 3 samples
+    assert by["slots"]["length_stats"]["max"] <= 12
