@@ -111,7 +111,18 @@ def _quiet_writer_threads() -> Iterator[None]:
         full = run_dir.is_disk_full(e)
         raise
     finally:
-        threading.excepthook = previous
+        if full:  # late callbacks of the failed write keep raising: drop only those
+            previous_unraisable = sys.unraisablehook
+
+            def unraisable(args):
+                if not _write_aftermath(args.exc_value):
+                    previous_unraisable(args)
+
+            sys.unraisablehook = unraisable
+            threading.excepthook = lambda args: (None if _write_aftermath(args.exc_value)
+                                                 else previous(args))
+        else:
+            threading.excepthook = previous
         if mem is not None:
             sys.stderr.flush()
             os.dup2(saved_fd, 2)
@@ -121,6 +132,12 @@ def _quiet_writer_threads() -> Iterator[None]:
                 while chunk := os.read(mem, 1 << 16):
                     os.write(2, chunk)
             os.close(mem)
+
+
+def _write_aftermath(err: BaseException | None) -> bool:
+    """An error of a failed orbax write's leftover callbacks (full disk, closed loop)."""
+    return run_dir.is_disk_full(err) or (isinstance(err, RuntimeError)
+                                         and "Event loop is closed" in str(err))
 
 
 def _say(message: str) -> None:
