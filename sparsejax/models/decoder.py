@@ -51,15 +51,18 @@ def _normal(rngs: nnx.Rngs, shape, dtype, std: float = 0.02) -> jax.Array:
 
 
 class Dense(nnx.Module):
-    """``y = x @ kernel (+ bias)`` with a ``(in, out)`` kernel (a plain array, or a
-    :class:`~sparsejax.sparse_grads.SparseWeight` whose gradient is its active entries)."""
+    """``y = x @ kernel (+ bias)`` with a ``(in, out)`` kernel (a plain array, a
+    :class:`~sparsejax.sparse_grads.SparseWeight` whose gradient is its active entries,
+    or any kernel object with ``rmatmul(x)``, such as :class:`sparsejax.lora.LoraWeight`)."""
 
     def __init__(self, din: int, dout: int, *, use_bias: bool, dtype, rngs: nnx.Rngs):
         self.kernel = nnx.Param(_normal(rngs, (din, dout), dtype))
         self.bias = nnx.Param(jnp.zeros((dout,), dtype)) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = sparse_grads.matmul(x, self.kernel[...])
+        kernel = self.kernel[...]
+        # A kernel object that applies itself (sparsejax.lora.LoraWeight: x @ W + LoRA).
+        y = kernel.rmatmul(x) if hasattr(kernel, "rmatmul") else sparse_grads.matmul(x, kernel)
         if self.bias is not None:
             y = y + self.bias[...]
         return y
