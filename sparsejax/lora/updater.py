@@ -1,0 +1,169 @@
+"""LoRA as a variant of the "what trains" seam: the interface of
+:class:`sparsejax.trainers.updater.Updater`, with the adapter factors as the trained state.
+
+The params a trainer holds are the decoder's params with each adapted kernel a
+:class:`~sparsejax.lora.adapters.LoraWeight` (:meth:`LoraUpdater.policy_params`), so
+sampling, log-probs and losses run on them unchanged. The base kernels are frozen: no
+gradient, no optimizer state. The factors are stepped by the fused sparse AdamW of
+:mod:`sparsejax.optim` on a mask over the factors: every entry (dense LoRA), or a
+masked LoRA / Partial-LoRA mask, so the optimizer state is ``O(trainable entries)``
+and the entries off the mask stay zero.
+
+What the seam's other users see: ``sparse`` is True (the reference is the trained
+values swapped back: for a fresh adapter, ``B = 0``, exactly the adapter switched off,
+with no copy of the model); ``checkpoint_tree`` holds only the optimizer state and the
+trained factor values, ``restore_policy`` writes them back into the params the run
+started from, bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from sparsejax import masks as masks_lib
+from sparsejax.lora.adapters import (Adapters, LoraConfig, LoraWeight, attach, check_adapters,
+                                     detach, init_adapters)
+from sparsejax.lora.masked import apply_mask, full_masks
+from sparsejax.optim import fused_sparse_adamw, gather, scatter
+from sparsejax.trainers.config import SparseConfig
+from sparsejax.trainers.updater import StepReport, learning_rate_schedule
+
+PyTree = Any
+
+
+def _has_lora(tree: PyTree) -> bool:
+    return any(isinstance(x, LoraWeight) for x in jax.tree.leaves(
+        tree, is_leaf=lambda x: isinstance(x, LoraWeight)))
+
+
+class LoraUpdater:
+    """The optimizer of a LoRA run (see the module docstring).
+
+    Args:
+      cfg: learning rate, betas, weight decay, clipping, backend (its sparsity and
+        mask fields are not used: the mask is over the factors).
+      params: the base params (frozen).
+      lora: rank, alpha, targets, rsLoRA.
+      adapters: initial factors (e.g. :func:`sparsejax.lora.load_peft`); default a fresh
+        PEFT-style init drawn with ``seed``.
+      mask: a :mod:`sparsejax.masks` mask over the factors (masked LoRA); default all.
+    """
+
+    def __init__(self, cfg: SparseConfig, params: PyTree, lora: LoraConfig, *,
+                 adapters: Adapters | None = None, mask: PyTree | None = None,
+                 seed: int = 0):
+        if _has_lora(params):
+            params, _ = detach(params)
+        self.cfg, self.lora = cfg, lora
+        self.schedule = learning_rate_schedule(cfg)
+        adapters = init_adapters(params, lora, seed) if adapters is None else adapters
+        check_adapters(params, adapters)
+        self.mask = full_masks(adapters) if mask is None else mask
+        masks_lib.validate_mask(self.mask, adapters)
+        self.initial_adapters = apply_mask(adapters, self.mask)
+        self.sparse = True
+        self.sparse_grads = False
+        master = any(jnp.dtype(x.dtype) != jnp.float32 for x in jax.tree.leaves(adapters))
+        self._opt = fused_sparse_adamw(
+            self.mask, self.schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
+            master_weights=master, skip_nonfinite=True, max_grad_norm=cfg.max_grad_norm,
+            backend=cfg.backend)
+
+    # ------------------------------------------------------------------ state
+
+    def policy_params(self, params: PyTree) -> PyTree:
+        """The params the decoder sees: ``params`` with the initial (masked) adapters."""
+        if _has_lora(params):
+            params, _ = detach(params)
+        return attach(params, self.initial_adapters, self.lora.scale)
+
+    def adapters(self, params: PyTree) -> Adapters:
+        """The current factors held in the policy params."""
+        return detach(params)[1]
+
+    def init(self, params: PyTree) -> PyTree:
+        return self._opt.init(self._factors(params))
+
+    def num_trainable(self, params: PyTree) -> int:
+        del params
+        return masks_lib.num_active(self.mask)
+
+    def _factors(self, params: PyTree) -> Adapters:
+        if not _has_lora(params):
+            raise ValueError("LoraUpdater needs the policy params (LoraUpdater.policy_params)")
+        return detach(params)[1]
+
+    # ------------------------------------------------------------------ gradients
+
+    def compress(self, grads: PyTree, opt_state: PyTree) -> PyTree:
+        """float32 gradient values at the trainable factor entries (traceable); ``grads``
+        is a gradient of the factors (or policy params, whose factors are used)."""
+        if _has_lora(grads):
+            grads = detach(grads)[1]
+        return jax.tree.map(lambda g, i: gather(g, i).astype(jnp.float32), grads,
+                            opt_state.indices)
+
+    def value_and_grad(self, loss_fn, params: PyTree, opt_state: PyTree):
+        """``((loss, aux), grads)`` of ``loss_fn(params) -> (loss, aux)`` with respect to
+        the factors only (the base kernels get no gradient), compressed to the mask."""
+        factors = self._factors(params)
+        scale = self.lora.scale
+        f = lambda ad: loss_fn(attach(params, ad, scale))
+        out, grads = jax.value_and_grad(f, has_aux=True)(factors)
+        return out, self.compress(grads, opt_state)
+
+    @functools.partial(jax.jit, static_argnums=0, donate_argnums=(1, 3))
+    def _step(self, factors, grads, opt_state):
+        factors, opt_state, info = self._opt.update(factors, grads, opt_state)
+        return factors, opt_state, StepReport(info.grad_norm, info.skipped)
+
+    def apply(self, params: PyTree, grads: PyTree, opt_state: PyTree
+              ) -> tuple[PyTree, PyTree, StepReport]:
+        """Clips and steps the trainable factor entries (factors and state donated; the
+        base kernels are passed through untouched). A non-finite gradient skips the
+        step bit for bit (``StepReport.skipped``)."""
+        factors, opt_state, report = self._step(self._factors(params), grads, opt_state)
+        return attach(params, factors, self.lora.scale), opt_state, report
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint_tree(self, params: PyTree, opt_state: PyTree) -> dict[str, PyTree]:
+        """Only the optimizer state (with the mask) and the trained factor values."""
+        return {"opt_state": opt_state, "active_values": self.active_values(params, opt_state)}
+
+    def restore_policy(self, params: PyTree, tree: dict[str, PyTree]
+                       ) -> tuple[PyTree, PyTree]:
+        """``(params, opt_state)`` from a restored :meth:`checkpoint_tree`; ``params`` are
+        the policy params the run started from (:meth:`policy_params`)."""
+        opt_state = tree["opt_state"]
+        params, _ = self.swap_active(params, opt_state.indices, tree["active_values"])
+        return params, opt_state
+
+    def active_values(self, params: PyTree, opt_state: PyTree) -> PyTree:
+        """The trained values (the factor entries on the mask)."""
+        return _gather_tree(self._factors(params), opt_state.indices)
+
+    def swap_active(self, params: PyTree, indices: PyTree, values: PyTree
+                    ) -> tuple[PyTree, PyTree]:
+        """Writes ``values`` at ``indices`` of the factors; returns ``(params, previous)``.
+        With the initial values this is the reference policy (adapter off when fresh)."""
+        factors, old = _swap_tree(self._factors(params), indices, values)
+        return attach(params, factors, self.lora.scale), old
+
+
+@jax.jit
+def _gather_tree(factors, indices):
+    return jax.tree.map(gather, factors, indices)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _swap_tree(factors, indices, values):
+    old = jax.tree.map(gather, factors, indices)
+    new = jax.tree.map(lambda p, i, v: scatter(p, i, v.astype(p.dtype)), factors, indices,
+                       values)
+    return new, old
+
