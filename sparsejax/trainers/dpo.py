@@ -423,14 +423,16 @@ class DPOTrainer(PolicyRun):
     def train(self, pairs: Sequence[Pair], eval_pairs: Sequence[Pair] | None = None, *,
               resume: bool = False, progress: bool = True, overwrite: bool = False,
               final_model_dir: str | os.PathLike | None = None,
-              run_info: dict[str, Any] | None = None) -> dict[str, Any]:
+              run_info: dict[str, Any] | None = None, writer: Any = None) -> dict[str, Any]:
         """Runs ``config.steps`` steps (continuing from a checkpoint with ``resume``).
 
         Writes ``metrics.jsonl``, checkpoints, ``curves.png``, (with eval pairs)
         ``final_eval.json``, the final model (with ``final_model_dir``) and
         ``finished.json`` under ``out_dir`` (see :class:`PolicyRun` for the run's life
         cycle); returns the final evaluation (or the last train record). ``run_info``
-        (e.g. the model's name) joins the run's identity.
+        (e.g. the model's name) joins the run's identity. ``writer`` (a
+        :mod:`sparsejax.metric_writers` writer, e.g. TensorBoard) also receives every
+        train and eval record; the caller closes it.
         """
         cfg = self.cfg
         from sparsejax.trainers.policy_run import tree_digest  # pylint: disable=g-import-not-at-top
@@ -445,7 +447,7 @@ class DPOTrainer(PolicyRun):
         eval_ref = (np.stack(self.reference_logprobs(eval_enc), axis=1)
                     if eval_enc is not None else None)
         restored = self.restore(resume)
-        log = self.metrics_log(restored)
+        log = self.metrics_log(restored, writer)
         log.write({"kind": "config", "step": -1,
                    "trainable": self.updater.num_trainable(self.params),
                    "optimizer_state_bytes": tree_bytes(self.opt_state),

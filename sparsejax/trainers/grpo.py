@@ -59,7 +59,10 @@ class GRPOTrainer(PolicyRun):
         graphdef, params: ``nnx.split`` of the policy (the base model).
         tokenizer: a transformers tokenizer (decoding completions, saving the model).
         reward_fn: ``reward_fn(completions, answers) -> rewards`` (one float each);
-            ``accuracy`` in the metrics is the fraction of rewards >= 1.
+            ``accuracy`` in the metrics is the fraction of rewards >= 1. A reward that
+            keeps a ``last_means`` dict after each call (a
+            :class:`sparsejax.rewards.CombinedReward` does: each term's batch mean) adds
+            ``reward/<name>`` (train) and ``eval_reward/<name>`` (eval) to the metrics.
         config, sparse: the run's :class:`GRPOConfig` and :class:`SparseConfig`.
         out_dir: where metrics, checkpoints, plots and the final model go.
         stop_token_ids: tokens that end a completion (the tokenizer's EOS by default).
@@ -155,6 +158,13 @@ class GRPOTrainer(PolicyRun):
             c["prompt_mask"] = np.pad(c["prompt_mask"], ((0, 0), (extra, 0)))
         return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}, cost
 
+    def _reward_terms(self, prefix: str) -> dict[str, float]:
+        """``{prefix + name: mean}`` of the reward's ``last_means`` (empty without)."""
+        means = getattr(self.reward_fn, "last_means", None)
+        if not isinstance(means, dict):
+            return {}
+        return {f"{prefix}{name}": float(v) for name, v in means.items()}
+
     def _decode(self, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
         return [self.tokenizer.decode(t[m.astype(bool)].tolist(), skip_special_tokens=True)
                 for t, m in zip(tokens, mask)]
@@ -211,6 +221,7 @@ class GRPOTrainer(PolicyRun):
         if rewards.shape != (total,):
             raise ValueError(f"reward_fn returned {rewards.shape} rewards for {total} "
                              "completions")
+        reward_terms = self._reward_terms("reward/")
         advantages = np.asarray(losses.group_advantages(
             jnp.asarray(rewards), cfg.num_generations, scale=cfg.advantage_scale))
         batch_all = {"prompt_tokens": samples["prompt_tokens"],
@@ -249,6 +260,7 @@ class GRPOTrainer(PolicyRun):
             "slot_occupancy": gen["useful_tokens"] / max(gen["slot_steps"], 1),
             "step_time": step_time,
             "grad_norm": float(report.grad_norm), "skipped": bool(report.skipped),
+            **reward_terms,
             **{k: float(v) / num_micro for k, v in metric_sums.items()},
         }
         peak = peak_memory_bytes()
@@ -275,6 +287,7 @@ class GRPOTrainer(PolicyRun):
         rewards = np.asarray(self.reward_fn(texts, list(answers[:limit])), np.float32)
         return {"kind": "eval", "step": self.step, "eval_accuracy": float((rewards >= 1).mean()),
                 "eval_reward_mean": float(rewards.mean()), "eval_examples": limit,
+                **self._reward_terms("eval_reward/"),
                 "eval_completion_length": float(samples["mask"].sum(axis=1).mean()),
                 "eval_samples": [{"completion": t, "answer": str(a), "reward": float(r)}
                                  for t, a, r in list(zip(texts, answers, rewards))[:3]]}
@@ -295,14 +308,16 @@ class GRPOTrainer(PolicyRun):
               eval_answers: Sequence[Any] | None = None, resume: bool = False,
               progress: bool = True, overwrite: bool = False,
               final_model_dir: str | os.PathLike | None = None,
-              run_info: dict[str, Any] | None = None) -> dict[str, Any]:
+              run_info: dict[str, Any] | None = None, writer: Any = None) -> dict[str, Any]:
         """Runs ``config.steps`` steps (continuing from a checkpoint with ``resume``).
 
         Writes ``metrics.jsonl``, checkpoints, ``curves.png``, ``final_eval.json``, the
         final model (with ``final_model_dir``) and ``finished.json`` under ``out_dir``
         (see :class:`PolicyRun` for the run's life cycle: lock, identity check, verified
         restore, clean stops); returns the last evaluation (or the last train record).
-        ``run_info`` (e.g. the model's name) joins the run's identity.
+        ``run_info`` (e.g. the model's name) joins the run's identity. ``writer`` (a
+        :mod:`sparsejax.metric_writers` writer, e.g. TensorBoard) also receives every
+        train and eval record; the caller closes it.
         """
         cfg = self.cfg
         if len(prompt_ids) != len(answers) or not prompt_ids:
@@ -314,7 +329,7 @@ class GRPOTrainer(PolicyRun):
         if self.open_run(resume, overwrite=overwrite, data=data) is not None:
             return self.finished_result()
         restored = self.restore(resume)
-        log = self.metrics_log(restored)
+        log = self.metrics_log(restored, writer)
         log.write({"kind": "config", "step": -1, "trainable": self.updater.num_trainable(
             self.params), "optimizer_state_bytes": tree_bytes(self.opt_state),
             "resumed_from": restored, **{k: v for k, v in vars(cfg).items()},

@@ -181,9 +181,11 @@ class PolicyRun:
             run_dir.clear_finished(self.out_dir)
         return restored
 
-    def metrics_log(self, restored: int | None) -> MetricsLog:
+    def metrics_log(self, restored: int | None, writer: Any = None) -> MetricsLog:
+        """``metrics.jsonl`` of the run (kept up to ``restored``), also fanned out to
+        ``writer`` (see :class:`MetricsLog`)."""
         return MetricsLog(os.path.join(self.out_dir, "metrics.jsonl"), resume_step=restored,
-                          final_step=self.cfg.steps)
+                          final_step=self.cfg.steps, writer=writer)
 
     def finished_result(self) -> dict[str, Any]:
         """What :meth:`train` returns for a finished run: its final evaluation."""

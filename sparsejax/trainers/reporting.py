@@ -37,11 +37,20 @@ class MetricsLog:
     steps ``< resume_step``, evaluations at ``<= resume_step``, except the final
     evaluation at ``final_step``, which the resumed run redoes) and drops the rest; a
     torn last line is dropped, and said.
+
+    ``writer`` (optional, a :class:`sparsejax.metric_writers.MetricWriter` such as the
+    TensorBoard or W&B writer of ``--report-to``) receives every train and eval record
+    as ``writer.write_scalars(record["step"], record)`` right after its line is written
+    (the writer keeps the numeric values); ``kind: config`` records stay in the file
+    only. The log never closes the writer: its creator does. The file stays the run's
+    own record (plots and resumes read it); a resumed run's writer sees the steps after
+    the checkpoint again.
     """
 
     def __init__(self, path: str | os.PathLike, *, resume_step: int | None = None,
-                 final_step: int | None = None):
+                 final_step: int | None = None, writer: Any = None):
         self.path = os.fspath(path)
+        self.writer = writer
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         if not os.path.exists(self.path):
             return
@@ -64,6 +73,10 @@ class MetricsLog:
                 f.write(line)
                 f.flush()
                 os.fsync(f.fileno())
+        if self.writer is not None and record.get("kind") != "config":
+            self.writer.write_scalars(int(record.get("step", 0)),
+                                      {k: v for k, v in record.items()
+                                       if k not in ("kind", "step")})
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
