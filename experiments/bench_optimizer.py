@@ -81,6 +81,45 @@ def time_steps(step, carry, grads, steps: int, warmup: int) -> float:
     return 1e3 * float(np.median(times))
 
 
+def compile_seconds(jitted, *args) -> float:
+    """Wall seconds to lower and compile ``jitted`` for ``args`` (nothing runs)."""
+    t0 = time.perf_counter()
+    jitted.lower(*args).compile()
+    return time.perf_counter() - t0
+
+
+def trainer_step_row(shapes, params, compressed, density, args, k, n, dense_ms):
+    """The trainers' optimizer step (``Updater.apply``: clipping, skip-on-non-finite and
+    master values for bf16 params) on compressed float32 gradients: compile seconds and
+    ms/step, and its distance to the same step taken without the skip guard."""
+    from sparsejax.trainers.config import SparseConfig  # pylint: disable=g-import-not-at-top
+    from sparsejax.trainers.updater import Updater  # pylint: disable=g-import-not-at-top
+    cfg = SparseConfig(sparsity=1.0 - density, mask_strategy=args.strategy, max_grad_norm=1.0,
+                       backend=args.backends[0])
+    updater = Updater(cfg, shapes)
+    state = updater.init(params)
+    grads = jax.tree.map(lambda g: g.astype(jnp.float32), compressed)
+    compile_s = compile_seconds(Updater.apply, updater, params, grads, state)
+    run = lambda carry, g_: Updater.apply(updater, carry[0], g_, carry[1])[:2]
+    copy = lambda t: jax.tree.map(jnp.copy, t)
+    ms = time_steps(run, (copy(params), copy(state)), grads, args.steps, args.warmup)
+    # The same numbers as the plain fused step after clipping (the skip guard changes
+    # nothing on a finite gradient).
+    got, _, _ = Updater.apply(updater, copy(params), grads, copy(state))
+    norm = optax.global_norm(grads)
+    clipped = jax.tree.map(lambda g: g * jnp.minimum(1.0, 1.0 / norm), grads)
+    plain = sj.fused_sparse_adamw(updater.mask, updater.schedule, weight_decay=cfg.weight_decay,
+                                  master_weights=state.master is not None,
+                                  backend=cfg.backend)
+    ref, _, _ = plain.step(copy(params), clipped, plain.init(params))
+    diff = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+               for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)))
+    return dict(preset=None, params=n, density=density, k=k,
+                method="trainer step (clip+skip+master)", backend=cfg.backend, ms=ms,
+                speedup=dense_ms / ms, state_bytes=nbytes(state), compile_s=compile_s,
+                max_abs_diff_vs_plain_step=diff)
+
+
 def transform_step(tx):
     """One jitted ``optax`` step over ``(params, state)``, donated so it runs in place."""
 
@@ -102,11 +141,14 @@ def bench_preset(preset: str, args, device_kind: str) -> list[dict]:
     dense_state = dense_tx.init(params)
     dense_state_bytes = nbytes(dense_state)
     copy = lambda t: jax.tree.map(jnp.copy, t)
-    dense_ms = time_steps(transform_step(dense_tx), (copy(params), dense_state), grads,
+    dense_step = transform_step(dense_tx)
+    dense_compile = compile_seconds(dense_step, (params, dense_state), grads)
+    dense_ms = time_steps(dense_step, (copy(params), dense_state), grads,
                           args.steps, args.warmup)
     del dense_state
     rows.append(dict(preset=preset, params=n, density=1.0, k=n, method="optax.adamw",
-                     backend="xla", ms=dense_ms, speedup=1.0, state_bytes=dense_state_bytes))
+                     backend="xla", ms=dense_ms, speedup=1.0, state_bytes=dense_state_bytes,
+                     compile_s=dense_compile))
     for density in args.densities:
         mask = sj.random_mask(shapes, 1.0 - density, seed=0, strategy=args.strategy)
         k = sj.num_active(mask)
@@ -134,11 +176,16 @@ def bench_preset(preset: str, args, device_kind: str) -> list[dict]:
                                               master_weights=master,
                                               tensors_per_launch=per_launch)
                 state = fused.init(params)
+                compile_s = compile_seconds(fused.step, params, g, state)
                 run = lambda carry, g_, f=fused: f.step(carry[0], g_, carry[1])[:2]
                 ms = time_steps(run, (copy(params), state), g, args.steps, args.warmup)
                 rows.append(dict(preset=preset, params=n, density=density, k=k,
                                  method=method, backend=backend, ms=ms,
-                                 speedup=dense_ms / ms, state_bytes=nbytes(state)))
+                                 speedup=dense_ms / ms, state_bytes=nbytes(state),
+                                 compile_s=compile_s))
+        if args.trainer_step:
+            rows.append({**trainer_step_row(shapes, params, compressed, density, args, k, n,
+                                            dense_ms), "preset": preset})
     for r in rows:
         r["state_fraction_of_dense"] = r["state_bytes"] / dense_state_bytes
         r["device"] = device_kind
@@ -159,12 +206,14 @@ def git_commit() -> str:
 
 def format_table(rows: list[dict]) -> str:
     head = (f"{'preset':<16}{'params':>13}{'density':>10}{'k':>12}  {'method':<34}"
-            f"{'backend':<10}{'ms/step':>10}{'speedup':>9}{'state MB':>10}{'state/dense':>12}")
+            f"{'backend':<10}{'ms/step':>10}{'speedup':>9}{'compile s':>10}{'state MB':>10}"
+            f"{'state/dense':>12}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r['preset']:<16}{r['params']:>13,}{r['density']:>10.4%}{r['k']:>12,}  "
             f"{r['method']:<34}{r['backend']:<10}{r['ms']:>10.2f}{r['speedup']:>8.1f}x"
+            f"{r.get('compile_s', float('nan')):>10.1f}"
             f"{r['state_bytes'] / 2**20:>10.1f}{r['state_fraction_of_dense']:>12.4f}")
     return "\n".join(lines)
 
@@ -189,6 +238,9 @@ def main(argv=None) -> int:
                         help="backends of the fused step")
     parser.add_argument("--tensors-per-launch", type=int, default=32,
                         help="tensors per kernel launch in the batched pallas row")
+    parser.add_argument("--trainer-step", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time (and compile) the trainers' optimizer step: clipping, "
+                             "skip-on-non-finite, master values")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps (compile)")
     parser.add_argument("--out", default=None,

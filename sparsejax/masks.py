@@ -472,11 +472,34 @@ def load_mask(path: str, like: PyTree | None = None) -> tuple[Mask, dict[str, st
     in that structure and is validated against it; without, as a ``{path: array}`` dict.
     """
     from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-    with safe_open(path, framework="numpy") as f:
+    try:
+        handle = safe_open(path, framework="numpy")
+    except Exception as e:  # pylint: disable=broad-except  (safetensors' own errors)
+        raise ValueError(f"{path} is not a readable mask file "
+                         f"({str(e).splitlines()[0]})") from None
+    with handle as f:
         meta = dict(f.metadata() or {})
         if meta.get("format") != _FORMAT:
-            raise ValueError(f"{path} is not a sparsejax mask file")
-        arrays = {k: f.get_tensor(k) for k in json.loads(meta["paths"])}
+            raise ValueError(f"{path} is not a sparsejax mask file (metadata field "
+                             f"format is {meta.get('format')!r}, expected {_FORMAT!r})")
+        try:
+            listed = json.loads(meta["paths"])
+        except KeyError:
+            raise ValueError(f"{path}: metadata field paths is missing") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: metadata field paths is not valid JSON: {e}") from None
+        if not isinstance(listed, list) or not all(isinstance(p, str) for p in listed):
+            raise ValueError(f"{path}: metadata field paths must be a list of tensor paths")
+        stored = set(f.keys())
+        unknown = sorted(stored - set(listed))
+        if unknown:
+            raise ValueError(f"{path} holds tensor(s) its metadata field paths does not "
+                             f"list: {unknown[:5]}")
+        absent = [p for p in listed if p not in stored]
+        if absent:
+            raise ValueError(f"{path}: metadata field paths lists tensor(s) the file does "
+                             f"not hold: {absent[:5]}")
+        arrays = {k: f.get_tensor(k) for k in listed}
     user_meta = {k: v for k, v in meta.items() if k not in ("format", "paths")}
     if like is None:
         return arrays, user_meta

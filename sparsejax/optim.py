@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from sparsejax import backends
+from sparsejax import masks as masks_lib
 from sparsejax.backends import AdamWScalars
 
 PyTree = Any
@@ -60,9 +61,17 @@ class SparseAdamWState(NamedTuple):
 
 
 class StepInfo(NamedTuple):
-    """What the fused step reports: ``skipped`` is True if non-finite gradients skipped it."""
+    """What the fused step reports.
+
+    Attributes:
+      skipped: bool ``[]``, True if a non-finite active gradient skipped the step.
+      grad_norm: float32 ``[]``, global norm of the active gradient before clipping;
+        None without clipping (no norm is computed, so a row-sharded step needs no
+        communication at all).
+    """
 
     skipped: jax.Array
+    grad_norm: jax.Array | None = None
 
 
 # ----------------------------------------------------------------------------- per tensor
@@ -150,6 +159,9 @@ def _check_mask(mask: PyTree) -> None:
 
 
 def _init_state(mask: PyTree, params: PyTree, mu_dtype: Any, master_weights: bool):
+    # Indices outside a tensor, unsorted or duplicated would silently train other
+    # entries (a negative index trains the last one): refuse them, naming the tensor.
+    masks_lib.validate_mask(mask, params)
     # A copy (keeping any sharding): the fused step donates the state, which must not
     # delete the caller's mask arrays.
     mask = jax.tree.map(lambda i: jnp.array(i, copy=True), mask)
@@ -194,47 +206,82 @@ def _unzip(tree_of_tuples: PyTree, n: int) -> tuple[PyTree, ...]:
                  for j in range(n))
 
 
-def _active_grad(grad: jax.Array, param: jax.Array, idx: jax.Array) -> jax.Array:
-    """The gradient at the active entries, from a dense or an already compressed gradient."""
-    if grad.shape == param.shape:
-        return gather(grad, idx)
-    if grad.shape == idx.shape:
-        return grad
-    raise ValueError(f"gradient of shape {grad.shape} fits neither its parameter "
-                     f"{param.shape} nor its mask {idx.shape}")
+def _compressed_grads(grads: PyTree, params: PyTree, idx: PyTree) -> PyTree:
+    """The gradient at the active entries of each tensor, from dense gradients (the
+    params' shapes) or already compressed ones (the mask leaves' shapes)."""
+
+    def one(path, grad, param, i):
+        if grad.shape == param.shape:
+            return gather(grad, i)
+        if grad.shape == i.shape:
+            return grad
+        raise ValueError(f"gradient for {masks_lib.path_str(path)} has shape {grad.shape}, "
+                         f"which fits neither its parameter {param.shape} nor its mask "
+                         f"{i.shape}")
+
+    return jax.tree_util.tree_map_with_path(one, grads, params, idx)
 
 
-def _guard(g: PyTree, s: AdamWScalars, skip_nonfinite: bool):
-    """With ``skip_nonfinite``, turns a step with a non-finite active gradient into a no-op.
+def _check_dense_grads(grads: PyTree, params: PyTree) -> None:
+    """Gradients must have exactly the params' shapes (a broadcastable wrong shape would
+    leak updates onto off-mask entries through ``optax.apply_updates``)."""
+    if jax.tree.structure(grads) != jax.tree.structure(params):
+        raise ValueError("gradients and params differ in structure")
 
-    Zeroing the gradient and the learning rate makes the step write back exactly the
-    values it read (``p + (-0 * finite) == p``), so skipping costs no second pass; the
-    caller keeps the old moments via :func:`_advance`. Returns ``(g, scalars, ok)``.
-    """
-    if not skip_nonfinite:
-        return g, s, jnp.array(True)
-    ok = _all_finite(g)
-    g = jax.tree.map(lambda x: jnp.where(ok, x, jnp.zeros_like(x)), g)
-    return g, s._replace(learning_rate=jnp.where(ok, s.learning_rate, 0.0)), ok
+    def one(path, g, p):
+        if g.shape != p.shape:
+            raise ValueError(f"gradient for {masks_lib.path_str(path)} has shape {g.shape}, "
+                             f"its parameter {p.shape}")
+
+    jax.tree_util.tree_map_with_path(one, grads, params)
+
+
+def _parts(tree: PyTree) -> list[jax.Array]:
+    """The leaves of a compressed tree as few arrays: the flat ones concatenated (one
+    reduction compiles faster than hundreds), the row-balanced ones as they are (so a
+    row-sharded leaf is reduced where it lives)."""
+    leaves = [x for x in jax.tree.leaves(tree) if x.size]
+    flat = [x.astype(jnp.float32) for x in leaves if x.ndim <= 1]
+    parts = [x.astype(jnp.float32) for x in leaves if x.ndim > 1]
+    if flat:
+        parts.append(jnp.concatenate([x.reshape(-1) for x in flat]))
+    return parts
+
+
+def global_norm(tree: PyTree) -> jax.Array:
+    """``sqrt(sum of squares)`` of every value of ``tree`` (as ``optax.global_norm``)."""
+    parts = _parts(tree)
+    if not parts:
+        return jnp.zeros([], jnp.float32)
+    return jnp.sqrt(sum(jnp.sum(x * x) for x in parts))
+
+
+def clip_compressed(grads: PyTree, max_norm: float | None
+                    ) -> tuple[PyTree, jax.Array | None]:
+    """Scales ``grads`` to global norm at most ``max_norm`` and returns the norm before
+    clipping; with ``max_norm`` None, ``(grads, None)``. On compressed gradients this is
+    the norm of ``mask * g``."""
+    if max_norm is None:
+        return grads, None
+    norm = global_norm(grads)
+    scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
+    return jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads), norm
 
 
 def _all_finite(tree: PyTree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+    parts = _parts(tree)
+    if not parts:
+        return jnp.array(True)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in parts]))
 
 
 def _select(ok: jax.Array, new: PyTree, old: PyTree) -> PyTree:
     return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
-def _advance(state: SparseAdamWState, ok: jax.Array, mu, nu, master) -> SparseAdamWState:
-    """The next state; with ``ok`` False (a skipped step) everything but ``skipped`` stays."""
-    ok_i = ok.astype(jnp.int32)
-    return SparseAdamWState(
-        count=state.count + ok_i, indices=state.indices,
-        mu=_select(ok, mu, state.mu), nu=_select(ok, nu, state.nu),
-        master=None if master is None else _select(ok, master, state.master),
-        skipped=state.skipped + 1 - ok_i)
+def _advance(state: SparseAdamWState, mu, nu, master) -> SparseAdamWState:
+    """The state after a step that was taken."""
+    return state._replace(count=state.count + 1, mu=mu, nu=nu, master=master)
 
 
 # ----------------------------------------------------------------------------- optax transform
@@ -276,10 +323,11 @@ def sparse_adamw(mask: PyTree, learning_rate: ScalarOrSchedule, b1: float = 0.9,
         if params is None:
             raise ValueError("sparse_adamw needs params (weight decay); call "
                              "update(grads, state, params)")
+        _check_dense_grads(updates, params)
         idx = state.indices
         g = jax.tree.map(gather, updates, idx)
-        g, s, ok = _guard(g, _scalars(state.count, learning_rate, b1, b2, eps, eps_root,
-                                      weight_decay), skip_nonfinite)
+        s = _scalars(state.count, learning_rate, b1, b2, eps, eps_root, weight_decay)
+        ok = _all_finite(g) if skip_nonfinite else jnp.array(True)
         out = jax.tree.map(
             lambda x, g_, i, m, v: backends.adamw_delta(
                 gather(x, i).astype(jnp.float32), g_.astype(jnp.float32),
@@ -287,9 +335,15 @@ def sparse_adamw(mask: PyTree, learning_rate: ScalarOrSchedule, b1: float = 0.9,
             params, g, idx, state.mu, state.nu)
         delta, mu, nu = _unzip(out, 3)
         mu = jax.tree.map(lambda m, old: m.astype(old.dtype), mu, state.mu)
-        dense = jax.tree.map(lambda u, i, d: scatter(jnp.zeros_like(u), i, d.astype(u.dtype)),
-                             updates, idx, delta)
-        return dense, _advance(state, ok, mu, nu, None)
+        # A skipped step: exact zero updates (+0.0) and the state as it was, bit for bit.
+        dense = jax.tree.map(
+            lambda u, i, d: scatter(jnp.zeros_like(u), i,
+                                    jnp.where(ok, d, 0.0).astype(u.dtype)),
+            updates, idx, delta)
+        taken = _advance(state, mu, nu, None)
+        new_state = _select(ok, taken, state)._replace(
+            skipped=state.skipped + 1 - ok.astype(jnp.int32))
+        return dense, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -297,8 +351,9 @@ def sparse_adamw(mask: PyTree, learning_rate: ScalarOrSchedule, b1: float = 0.9,
 # ----------------------------------------------------------------------------- fused step
 
 
-class FusedSparseAdamW(NamedTuple):
-    """The fused sparse AdamW: ``init(params) -> state`` and the step.
+class FusedOptimizer(NamedTuple):
+    """A fused optimizer (the sparse AdamW, or :func:`sparsejax.dense_adamw.dense_adamw`):
+    ``init(params) -> state`` and the step.
 
     ``update(params, grads, state) -> (params, state, info)`` is pure, to call inside
     a larger jitted train step; ``step`` is the same function jitted with the params
@@ -312,12 +367,15 @@ class FusedSparseAdamW(NamedTuple):
                    tuple[PyTree, SparseAdamWState, StepInfo]]
 
 
+FusedSparseAdamW = FusedOptimizer  # the name of earlier releases
+
+
 def fused_sparse_adamw(mask: PyTree, learning_rate: ScalarOrSchedule, b1: float = 0.9,
                        b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0,
                        weight_decay: float = 1e-4, *, mu_dtype: Any = None,
                        master_weights: bool = False, skip_nonfinite: bool = False,
-                       backend: str = "auto",
-                       tensors_per_launch: int = 1) -> FusedSparseAdamW:
+                       max_grad_norm: float | None = None, backend: str = "auto",
+                       tensors_per_launch: int = 1) -> FusedOptimizer:
     """Sparse AdamW that writes only the ``k`` active entries of the params.
 
     Same hyperparameters, rule and state as :func:`sparse_adamw`, without a dense
@@ -329,8 +387,11 @@ def fused_sparse_adamw(mask: PyTree, learning_rate: ScalarOrSchedule, b1: float 
       shaped like its mask leaf: the gradient values at the active entries).
       master_weights: keep a float32 copy of the active values in the state and step
         it, writing its rounding into the params (for bf16 params).
-      skip_nonfinite: if any active gradient value is not finite, leave params and
-        state unchanged (but for ``state.skipped``) and report ``info.skipped``.
+      skip_nonfinite: if any active gradient value is not finite, return the params
+        and state exactly as they came in, bit for bit (but for ``state.skipped``), and
+        report ``info.skipped``.
+      max_grad_norm: clip the active gradient to this global norm first (the norm of
+        ``mask * g``; None: no clipping). ``info.grad_norm`` is the norm before it.
       backend: ``"auto"``, ``"xla"``, ``"pallas"`` or ``"interpret"``
         (:mod:`sparsejax.backends`).
       tensors_per_launch: with a Pallas backend, step up to this many tensors per
@@ -340,19 +401,17 @@ def fused_sparse_adamw(mask: PyTree, learning_rate: ScalarOrSchedule, b1: float 
     """
     _check_mask(mask)
     backend = backends.resolve_backend(backend)
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be > 0 (or None), got {max_grad_norm}")
     if tensors_per_launch < 1:
         raise ValueError(f"tensors_per_launch must be >= 1, got {tensors_per_launch}")
 
     def init_fn(params):
         return _init_state(mask, params, mu_dtype, master_weights)
 
-    def update_fn(params, grads, state):
-        if master_weights and state.master is None:
-            raise ValueError("master_weights=True needs a state from this optimizer's init")
+    def step_fn(params, g, state, s):
+        """The step proper on compressed, clipped, finite gradients."""
         idx = state.indices
-        g = jax.tree.map(_active_grad, grads, params, idx)
-        g, s, ok = _guard(g, _scalars(state.count, learning_rate, b1, b2, eps, eps_root,
-                                      weight_decay), skip_nonfinite)
         master = state.master if state.master is not None else jax.tree.map(lambda _: None, idx)
         if tensors_per_launch > 1 and backend != "xla":
             new_params, mu, nu, new_master = _step_batched(
@@ -362,9 +421,26 @@ def fused_sparse_adamw(mask: PyTree, learning_rate: ScalarOrSchedule, b1: float 
                 lambda p, g_, i, m, v, w: _step_tensor(p, g_, i, m, v, w, s, backend),
                 params, g, idx, state.mu, state.nu, master, is_leaf=lambda x: x is None)
             new_params, mu, nu, new_master = _unzip(out, 4)
-        new_state = _advance(state, ok, mu, nu,
-                             new_master if state.master is not None else None)
-        return new_params, new_state, StepInfo(skipped=jnp.logical_not(ok))
+        return new_params, _advance(state, mu, nu,
+                                    new_master if state.master is not None else None)
 
-    return FusedSparseAdamW(init_fn, update_fn, jax.jit(update_fn, donate_argnums=(0, 2)))
+    def update_fn(params, grads, state):
+        if master_weights and state.master is None:
+            raise ValueError("master_weights=True needs a state from this optimizer's init")
+        g = _compressed_grads(grads, params, state.indices)
+        g, norm = clip_compressed(g, max_grad_norm)
+        s = _scalars(state.count, learning_rate, b1, b2, eps, eps_root, weight_decay)
+        if not skip_nonfinite:
+            new_params, new_state = step_fn(params, g, state, s)
+            return new_params, new_state, StepInfo(jnp.array(False), norm)
+        # A skipped step returns its inputs untouched: bit for bit, signed zeros and
+        # subnormals included (no arithmetic touches them).
+        ok = _all_finite(g)
+        new_params, new_state = jax.lax.cond(
+            ok, step_fn,
+            lambda p, g_, st, s_: (p, st._replace(skipped=st.skipped + 1)),
+            params, g, state, s)
+        return new_params, new_state, StepInfo(jnp.logical_not(ok), norm)
+
+    return FusedOptimizer(init_fn, update_fn, jax.jit(update_fn, donate_argnums=(0, 2)))
 

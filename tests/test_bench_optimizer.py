@@ -29,6 +29,10 @@ def test_bench_optimizer_smoke(tmp_path):
         if r["density"] <= 0.1:  # moments of k entries (plus the k indices) only
             assert r["k"] < r["params"] and r["state_bytes"] < dense["state_bytes"]
     assert "optax.adamw" in run.stdout  # the table
+    trainer = [r for r in record["results"] if r["method"].startswith("trainer step")]
+    assert {r["density"] for r in trainer} == {0.5, 0.1}
+    for r in trainer:  # compile time beside step time, and the same numbers as a plain step
+        assert r["compile_s"] > 0 and r["max_abs_diff_vs_plain_step"] <= 1e-6
 
 
 def test_bench_optimizer_rejects_bad_density():

@@ -244,3 +244,61 @@ def test_name_table_is_a_bijection_on_model_params():
         "layers.12.attn.o_proj.kernel", True)
     assert hf_io.hf_to_param("model.layers.x.mlp.up_proj.weight") is None
     assert len(WEIGHT_RULES) < 12
+
+
+# ----------------------------------------------------------------------------- bad folders
+
+
+def test_integer_tensor_is_refused_by_name(llama_dir, tmp_path):
+    def edit(t):
+        t["model.layers.0.mlp.up_proj.weight"] = (
+            100 * t["model.layers.0.mlp.up_proj.weight"]).astype(np.int32)
+    bad = _rewrite(llama_dir, tmp_path / "bad", edit)
+    with pytest.raises(WeightLoadError, match=r"'model\.layers\.0\.mlp\.up_proj\.weight' "
+                                              r"holds I32 values"):
+        load_hf(bad)
+
+
+def test_broken_config_names_file_and_field(llama_dir, tmp_path):
+    bad = _rewrite(llama_dir, tmp_path / "bad", lambda t: None)
+    (bad / "config.json").write_text('{"model_type": "llama", ')
+    with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
+        load_hf(bad)
+    cfg = json.loads((llama_dir / "config.json").read_text())
+    del cfg["num_attention_heads"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"config\.json: missing field\(s\) num_attention_heads"):
+        load_hf(bad)
+    cfg["num_attention_heads"] = "three"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"field num_attention_heads must be a positive integer"):
+        load_hf(bad)
+
+
+def test_index_without_weight_map_names_file_and_field(llama_dir, tmp_path):
+    bad = _rewrite(llama_dir, tmp_path / "bad", lambda t: None)
+    (bad / hf_io.SAFETENSORS_INDEX).write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(WeightLoadError, match=r"index\.json: field weight_map"):
+        load_hf(bad)
+    (bad / hf_io.SAFETENSORS_INDEX).write_text(json.dumps(
+        {"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(WeightLoadError, match="do not exist: model-00002-of-00002"):
+        load_hf(bad)
+
+
+def test_truncated_safetensors_names_the_file(llama_dir, tmp_path):
+    bad = _rewrite(llama_dir, tmp_path / "bad", lambda t: None)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[:len(data) // 2])
+    with pytest.raises(WeightLoadError, match=r"model\.safetensors is not a readable"):
+        load_hf(bad)
+
+
+@pytest.mark.parametrize("path", ["runs/does-not-exist/final_model", "./missing", "/no/such",
+                                  "tests/no-such-model"])
+def test_missing_local_folder_is_an_error_not_a_hub_lookup(monkeypatch, path):
+    import huggingface_hub  # pylint: disable=import-outside-toplevel
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda **kw: pytest.fail(f"hub lookup of {kw}"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_hf(path)

@@ -216,3 +216,29 @@ def test_row_balanced_validation_catches_wrong_rows():
 def test_sparsity_out_of_range(sparsity):
     with pytest.raises(ValueError, match="sparsity"):
         sj.random_mask({"w": jnp.ones((3, 3))}, sparsity)
+
+
+# ----------------------------------------------------------------------------- mask files
+
+
+def _mask_file(tmp_path, metadata):
+    from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+    path = str(tmp_path / "m.safetensors")
+    save_file({"w": np.arange(3, dtype=np.int32), "v": np.arange(2, dtype=np.int32)}, path,
+              metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize("metadata,message", [
+    ({"format": "sparsejax-mask-v1"}, "field paths is missing"),
+    ({"format": "sparsejax-mask-v1", "paths": "[w"}, "field paths is not valid JSON"),
+    ({"format": "sparsejax-mask-v1", "paths": '{"w": 1}'}, "must be a list"),
+    ({"format": "sparsejax-mask-v1", "paths": '["w"]'}, r"does not list: \['v'\]"),
+    ({"format": "sparsejax-mask-v1", "paths": '["w", "v", "u"]'}, r"does not hold: \['u'\]"),
+    ({"format": "other"}, "not a sparsejax mask file"),
+])
+def test_load_mask_checks_its_metadata(tmp_path, metadata, message):
+    from sparsejax import masks as masks_lib  # pylint: disable=import-outside-toplevel
+    metadata = {k: v.replace("sparsejax-mask-v1", masks_lib._FORMAT) for k, v in metadata.items()}
+    with pytest.raises(ValueError, match=message):
+        masks_lib.load_mask(_mask_file(tmp_path, metadata))

@@ -9,33 +9,27 @@
 * ``python -m sparsejax.analysis {diff,overlap}``: the command line.
 """
 
-from sparsejax.analysis.checkpoints import AnalysisError, CheckpointReader, load_checkpoint
-from sparsejax.analysis.overlap import OverlapReport, mask_overlap
-from sparsejax.analysis.scorers import (
-    MagnitudeScorer,
-    MomentumScorer,
-    StreamingScorer,
-    VarianceScorer,
-    make_scorer,
-    score_trajectory,
-)
-from sparsejax.analysis.update_sparsity import (
-    DiffReport,
-    GroupDiff,
-    TensorDiff,
-    diff_checkpoints,
-    layer_group,
-    matrix_type,
-    save_diff_mask,
-    update_rank,
-    update_rank_fraction,
-)
+import importlib
 
-__all__ = [
-    "AnalysisError", "CheckpointReader", "load_checkpoint",
-    "OverlapReport", "mask_overlap",
-    "MagnitudeScorer", "MomentumScorer", "StreamingScorer", "VarianceScorer",
-    "make_scorer", "score_trajectory",
-    "DiffReport", "GroupDiff", "TensorDiff", "diff_checkpoints", "layer_group",
-    "matrix_type", "save_diff_mask", "update_rank", "update_rank_fraction",
-]
+# Resolved on first use (PEP 562): ``python -m sparsejax.analysis --help`` imports no jax.
+_EXPORTS = {
+    "checkpoints": ("AnalysisError", "CheckpointReader", "load_checkpoint"),
+    "overlap": ("OverlapReport", "mask_overlap"),
+    "scorers": ("MagnitudeScorer", "MomentumScorer", "StreamingScorer", "VarianceScorer",
+                "make_scorer", "score_trajectory"),
+    "update_sparsity": ("DiffReport", "GroupDiff", "TensorDiff", "diff_checkpoints",
+                        "layer_group", "matrix_type", "save_diff_mask", "update_rank",
+                        "update_rank_fraction"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        module = importlib.import_module(f"sparsejax.analysis.{_WHERE[name]}")
+        value = getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'sparsejax.analysis' has no attribute {name!r}")
+

@@ -48,6 +48,8 @@ Only ``logps`` carries gradient: ``old_logps``, ``ref_logps``, ``advantages`` an
 
 from __future__ import annotations
 
+import math
+
 from typing import Literal
 
 import jax
@@ -119,7 +121,7 @@ def grpo_loss(
     importance_sampling_level: ImportanceSamplingLevel = "token",
     max_completion_length: int | None = None,
     num_items_in_batch: float | jax.Array | None = None,
-    use_bias_correction_kl: bool = False,
+    use_bias_correction_kl: bool = True,
     ratio_mask_bounds: tuple[float, float] | None = None,
     entropies: jax.Array | None = None,
     top_entropy_quantile: float = 1.0,
@@ -142,7 +144,8 @@ def grpo_loss(
         importance_sampling_level: ``"token"`` or ``"sequence"`` (GSPO).
         max_completion_length: the ``dr_grpo`` denominator's length; defaults to ``T``.
         num_items_in_batch: the ``dapo`` denominator; defaults to the mask's sum.
-        use_bias_correction_kl: multiply the per-token KL by the importance ratio.
+        use_bias_correction_kl: multiply the per-token KL by the importance ratio (TRL's
+            ``GRPOConfig.use_bias_correction_kl``, on by default there and here).
         ratio_mask_bounds: ``(low, high)``; zero the policy-gradient term of tokens (token
             level) or whole completions (sequence level) whose ratio is outside ``[low, high]``.
         entropies: ``[B, T]`` per-token entropies of the policy; required when
@@ -189,8 +192,10 @@ def grpo_loss(
     advantages = jnp.asarray(advantages)
     if tuple(advantages.shape) not in ((batch,), shape):
         raise ValueError(f"advantages must have shape ({batch},) or {shape}, got {tuple(advantages.shape)}.")
-    if epsilon < 0 or (epsilon_high is not None and epsilon_high < 0):
-        raise ValueError(f"epsilon and epsilon_high must be >= 0, got {epsilon}, {epsilon_high}.")
+    for name, value in (("epsilon", epsilon), ("epsilon_high", epsilon_high), ("beta", beta)):
+        # ``not value >= 0`` also refuses NaN, which every comparison would let through.
+        if isinstance(value, (int, float)) and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value}.")
     if beta != 0.0 and ref_logps is None:
         raise ValueError("beta != 0 needs ref_logps for the KL penalty.")
     if not 0.0 <= top_entropy_quantile <= 1.0:

@@ -241,8 +241,28 @@ def load_hf_config_dict(source: Mapping[str, Any] | str | os.PathLike) -> dict[s
     path = os.fspath(source)
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no model config: {path} does not exist")
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            cfg = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def _config_file(source: Mapping[str, Any] | str | os.PathLike) -> str:
+    """How errors name the config: its file, or "the model config" for a dict."""
+    if isinstance(source, Mapping):
+        return "the model config"
+    path = os.fspath(source)
+    return os.path.join(path, "config.json") if os.path.isdir(path) else path
+
+
+_REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads")
 
 
 def from_hf_config(source: Mapping[str, Any] | str | os.PathLike, *,
@@ -262,6 +282,13 @@ def from_hf_config(source: Mapping[str, Any] | str | os.PathLike, *,
             something else).
     """
     cfg = load_hf_config_dict(source)
+    where = _config_file(source)
+    missing = [k for k in _REQUIRED_FIELDS if k not in cfg]
+    if missing:
+        raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
+    for k in _REQUIRED_FIELDS:
+        if not isinstance(cfg[k], int) or isinstance(cfg[k], bool) or cfg[k] < 1:
+            raise ValueError(f"{where}: field {k} must be a positive integer, got {cfg[k]!r}")
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise NotImplementedError(f"model_type {model_type!r} is not supported; "

@@ -155,8 +155,10 @@ def resolve_checkpoint_dir(source: str | os.PathLike, revision: str | None = Non
     path = os.fspath(source)
     if os.path.isdir(path):
         return path
-    if os.path.exists(path) or path.startswith((".", "/")):
-        raise FileNotFoundError(f"{path!r} is not a model folder")
+    if not looks_like_hub_id(path):
+        if os.path.exists(path):
+            raise FileNotFoundError(f"{path!r} is not a model folder")
+        raise FileNotFoundError(f"model folder {path!r} does not exist")
     from huggingface_hub import snapshot_download  # pylint: disable=g-import-not-at-top
     return snapshot_download(
         repo_id=path, revision=revision,
@@ -164,12 +166,38 @@ def resolve_checkpoint_dir(source: str | os.PathLike, revision: str | None = Non
                         "*.jinja"])
 
 
+def looks_like_hub_id(path: str) -> bool:
+    """Whether ``path`` can only mean a Hub repo id (``name`` or ``org/name``), not a
+    local path: a missing local folder must be reported, not looked up on the Hub."""
+    if os.path.exists(path) or path.startswith((".", "/", "~")) or "\\" in path:
+        return False
+    parts = path.split("/")
+    if len(parts) > 2 or not all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", p)
+                                 for p in parts):
+        return False
+    # "models/foo" next to an existing ./models folder is a local path that is missing.
+    return len(parts) == 1 or not os.path.isdir(parts[0])
+
+
 def _safetensors_files(folder: str) -> list[str]:
     index = os.path.join(folder, SAFETENSORS_INDEX)
     if os.path.exists(index):
         with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-        return sorted({os.path.join(folder, v) for v in weight_map.values()})
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise WeightLoadError(f"{index} is not valid JSON: {e}") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(v, str) for v in weight_map.values()):
+            raise WeightLoadError(f"{index}: field weight_map (tensor name -> file) is "
+                                  "missing or not an object of file names")
+        files = sorted({os.path.join(folder, v) for v in weight_map.values()})
+        absent = [f for f in files if not os.path.isfile(f)]
+        if absent:
+            raise WeightLoadError(f"{index} lists shard(s) that do not exist: "
+                                  + ", ".join(os.path.basename(f) for f in absent[:5]))
+        return files
     single = os.path.join(folder, SAFETENSORS_SINGLE)
     if os.path.exists(single):
         return [single]
@@ -180,6 +208,11 @@ def _safetensors_files(folder: str) -> list[str]:
             f"no safetensors weights in {folder!r} (pickled .bin/.pt checkpoints are "
             "never loaded; convert them to safetensors first)")
     return found
+
+
+def _is_float_dtype(name: str) -> bool:
+    """Whether a safetensors dtype name (``F32``, ``BF16``, ``I64``, ...) is a float."""
+    return name.upper().startswith(("F", "BF"))
 
 
 def _read_fn(slice_obj, transpose: bool, dtype) -> Callable[[Any], np.ndarray]:
@@ -223,7 +256,13 @@ def load_hf_params(source: str | os.PathLike, config: DecoderConfig, *,
     place = _sharding_lookup(sharding)
     dtype = config.dtype
 
-    handles = [safe_open(f, framework="numpy") for f in _safetensors_files(folder)]
+    handles = []
+    for file in _safetensors_files(folder):
+        try:
+            handles.append(safe_open(file, framework="numpy"))
+        except Exception as e:  # pylint: disable=broad-except  (safetensors' own errors)
+            raise WeightLoadError(f"{file} is not a readable safetensors file "
+                                  f"({str(e).splitlines()[0]})") from None
     found: dict[str, tuple[Any, bool, str]] = {}
     misshaped: set[str] = set()
     problems: list[str] = []
@@ -240,6 +279,11 @@ def load_hf_params(source: str | os.PathLike, config: DecoderConfig, *,
                 continue
             path, transpose = mapped
             sl = handle.get_slice(name)
+            if not _is_float_dtype(sl.get_dtype()):
+                problems.append(f"tensor {name!r} holds {sl.get_dtype()} values; a weight "
+                                "must be floating point (it is never cast from integers)")
+                misshaped.add(path)
+                continue
             shape = tuple(sl.get_shape())
             want = tuple(expected[path].shape)
             got = tuple(reversed(shape)) if transpose else shape

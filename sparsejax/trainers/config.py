@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 
 def _check_remat(remat: str) -> None:
@@ -37,12 +38,21 @@ class SparseConfig:
     def __post_init__(self):
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
-        if self.learning_rate <= 0:
+        for name in ("learning_rate", "weight_decay", "b1", "b2"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be finite, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.weight_decay < 0 or not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
+            raise ValueError("weight_decay must be >= 0 and b1, b2 in [0, 1)")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.sparse_grads not in ("auto", "on", "off"):
             raise ValueError(f"sparse_grads must be auto, on or off, got {self.sparse_grads!r}")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise ValueError("max_grad_norm must be > 0 (or None to disable clipping)")
+        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm)
+                                                   and self.max_grad_norm > 0):
+            raise ValueError("max_grad_norm must be a finite number > 0 (or None to "
+                             "disable clipping)")
 
     @property
     def dense(self) -> bool:
@@ -73,18 +83,18 @@ class GRPOConfig:
     epsilon: float = 0.2
     epsilon_high: float | None = None
     beta: float = 0.0
+    kl_bias_correction: bool = True  # TRL's GRPO default (use_bias_correction_kl=True)
     top_entropy_quantile: float = 1.0
     logprob_chunk_size: int = 1024
     remat: str = "layer"  # decoder rematerialization: none | layer | dots (DecoderConfig.remat)
     eval_every: int = 0  # 0: only at the end
-    kl_bias_correction: bool = False  # TRL's GRPO default use_bias_correction_kl=False
     eval_limit: int | None = None
     eval_temperature: float = 0.0  # 0: greedy
     eval_batch_size: int = 64
+    eval_max_new_tokens: int | None = None  # None: max_new_tokens
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
     seed: int = 0
-    eval_max_new_tokens: int | None = None  # None: max_new_tokens
 
     def __post_init__(self):
         for name in ("steps", "prompts_per_step", "num_generations", "max_new_tokens",
@@ -96,8 +106,10 @@ class GRPOConfig:
         if (self.prompts_per_step * self.num_generations) % self.micro_batch_size:
             raise ValueError("prompts_per_step * num_generations must be a multiple of "
                              "micro_batch_size")
-        if self.temperature <= 0:
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError("temperature must be > 0 for GRPO sampling")
+        if self.eval_max_new_tokens is not None and self.eval_max_new_tokens < 1:
+            raise ValueError(f"eval_max_new_tokens must be >= 1, got {self.eval_max_new_tokens}")
         if not 0.0 < self.top_entropy_quantile <= 1.0:
             raise ValueError("top_entropy_quantile must be in (0, 1]")
         _check_remat(self.remat)

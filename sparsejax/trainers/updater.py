@@ -1,10 +1,12 @@
-"""The trainers' optimizer: sparse fused AdamW on a mask, or dense optax.adamw.
+"""The trainers' optimizer: sparse fused AdamW on a mask, or dense AdamW.
 
 A trainer accumulates gradients over micro-batches and then steps once. With a mask
 the accumulator holds only the gradient values at the ``k`` active entries (each
 micro-batch's dense gradient is gathered and dropped), clipping uses the norm of
 those entries (that of ``mask * g``), and the fused step writes the ``k`` entries in
-place. ``sparsity=0`` (no mask) is ordinary full finetuning with ``optax.adamw``.
+place. ``sparsity=0`` (no mask) is full finetuning with ``optax.adamw``, stepping
+float32 master weights with float32 moments when the params are bf16
+(:func:`sparsejax.dense_adamw.dense_adamw`).
 
 The same object gives the pieces a sparse trainer needs besides the step:
 ``active_values`` (the ``k`` trained values: a checkpoint of a sparse run stores these,
@@ -25,7 +27,9 @@ import optax
 
 from sparsejax import masks as masks_lib
 from sparsejax import sparse_grads as sparse_grads_lib
-from sparsejax.optim import SparseAdamWState, fused_sparse_adamw, gather, scatter
+from sparsejax.dense_adamw import dense_adamw
+from sparsejax.optim import (SparseAdamWState, fused_sparse_adamw, gather, global_norm,
+                             scatter)
 from sparsejax.trainers.config import SparseConfig
 
 PyTree = Any
@@ -54,14 +58,6 @@ def build_mask(cfg: SparseConfig, params: PyTree) -> PyTree:
                                  strategy=cfg.mask_strategy)
 
 
-def _clip(grads: PyTree, max_norm: float | None) -> tuple[PyTree, jax.Array]:
-    norm = optax.global_norm(grads)
-    if max_norm is None:
-        return grads, norm
-    scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
-    return jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads), norm
-
-
 class Updater:
     """Optimizer state handling for one run (see the module docstring)."""
 
@@ -71,27 +67,30 @@ class Updater:
         self.sparse = not cfg.dense
         if self.sparse:
             self.mask = build_mask(cfg, params) if mask is None else mask
-            masks_lib.validate_mask(self.mask, params)
             master = cfg.master_weights
             if master is None:
                 master = any(x.dtype != jnp.float32 for x in jax.tree.leaves(params))
             self._opt = fused_sparse_adamw(
                 self.mask, self.schedule, b1=cfg.b1, b2=cfg.b2,
                 weight_decay=cfg.weight_decay, master_weights=master,
-                skip_nonfinite=True, backend=cfg.backend)
+                skip_nonfinite=True, max_grad_norm=cfg.max_grad_norm, backend=cfg.backend)
             self.sparse_grads = sparse_grads_lib.use_sparse_grads(
                 cfg.sparse_grads, masks_lib.num_active(self.mask)
                 / max(1, sum(x.size for x in jax.tree.leaves(params))), cfg.backend)
         else:
             self.mask = None
             self.sparse_grads = False
-            self._tx = optax.adamw(self.schedule, b1=cfg.b1, b2=cfg.b2,
-                                   weight_decay=cfg.weight_decay)
+            # float32 master weights and moments for bf16 params (None: automatic),
+            # else updates below bf16's resolution are lost.
+            self._opt = dense_adamw(
+                self.schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
+                master_weights=cfg.master_weights, skip_nonfinite=True,
+                max_grad_norm=cfg.max_grad_norm)
 
     # ------------------------------------------------------------------ state
 
     def init(self, params: PyTree) -> PyTree:
-        return self._opt.init(params) if self.sparse else self._tx.init(params)
+        return self._opt.init(params)
 
     def num_trainable(self, params: PyTree) -> int:
         if self.sparse:
@@ -125,17 +124,14 @@ class Updater:
     @functools.partial(jax.jit, static_argnums=0, donate_argnums=(1, 3))
     def apply(self, params: PyTree, grads: PyTree, opt_state: PyTree
               ) -> tuple[PyTree, PyTree, StepReport]:
-        """Clips the (compressed) gradient and steps; params and state are donated."""
-        grads, norm = _clip(grads, self.cfg.max_grad_norm)
-        if self.sparse:
-            params, opt_state, info = self._opt.update(params, grads, opt_state)
-            return params, opt_state, StepReport(norm, info.skipped)
-        ok = jnp.isfinite(norm)
-        updates, new_state = self._tx.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        params = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_params, params)
-        opt_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, opt_state)
-        return params, opt_state, StepReport(norm, jnp.logical_not(ok))
+        """Clips the (compressed) gradient and steps; params and state are donated.
+
+        A step whose gradient is not finite is skipped: params and state come back bit
+        for bit (``StepReport.skipped``)."""
+        norm = None if self.cfg.max_grad_norm is not None else global_norm(grads)
+        params, opt_state, info = self._opt.update(params, grads, opt_state)
+        return params, opt_state, StepReport(
+            info.grad_norm if norm is None else norm, info.skipped)
 
     # ------------------------------------------------------------------ checkpoints
 
