@@ -195,7 +195,8 @@ def init_adapters(params: PyTree, config: LoraConfig, seed: int = 0) -> Adapters
     """Fresh factors for the targets of ``config``: ``A`` as PEFT initialises it
     (kaiming-uniform, ``a = sqrt(5)``: ``U(-1/sqrt(in), 1/sqrt(in))``), ``B = 0``.
 
-    The draw of each kernel's ``A`` is a pure function of ``seed`` and its path.
+    The draw of each kernel's ``A`` is a pure function of ``seed`` and its path (NumPy
+    on the host: the same on every platform).
     """
     shapes = kernel_shapes(params)
     out = {}
@@ -204,10 +205,11 @@ def init_adapters(params: PyTree, config: LoraConfig, seed: int = 0) -> Adapters
         if config.rank > min(din, dout):
             raise ValueError(f"--lora-rank {config.rank} exceeds min(in, out) = "
                              f"{min(din, dout)} of {path} {shapes[path]}")
-        key = jax.random.fold_in(jax.random.key(seed), _path_hash(path))
+        rng = np.random.default_rng([int(seed), _path_hash(path)])
         bound = 1.0 / math.sqrt(din)
-        a = jax.random.uniform(key, (din, config.rank), jnp.float32, -bound, bound)
-        out[path] = Factors(a.astype(config.dtype), jnp.zeros((config.rank, dout), config.dtype))
+        a = rng.uniform(-bound, bound, (din, config.rank)).astype(np.float32)
+        out[path] = Factors(jnp.asarray(a, config.dtype),
+                            jnp.zeros((config.rank, dout), config.dtype))
     return out
 
 

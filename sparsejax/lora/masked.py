@@ -24,7 +24,6 @@ import numpy as np
 
 from sparsejax import masks as masks_lib
 from sparsejax.lora.adapters import Adapters, Factors
-from sparsejax.optim import gather, scatter
 
 Mask = Any
 
@@ -57,8 +56,10 @@ def factor_masks(adapters: Adapters, density: float | Mapping[str, float], *,
     leaves = {}
     for d, paths in groups.items():
         include = [re.escape(p) + r"/[ab]\Z" for p in paths]
-        m = masks_lib.random_mask(adapters, 1.0 - d, seed=seed, strategy=strategy,
-                                  include=include)
+        # random_mask keeps floor((1 - sparsity) * n): nudge so that a density such as
+        # 1 - 0.8 (0.19999999999999996 in floats) keeps 0.2 * n, not one entry less.
+        m = masks_lib.random_mask(adapters, max(0.0, 1.0 - d - 1e-12), seed=seed,
+                                  strategy=strategy, include=include)
         for p in paths:
             leaves[p] = m[p]
     out = {p: leaves[p] for p in adapters}
@@ -81,10 +82,12 @@ def apply_mask(adapters: Adapters, mask: Mask) -> Adapters:
     """``adapters`` with every entry off ``mask`` set to zero (the masked adapter)."""
     masks_lib.validate_mask(mask, adapters)
 
-    def one(x, idx):
-        x = jnp.asarray(x)
-        idx = jnp.asarray(idx)
-        return scatter(jnp.zeros_like(x), idx, gather(x, idx))
+    def one(x, idx):  # on the host: the factors are small, and no compile per shape
+        x = np.asarray(jax.device_get(x))
+        out = np.zeros_like(x).reshape(-1)
+        flat = np.asarray(idx).reshape(-1)
+        out[flat] = x.reshape(-1)[flat]
+        return jnp.asarray(out.reshape(x.shape))
     return jax.tree.map(one, adapters, mask)
 
 

@@ -76,10 +76,12 @@ class LoraUpdater:
     # ------------------------------------------------------------------ state
 
     def policy_params(self, params: PyTree) -> PyTree:
-        """The params the decoder sees: ``params`` with the initial (masked) adapters."""
+        """The params the decoder sees: ``params`` with (a fresh copy of) the initial
+        masked adapters; the steps donate the factors, never the initial ones."""
         if _has_lora(params):
             params, _ = detach(params)
-        return attach(params, self.initial_adapters, self.lora.scale)
+        factors = jax.tree.map(lambda x: jnp.array(x, copy=True), self.initial_adapters)
+        return attach(params, factors, self.lora.scale)
 
     def adapters(self, params: PyTree) -> Adapters:
         """The current factors held in the policy params."""
