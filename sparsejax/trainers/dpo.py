@@ -219,7 +219,8 @@ class DPOTrainer(PolicyRun):
 
     def __init__(self, graphdef: nnx.GraphDef, params: PyTree, tokenizer: Any,
                  config: DPOConfig, sparse: SparseConfig, out_dir: str | os.PathLike,
-                 mask: PyTree | None = None, *, chat_template: bool | None = None):
+                 mask: PyTree | None = None, *, chat_template: bool | None = None,
+                 updater: Any = None):
         self.graphdef, self.params = graphdef, params
         self.graphdef = reconfigure(graphdef, params, remat=config.remat)
         self.tokenizer = tokenizer
@@ -227,7 +228,9 @@ class DPOTrainer(PolicyRun):
         self.chat_template = chat_template
         self.out_dir = os.fspath(out_dir)
         os.makedirs(self.out_dir, exist_ok=True)
-        self.updater = Updater(sparse, params, mask)
+        # The "what trains" variant: given (e.g. sparsejax.lora.LoraUpdater) or built here.
+        self.updater = Updater(sparse, params, mask) if updater is None else updater
+        self.params = params = self.updater.policy_params(params)
         self.opt_state = self.updater.init(params)
         # The reference: the base values of the k trained entries (sparse); for a dense
         # run the params themselves until they first change, then a host copy.
@@ -480,6 +483,5 @@ class DPOTrainer(PolicyRun):
 
     def save_model(self, folder: str | os.PathLike) -> str:
         """The current policy in Hugging Face format (safetensors + config + tokenizer)."""
-        from sparsejax.models.hf_io import save_hf  # pylint: disable=g-import-not-at-top
-        return save_hf(nnx.merge(self.graphdef, self.params), folder, tokenizer=self.tokenizer)
+        return self.updater.save_model(folder, self.graphdef, self.params, self.tokenizer)
 

@@ -71,7 +71,7 @@ class GRPOTrainer(PolicyRun):
     def __init__(self, graphdef: nnx.GraphDef, params: PyTree, tokenizer: Any,
                  reward_fn: RewardFn, config: GRPOConfig, sparse: SparseConfig,
                  out_dir: str | os.PathLike, *, stop_token_ids: Sequence[int] | None = None,
-                 mask: PyTree | None = None):
+                 mask: PyTree | None = None, updater: Any = None):
         self.graphdef, self.params = graphdef, params
         self.graphdef = reconfigure(graphdef, params, remat=config.remat)
         self.tokenizer, self.reward_fn = tokenizer, reward_fn
@@ -83,7 +83,9 @@ class GRPOTrainer(PolicyRun):
         self.stop_token_ids = tuple(int(t) for t in stop_token_ids if t is not None)
         pad = tokenizer.pad_token_id
         self.pad_id = int(self.stop_token_ids[0] if pad is None else pad)
-        self.updater = Updater(sparse, params, mask)
+        # The "what trains" variant: given (e.g. sparsejax.lora.LoraUpdater) or built here.
+        self.updater = Updater(sparse, params, mask) if updater is None else updater
+        self.params = params = self.updater.policy_params(params)
         self.opt_state = self.updater.init(params)
         # The reference model of the KL term: the base values of the trained entries
         # (sparse), or a full copy of the base params (dense; only when beta > 0).
@@ -353,6 +355,5 @@ class GRPOTrainer(PolicyRun):
 
     def save_model(self, folder: str | os.PathLike) -> str:
         """The current policy in Hugging Face format (safetensors + config + tokenizer)."""
-        from sparsejax.models.hf_io import save_hf  # pylint: disable=g-import-not-at-top
-        return save_hf(nnx.merge(self.graphdef, self.params), folder, tokenizer=self.tokenizer)
+        return self.updater.save_model(folder, self.graphdef, self.params, self.tokenizer)
 

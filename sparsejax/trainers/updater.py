@@ -89,6 +89,18 @@ class Updater:
 
     # ------------------------------------------------------------------ state
 
+    def policy_params(self, params: PyTree) -> PyTree:
+        """The params the decoder sees (here the params themselves; a LoRA variant,
+        :class:`sparsejax.lora.LoraUpdater`, attaches its adapters)."""
+        return params
+
+    def save_model(self, folder: str, graphdef: Any, params: PyTree,
+                   tokenizer: Any = None) -> str:
+        """The policy in Hugging Face format (safetensors + config + tokenizer)."""
+        from flax import nnx  # pylint: disable=g-import-not-at-top
+        from sparsejax.models.hf_io import save_hf  # pylint: disable=g-import-not-at-top
+        return save_hf(nnx.merge(graphdef, params), folder, tokenizer=tokenizer)
+
     def init(self, params: PyTree) -> PyTree:
         return self._opt.init(params)
 
