@@ -13,12 +13,14 @@ What the seam's other users see: ``sparse`` is True (the reference is the traine
 values swapped back: for a fresh adapter, ``B = 0``, exactly the adapter switched off,
 with no copy of the model); ``checkpoint_tree`` holds only the optimizer state and the
 trained factor values, ``restore_policy`` writes them back into the params the run
-started from, bit for bit.
+started from, bit for bit; ``save_model`` writes the merged HF model and the PEFT adapter.
+A trainer takes it as ``GRPOTrainer(..., updater=LoraUpdater(...))`` (same for DPO).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import jax
@@ -28,6 +30,7 @@ from sparsejax import masks as masks_lib
 from sparsejax.lora.adapters import (Adapters, LoraConfig, LoraWeight, attach, check_adapters,
                                      detach, init_adapters)
 from sparsejax.lora.masked import apply_mask, full_masks
+from sparsejax.lora.peft_io import save_merged_hf, save_peft
 from sparsejax.optim import fused_sparse_adamw, gather, scatter
 from sparsejax.trainers.config import SparseConfig
 from sparsejax.trainers.updater import StepReport, learning_rate_schedule
@@ -98,6 +101,17 @@ class LoraUpdater:
         if not _has_lora(params):
             raise ValueError("LoraUpdater needs the policy params (LoraUpdater.policy_params)")
         return detach(params)[1]
+
+    def save_model(self, folder: str, graphdef: Any, params: PyTree,
+                   tokenizer: Any = None, *, base_model_name_or_path: str | None = None
+                   ) -> str:
+        """The trained policy as the merged HF checkpoint in ``folder`` and the PEFT
+        adapter in ``folder/adapter`` (what PEFT and vLLM load); returns ``folder``."""
+        base, factors = detach(params)
+        save_merged_hf(folder, graphdef, base, factors, self.lora, tokenizer=tokenizer)
+        save_peft(os.path.join(folder, "adapter"), factors, self.lora, params=base,
+                  base_model_name_or_path=base_model_name_or_path)
+        return folder
 
     # ------------------------------------------------------------------ gradients
 
