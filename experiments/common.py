@@ -194,6 +194,33 @@ def check_run_args(args: argparse.Namespace) -> None:
     check_mask_file(args.mask_path)
     if args.resume and getattr(args, "overwrite", False):
         raise ValueError("--resume and --overwrite exclude each other")
+    check_report_to_flag(args)
+
+
+def check_report_to_flag(args: argparse.Namespace) -> tuple[str, ...]:
+    """The writer names of ``--report-to`` (known names, their packages installed)."""
+    from sparsejax.metric_writers import check_report_to  # pylint: disable=g-import-not-at-top
+    return check_report_to(args.report_to)
+
+
+def open_writer(args: argparse.Namespace, out_dir: str | None = None,
+                jsonl: bool = False) -> Any:
+    """The writers of ``--report-to`` under ``out_dir`` (default ``--out-dir``), or None.
+
+    ``jsonl`` in ``--report-to`` is the trainers' own ``metrics.jsonl`` (always written),
+    so it opens no writer unless ``jsonl=True`` (a script without a trainer log). W&B
+    gets the run's folder name as its name and the flags as its config. The caller
+    closes the writer (after the run, also when it stops).
+    """
+    names = [n for n in check_report_to_flag(args) if jsonl or n != "jsonl"]
+    if not names:
+        return None
+    from sparsejax.metric_writers import create_writer  # pylint: disable=g-import-not-at-top
+    out_dir = args.out_dir if out_dir is None else out_dir
+    config = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list,
+                                                                      type(None)))}
+    return create_writer(names, out_dir, config=config,
+                         run_name=os.path.basename(os.path.abspath(out_dir)))
 
 
 def add_model_args(parser: argparse.ArgumentParser, default_model: str) -> None:
@@ -244,6 +271,14 @@ def add_run_args(parser: argparse.ArgumentParser, default_out: str) -> None:
                        help="replace an earlier run's outputs in --out-dir")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_report_to_arg(group)
+
+
+def add_report_to_arg(group: Any) -> None:
+    group.add_argument("--report-to", default="jsonl", metavar="WRITERS",
+                       help="where metrics go, comma-separated: jsonl (<out-dir>/"
+                            "metrics.jsonl, always written), tensorboard (<out-dir>/"
+                            "tensorboard/), wandb (needs the wandb package), none")
 
 
 def open_out_dir(args: argparse.Namespace) -> bool:

@@ -12,7 +12,9 @@ swaps the base values of its active entries in place to score it (no second copy
     python experiments/dpo.py --dataset pairs.jsonl --sparsity 0 --lr 1e-6
 
 Writes ``metrics.jsonl``, ``checkpoints/``, ``curves.png``, ``final_eval.json`` and
-``final_model/`` (Hugging Face format) under ``--out-dir``.
+``final_model/`` (Hugging Face format) under ``--out-dir``; ``--report-to
+jsonl,tensorboard,wandb`` also sends the metrics to TensorBoard (``<out-dir>/tensorboard``)
+or Weights & Biases.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (add_model_args, add_run_args, add_sparse_args,  # noqa: E402
                     check_jsonl, check_model_folder, check_number, check_numbers,
-                    check_run_args, fail, load_model_and_tokenizer, open_out_dir, run_main,
-                    sparse_config)
+                    check_run_args, fail, load_model_and_tokenizer, open_out_dir, open_writer,
+                    run_main, sparse_config)
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")  # sparsejax.losses.DPO_LOSS_TYPES
 
@@ -194,12 +196,20 @@ def main(argv=None) -> int:
           f"LR {sparse.learning_rate}, {len(train):,} pairs", file=sys.stderr)
     model_dir = os.path.join(args.out_dir, "final_model")
     try:
+        writer = open_writer(args)  # --report-to tensorboard/wandb (metrics.jsonl: always)
+    except ValueError as e:
+        fail(str(e))
+    try:
         final = trainer.train(train, evals, resume=args.resume, progress=not args.no_progress,
                               final_model_dir=model_dir,
                               run_info={"model": args.model,
-                                        "tokenizer": args.tokenizer or args.model})
+                                        "tokenizer": args.tokenizer or args.model},
+                              writer=writer)
     except ValueError as e:  # a resume with changed settings, --steps below the checkpoint
         fail(str(e))
+    finally:
+        if writer is not None:
+            writer.close()
     print(json.dumps(final, indent=2, default=float))
     print(f"final model: {model_dir}", file=sys.stderr)
     return 0

@@ -20,7 +20,8 @@ exactly right) in several ways, and the script measures:
 
 Outputs in ``--out-dir``: ``results.md`` (tables and one-line verdicts),
 ``results.json`` (every number, curves included), ``accuracy_vs_step.png`` and
-``accuracy_vs_trainable.png``. The same command gives the same numbers.
+``accuracy_vs_trainable.png``, and the curves through ``--report-to`` (default
+``metrics.jsonl``; ``tensorboard``, ``wandb``). The same command gives the same numbers.
 
     python experiments/toy_rlvr.py              # the default run (~3-5 min, 2 CPU cores)
     python experiments/toy_rlvr.py --quick --out-dir /tmp/toy   # CI smoke run (~1 min)
@@ -41,7 +42,7 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import check_number, check_out_dir_path, fail  # noqa: E402
+from common import check_number, check_out_dir_path, check_report_to_flag, fail  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,6 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr-scale", type=float, default=1.0,
                         help="multiply every learning rate (for a sweep)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--report-to", default="jsonl", metavar="WRITERS",
+                        help="where the per-step curves go, comma-separated: jsonl "
+                             "(<out-dir>/metrics.jsonl), tensorboard (<out-dir>/tensorboard/), "
+                             "wandb, none; tags are <run>/reward_mean, <run>/accuracy, sft/...")
     args = parser.parse_args(argv)
     try:
         check_number(args, "steps", low=1)
@@ -66,6 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         check_number(args, "lr_scale", low=0.0, low_open=True)
         if args.out_dir is not None:
             check_out_dir_path(args.out_dir)
+        check_report_to_flag(args)
     except ValueError as e:
         fail(str(e))
     return args
@@ -190,6 +196,7 @@ class Experiment:
 
     def __init__(self, preset: Preset, seed: int, progress: bool, workdir: str):
         self.p, self.seed, self.progress, self.workdir = preset, seed, progress, workdir
+        self.writer = None  # a sparsejax.metric_writers writer (--report-to), or None
         self.tokenizer = tt.build_tokenizer()
         self.sft_dev = tt.make_problems(preset.sft_dev, seed=seed * 1000 + 1,
                                         digits=preset.digits)
@@ -217,6 +224,7 @@ class Experiment:
         bar = tqdm(total=self.p.sft.max_steps, desc="SFT", disable=not self.progress)
 
         def report(rec: dict[str, Any]) -> None:
+            self.log(rec["step"], {"sft/loss": rec["loss"], "sft/dev_accuracy": rec["accuracy"]})
             bar.update(rec["step"] - bar.n)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", dev_acc=f"{rec['accuracy']:.3f}")
 
@@ -228,6 +236,10 @@ class Experiment:
         self.base = host_copy(params)
         self.sft_seconds = time.perf_counter() - t0
         self.base_accuracy = self.accuracy(self.base)
+
+    def log(self, step: int, scalars: dict[str, Any]) -> None:
+        if self.writer is not None:
+            self.writer.write_scalars(step, scalars)
 
     def accuracy(self, params: Any) -> float:
         return tt.greedy_accuracy(self.graphdef, device_copy(params), self.tokenizer,
@@ -278,6 +290,7 @@ class Experiment:
                 rec = {"reward_mean": float("nan")}
                 trainer.step += 1
             rewards.append(rec["reward_mean"])
+            self.log(trainer.step - 1, {f"{name}/reward_mean": rec["reward_mean"]})
             bar.set_postfix(reward=f"{rec['reward_mean']:.3f}")
             if trainer.step <= snapshot_steps:
                 snapshots.append(host_copy(trainer.params))
@@ -286,6 +299,8 @@ class Experiment:
         final = host_copy(trainer.params)
         acc = self.accuracy(final)
         curve.append((cfg.steps, acc))
+        for step, value in curve:
+            self.log(step, {f"{name}/accuracy": value})
         result = RunResult(name=name, kind=kind, sparsity=sparsity, learning_rate=lr,
                            trainable=trainable, trainable_fraction=trainable / self.total,
                            final_accuracy=acc, curve=curve, train_reward=rewards,
@@ -556,8 +571,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lrs = {k: v * args.lr_scale for k, v in LEARNING_RATES.items()}
     t_start = time.perf_counter()
 
-    with tempfile.TemporaryDirectory() as workdir:
+    from sparsejax.metric_writers import create_writer  # pylint: disable=g-import-not-at-top
+    stale = os.path.join(out_dir, "metrics.jsonl")  # the writer appends: start afresh
+    if os.path.exists(stale):
+        os.remove(stale)
+    with tempfile.TemporaryDirectory() as workdir, create_writer(
+            args.report_to, out_dir, run_name=os.path.basename(out_dir),
+            config={k: v for k, v in vars(args).items()}) as writer:
         exp = Experiment(preset, args.seed, progress, workdir)
+        exp.writer = writer
         exp.run_sft()
         runs: dict[str, RunResult] = {}
         plan = (1 + len(preset.mask_seeds) + len(preset.sparsities) - 1 + 2)

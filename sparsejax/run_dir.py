@@ -26,7 +26,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 OUTPUTS = ("metrics.jsonl", "checkpoints", "final_eval.json", "final_model", "curves.png",
-           "finished.json")
+           "finished.json", "tensorboard", "wandb")  # the last two: --report-to writers
 FINISHED = "finished.json"
 LOCK = ".lock"
 
