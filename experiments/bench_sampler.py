@@ -70,7 +70,7 @@ MODELS = {"SmolLM2-135M": SMOLLM2_135M, **PRESETS}
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="SmolLM2-135M", choices=sorted(MODELS),
+    parser.add_argument("--model", "--preset", default="SmolLM2-135M", choices=sorted(MODELS),
                         help="model shapes (random weights)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--tiny", action="store_true",
@@ -291,15 +291,27 @@ def main(argv=None) -> dict:
           f"tokens, stop p = {len(work['stop_ids']) / config.vocab_size:.4f}/token, "
           f"bandwidth {gbps:.1f} GB/s, load {load['start'][0]:.2f}", flush=True)
 
+    out = args.out or os.path.join(ROOT, "experiments", "results", "bench_sampler_"
+                                   f"{name}_{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+
+    def partial(results):
+        """Raw results so far (a long baseline may not finish): ``<out>.partial``."""
+        with open(out + ".partial", "w", encoding="utf-8") as f:
+            json.dump({"command": " ".join(sys.argv), "load": os.getloadavg(),
+                       "results": results}, f, indent=1, default=lambda a: np.asarray(a).tolist())
+
     results = []
     for slots in slot_counts:
         r = run_slots(graphdef, params, config, work, sp, slots, args.chunk_size, key)
         results.append({"sampler": "slots", "label": f"slots ({slots} slots)", **r})
         print(f"  done {results[-1]['label']}: {r['run_s']:.1f} s", flush=True)
+        partial(results)
     for rows in batch_rows:
         r = run_batch(graphdef, params, config, work, sp, rows, key)
         results.append({"sampler": "batch", "label": f"batch ({rows} rows/call)", **r})
         print(f"  done {results[-1]['label']}: {r['run_s']:.1f} s", flush=True)
+        partial(results)
     if not args.no_hf:
         r = run_hf(graphdef, params, work, sp, args.seed)
         results.append({"sampler": "hf", "label": f"transformers generate ({r['rows']} rows)",
@@ -350,11 +362,10 @@ def main(argv=None) -> dict:
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "results": results,
     }
-    out = args.out or os.path.join(ROOT, "experiments", "results", "bench_sampler_"
-                                   f"{name}_{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2, default=str)
+    if os.path.exists(out + ".partial"):
+        os.remove(out + ".partial")
     print(f"wrote {out}")
     return report
 
