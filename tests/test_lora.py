@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -343,3 +344,48 @@ def test_ratio_derivation_known_answer(tmp_path):
     rows_a = sorted(set(np.asarray(tm[paths[0]].a) // 2))
     cols_b = set(np.asarray(tm[paths[0]].b) % 10)
     assert rows_a == [1, 2] and 2 in cols_b and cols_b <= {0, 1, 2} and len(cols_b) == 2
+
+
+# ----------------------------------------------------------------------------- flags
+
+
+def test_script_adapter_flags(small, tmp_path):
+    import argparse
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import lora_flags  # pylint: disable=import-outside-toplevel
+    _, params, _ = small
+    parser = argparse.ArgumentParser()
+    lora_flags.add_adapter_args(parser)
+    sparse = SparseConfig(sparsity=0.0)
+    assert lora_flags.build_updater(parser.parse_args([]), sparse, params) is None
+    args = parser.parse_args(["--adapter", "lora", "--lora-rank", "2", "--lora-targets",
+                              "q,v", "--lora-density", "0.5"])
+    lora_flags.check_adapter_args(args)
+    up = lora_flags.build_updater(args, sparse, params)
+    assert set(lora.densities(up.mask, up.initial_adapters).values()) == {0.5}
+    shapes = lora.kernel_shapes(params)
+    paths = [p for p in shapes if "/q_proj/" in p or "/v_proj/" in p]
+    ratios = lora.Ratios(ratios={p: 0.75 for p in paths},
+                         kernels={p: list(shapes[p]) for p in paths},
+                         settings={"importance": "magnitude"})
+    f = lora.save_ratios(tmp_path / "r.json", ratios)
+    for kind in ("partial-lora", "targeted-lora"):
+        args = parser.parse_args(["--adapter", kind, "--lora-rank", "2", "--lora-targets",
+                                  "q,v", "--lora-ratios", f])
+        lora_flags.check_adapter_args(args)
+        up = lora_flags.build_updater(args, sparse, params)
+        assert set(lora.densities(up.mask, up.initial_adapters).values()) == {0.25}
+    bad = {("--adapter", "lora", "--lora-rank", "0"): "--lora-rank",
+           ("--adapter", "lora", "--lora-density", "0"): "--lora-density",
+           ("--adapter", "lora", "--lora-alpha", "-2"): "--lora-alpha",
+           ("--adapter", "partial-lora"): "needs --lora-ratios",
+           ("--adapter", "targeted-lora", "--lora-ratios", str(tmp_path / "no.json")):
+               "unreadable"}
+    for argv, needle in bad.items():
+        with pytest.raises(ValueError, match=needle):
+            lora_flags.check_adapter_args(parser.parse_args(list(argv)))
+    # A ratios file for another model, and targets the ratios do not cover.
+    args = parser.parse_args(["--adapter", "partial-lora", "--lora-ratios", f])
+    with pytest.raises(ValueError, match="no ratio for adapted kernel"):
+        lora_flags.build_updater(args, sparse, params)
