@@ -78,9 +78,11 @@ def gpu_plugin_installed() -> bool:
     return False
 
 
-def check_sparsejax_import() -> str | None:
-    """None if this checkout's sparsejax (with ``sparsejax.kernels``) imports, else why.
+def check_sparsejax_import() -> tuple[str | None, str | None]:
+    """(error, warning): whether sparsejax with ``sparsejax.kernels`` imports, and from where.
 
+    The error says why the import failed; the warning, that it imports from another
+    folder than this checkout (a non-editable install: its code is what gets checked).
     Run in a child process on the CPU platform, so this process never touches the GPU.
     """
     code = ("import sparsejax, sparsejax.kernels.indexed_adamw, sparsejax.trainers, "
@@ -91,15 +93,19 @@ def check_sparsejax_import() -> str | None:
                          env=env, cwd=ROOT, timeout=180, check=False)
     if run.returncode != 0:
         last = (run.stderr.strip().splitlines() or ["?"])[-1]
-        return f"importing sparsejax failed: {last}"
+        return (f"importing sparsejax failed: {last} (install this checkout: pip install "
+                "--no-index --no-deps --no-build-isolation -e .)"), None
     files = [Path(p).resolve() for p in run.stdout.split()]
     if files != [ROOT / "sparsejax" / "__init__.py", ROOT / "kernels" / "indexed_adamw.py"]:
-        return (f"sparsejax imports from {files[0].parent}, not this checkout ({ROOT}): "
-                "pip install --no-deps -e . here")
-    return None
+        return None, (f"sparsejax imports from {files[0].parent}, not this checkout "
+                      f"({ROOT}); that copy is what gets checked")
+    return None, None
 
 
 def git_commit() -> str:
+    """``HEAD`` (``-dirty`` with uncommitted changes), or ``$SPARSEJAX_COMMIT`` without git."""
+    if os.environ.get("SPARSEJAX_COMMIT"):
+        return os.environ["SPARSEJAX_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                              text=True, check=True, timeout=30).stdout.strip()
@@ -226,8 +232,9 @@ def collect(name: str, out: Path, status: str, rc: int | None, seconds: float,
         if status == "timeout":
             result["summary"] = (f"killed after {timeout:.0f} s; partial: "
                                  + (result.get("summary") or f"{len(result['rows'])} rows"))
-        elif not result.get("summary") or result.get("error"):
-            result["summary"] = result.get("error") or (tail[-1] if tail else f"exit {rc}")
+        else:
+            why = (result.get("error") or (tail[-1] if tail else f"exit {rc}")).splitlines()[0]
+            result["summary"] = "; ".join(x for x in (result.get("summary"), why[:300]) if x)
     return {"part": name, "status": status, "seconds": round(seconds, 1),
             "timeout_s": None if timeout is None else round(timeout, 1), "exit_code": rc,
             **result}
@@ -300,10 +307,12 @@ def main(argv=None) -> int:
         print("gpu_check: missing packages: " + ", ".join(missing)
               + " (offline install: see /work/notes/readme_gpu.md)", file=sys.stderr)
         return 2
-    why = check_sparsejax_import()
+    why, warning = check_sparsejax_import()
     if why:
         print(f"gpu_check: {why}", file=sys.stderr)
         return 2
+    if warning:
+        print(f"gpu_check: warning: {warning}", file=sys.stderr)
     optional = [pip for mod, pip in OPTIONAL.items() if importlib.util.find_spec(mod) is None]
     stamp = datetime.datetime.now(datetime.timezone.utc)
     out = Path(args.out) if args.out else (
@@ -316,7 +325,8 @@ def main(argv=None) -> int:
             "date": stamp.isoformat(timespec="seconds"), "commit": git_commit(),
             "command": "python " + " ".join([os.path.relpath(__file__, ROOT)]
                                             + (argv if argv is not None else sys.argv[1:])),
-            "budget_s": args.budget_s, "missing_optional": optional}
+            "budget_s": args.budget_s, "missing_optional": optional,
+            "sparsejax_warning": warning}
     names = plan(args.only)
     timeouts = {p[0]: (p[2] if args.tiny else p[1]) for p in PARTS}
     timeouts.update(args.timeouts)

@@ -14,7 +14,8 @@ def _f(value, fmt: str = ".2f", scale: float = 1.0) -> str:
 
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    out += ["| " + " | ".join(str(c).replace("|", "/") for c in r) + " |" for r in rows]
+    cell = lambda c: " ".join(str(c).split()).replace("|", "/")
+    out += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
     return out + [""]
 
 
@@ -38,6 +39,8 @@ def _header(meta: dict) -> list[str]:
                 if cuda else ""), ""]
     if meta.get("missing_optional"):
         lines[-1:] = [f"- optional packages missing: {', '.join(meta['missing_optional'])}", ""]
+    if meta.get("sparsejax_warning"):
+        lines[-1:] = [f"- warning: {meta['sparsejax_warning']}", ""]
     return lines
 
 
