@@ -219,8 +219,26 @@ def open_writer(args: argparse.Namespace, out_dir: str | None = None,
     out_dir = args.out_dir if out_dir is None else out_dir
     config = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list,
                                                                       type(None)))}
-    return create_writer(names, out_dir, config=config,
-                         run_name=os.path.basename(os.path.abspath(out_dir)))
+    return LazyWriter(lambda: create_writer(names, out_dir, config=config,
+                                            run_name=os.path.basename(os.path.abspath(out_dir))))
+
+
+class LazyWriter:
+    """A metric writer opened at its first record: after the trainer has checked the run's
+    folder (a new run refuses a folder with an earlier run's ``tensorboard/``), and not at
+    all for a run that stops before its first step."""
+
+    def __init__(self, open_fn: Callable[[], Any]):
+        self._open, self._writer = open_fn, None
+
+    def write_scalars(self, step: int, scalars: Any) -> None:
+        if self._writer is None:
+            self._writer = self._open()
+        self._writer.write_scalars(step, scalars)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
 
 
 def add_model_args(parser: argparse.ArgumentParser, default_model: str) -> None:

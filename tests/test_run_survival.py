@@ -340,7 +340,7 @@ def test_script_model_types_match_the_library(cli):
     assert tuple(sys.modules["common"].MODEL_TYPES) == tuple(SUPPORTED_MODEL_TYPES)
 
 
-@pytest.mark.parametrize("script", ["grpo_gsm8k.py", "dpo.py", "toy_rlvr.py"])
+@pytest.mark.parametrize("script", ["grpo_gsm8k.py", "grpo.py", "dpo.py", "toy_rlvr.py"])
 def test_help_answers_without_importing_jax(script):
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "experiments" / script),
