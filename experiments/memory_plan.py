@@ -7,7 +7,9 @@ XLA's CPU backend, the trainer's own functions at the run's real shapes:
   goes through ``Updater``'s gradient path: the sparse backward or dense grad + gather),
 * the accumulation of a micro-batch gradient into the accumulator,
 * the optimizer step (``Updater.apply``: the fused sparse AdamW, or ``optax.adamw``),
-* the sampler's program (``sparsejax.rollouts``: shared prefill and the decode slots),
+* the sampler's program (``sparsejax.rollouts``: shared prefill and the decode slots,
+  what the GRPO trainer runs), and one step of ``sparsejax.sampling.decode_step`` (the
+  plain KV-cache sampler) for comparison,
 
 and reads ``compiled.memory_analysis()`` of each. The peak of a step is the largest of
 its phases: what stays resident (params, optimizer state) plus what the phase holds
@@ -83,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="GPU sizes in GB to judge the fit against")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense AdamW plan")
     parser.add_argument("--no-sampler", action="store_true", help="skip the sampler plan")
+    parser.add_argument("--sampler-only", action="store_true",
+                        help="only the sampler plans (no training step; resident = params)")
     parser.add_argument("--cpu-barrier-expansion", action="store_true",
                         help="keep XLA CPU's early removal of optimization barriers "
                              "(remat then saves nothing in the plan)")
@@ -214,6 +218,26 @@ def plan_sampler(graphdef, params, config, args) -> dict:
             "_extra": gen["argument"] - tree_bytes(params) + gen["output"] + gen["temp"]}
 
 
+def plan_decode_step(graphdef, params, config, args) -> dict:
+    """One step of :func:`sparsejax.sampling.decode_step` (the plain KV-cache sampler) for
+    ``generation_batch_size`` sequences over a full ``prompt + completion`` cache (donated,
+    updated in place)."""
+    import jax
+    import jax.numpy as jnp
+    from sparsejax import sampling
+
+    b, length = args.generation_batch_size, args.prompt_length + args.completion_length
+    cache = jax.eval_shape(lambda: sampling.init_cache(config, b, length))
+    token = jax.ShapeDtypeStruct((b,), jnp.int32)
+    fn = jax.jit(sampling.decode_step, static_argnums=0, donate_argnums=3)
+    step = memory(fn.lower(graphdef, params, token, cache).compile())
+    kv = tree_bytes(cache.layers)
+    return {"decode_step_kv_cache": kv, "decode_step_temporaries": step["temp"],
+            "compiled": step,
+            "_extra": step["argument"] - tree_bytes(params) + step["output"] - step["alias"]
+            + step["temp"]}
+
+
 def git_commit() -> str:
     here = Path(__file__).resolve().parent
     try:
@@ -232,12 +256,21 @@ ROWS = [("params", "params"), ("optimizer state", "optimizer_state"),
         ("activations/temporaries", "activations_temporaries"),
         ("optimizer-step temporaries", "step_temporaries"), ("KV cache", "kv_cache"),
         ("sampler temporaries (incl. KV)", "sampler_temporaries"),
-        ("peak: sampling", "peak_sampling"), ("peak: micro-batch gradient", "peak_gradient"),
-        ("peak: optimizer step", "peak_step"), ("TOTAL (peak)", "total")]
+        ("sampling.py decode step: KV", "decode_step_kv_cache"),
+        ("sampling.py decode step: temp", "decode_step_temporaries"),
+        ("peak: sampling (rollouts)", "peak_sampling"),
+        ("peak: sampling.py decode", "peak_decode_step"), ("peak: micro-batch gradient", "peak_gradient"),
+        ("peak: optimizer step", "peak_step"), ("TOTAL (peak)", "total"),
+        ("TOTAL with sampling.py decode", "total_with_sampling_py")]
 
 
-def finish(train: dict, sampler: dict | None) -> dict:
+def finish(train: dict, sampler: dict | None, decode: dict | None = None) -> dict:
     out = {k: v for k, v in train.items() if not k.startswith("_")}
+    if decode is not None:
+        out.update({k: v for k, v in decode.items() if not k.startswith("_")
+                    and k != "compiled"})
+        out["compiled"] = dict(out["compiled"], decode_step=decode["compiled"])
+        out["peak_decode_step"] = train["_resident"] + decode["_extra"]
     out["peak_gradient"] = max(train["phases"]["micro_batch_gradient"],
                                train["phases"]["accumulate"])
     out["peak_step"] = train["phases"]["optimizer_step"]
@@ -247,6 +280,9 @@ def finish(train: dict, sampler: dict | None) -> dict:
         out["compiled"] = dict(out["compiled"], sampler=sampler["compiled"])
         out["peak_sampling"] = train["_resident"] + sampler["_extra"]
     out["total"] = max(out.get("peak_sampling", 0), out["peak_gradient"], out["peak_step"])
+    if "peak_decode_step" in out:
+        out["total_with_sampling_py"] = max(out["peak_decode_step"], out["peak_gradient"],
+                                            out["peak_step"])
     return out
 
 
@@ -298,18 +334,32 @@ def main(argv=None) -> int:
     print(f"{args.preset}: {config.num_params():,} params ({args.dtype}), "
           f"{config.num_layers} layers; drawing the {args.sparsity} mask...", file=sys.stderr)
     mask = masks_lib.random_mask(params, args.sparsity, strategy=args.mask_strategy)
-    sampler = None
+    sampler = decode = None
     if not args.no_sampler:
-        print("compiling the sampler...", file=sys.stderr)
+        print("compiling the sampler (rollouts) and sampling.decode_step...", file=sys.stderr)
         sampler = plan_sampler(graphdef, params, config, args)
+        decode = plan_decode_step(graphdef, params, config, args)
     plans = {}
-    print("compiling the sparse training step...", file=sys.stderr)
-    plans[f"sparse {args.sparsity:g}"] = finish(
-        plan_training(graphdef, params, sparse_cfg, grpo_cfg, mask, args), sampler)
-    if not args.no_dense:
+    if args.sampler_only:
+        if sampler is None:
+            fail("--sampler-only and --no-sampler exclude each other")
+        p_bytes = tree_bytes(params)
+        plans["sampler"] = {
+            "params": p_bytes, **{k: v for s_ in (sampler, decode) for k, v in s_.items()
+                                  if not k.startswith("_") and k != "compiled"},
+            "compiled": {"sampler": sampler["compiled"], "decode_step": decode["compiled"]},
+            "peak_sampling": p_bytes + sampler["_extra"],
+            "peak_decode_step": p_bytes + decode["_extra"]}
+        plans["sampler"]["total"] = plans["sampler"]["peak_sampling"]
+    else:
+        print("compiling the sparse training step...", file=sys.stderr)
+        plans[f"sparse {args.sparsity:g}"] = finish(
+            plan_training(graphdef, params, sparse_cfg, grpo_cfg, mask, args), sampler, decode)
+    if not args.no_dense and not args.sampler_only:
         print("compiling the dense AdamW training step...", file=sys.stderr)
         plans["dense AdamW"] = finish(plan_training(
-            graphdef, params, SparseConfig(sparsity=0.0), grpo_cfg, None, args), sampler)
+            graphdef, params, SparseConfig(sparsity=0.0), grpo_cfg, None, args), sampler,
+            decode)
     table = format_table(plans, args.budget_list)
     print(f"\n{args.preset}, {args.dtype}, micro-batch {args.micro_batch_size} x "
           f"({args.prompt_length} + {args.completion_length}) tokens, generation batch "
@@ -334,7 +384,8 @@ def main(argv=None) -> int:
     out = args.out or os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "results",
         f"memory_plan_{args.preset}_mb{args.micro_batch_size}_gen"
-        f"{args.generation_batch_size}_{args.remat}.json")
+        f"{args.generation_batch_size}_{args.remat}{'_sampler' if args.sampler_only else ''}"
+        ".json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     write_json(out, record)
     print(f"wrote {out}", file=sys.stderr)
