@@ -195,6 +195,11 @@ def test_cli_sparse_run_learns_and_resumes_exactly(tiny):
         assert all(np.isfinite(r[key]) for r in train), key
     assert train[-1]["loss"] < train[0]["loss"]
     assert train[-1]["rewards/margins"] > train[0]["rewards/margins"]
+    # Throughput without compilation: step 0 compiles, later steps reuse the programs.
+    assert train[0]["compile_time"] > 10 * max(r["compile_time"] for r in train[2:]) >= 0
+    for r in train:
+        np.testing.assert_allclose(r["tokens_per_s"],
+                                   r["tokens"] / (r["step_time"] - r["compile_time"]), rtol=1e-3)
     final = json.loads((full / "final_eval.json").read_text())
     assert final["eval_pairs"] == 4 and final["eval_accuracy"] == 1.0
     assert (full / "curves.png").stat().st_size > 0

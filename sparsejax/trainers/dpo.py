@@ -55,7 +55,7 @@ from sparsejax.trainers.config import SparseConfig
 from sparsejax.trainers.dpo_config import DPOConfig
 from sparsejax.trainers.policy_run import PolicyRun
 from sparsejax.trainers.grpo import prompt_order
-from sparsejax.trainers.reporting import peak_memory_bytes, plot_curves
+from sparsejax.trainers.reporting import compile_seconds, peak_memory_bytes, plot_curves
 from sparsejax.trainers.updater import Updater, tree_bytes
 
 PyTree = Any
@@ -358,7 +358,7 @@ class DPOTrainer(PolicyRun):
     def train_step(self, enc: EncodedPairs, ref: np.ndarray) -> dict[str, Any]:
         """One DPO step on the pairs of ``self.step``; ``ref`` is ``[N, 2]``."""
         cfg = self.cfg
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), compile_seconds()
         order = prompt_order(enc.num_pairs, self.step, cfg.batch_size, cfg.seed)
         mb = cfg.micro_batch_size
         num_micro = cfg.batch_size // mb
@@ -384,7 +384,9 @@ class DPOTrainer(PolicyRun):
                      for k in micro_metrics[0]},
                   "grad_norm": float(report.grad_norm), "skipped": bool(report.skipped),
                   "learning_rate": lr, "step_time": step_time, "tokens": tokens,
-                  "tokens_per_s": tokens / max(step_time, 1e-9)}
+                  "compile_time": compile_seconds() - c0,
+                  # steady-state speed: the step's compilation is reported on its own
+                  "tokens_per_s": tokens / max(step_time - (compile_seconds() - c0), 1e-9)}
         peak = peak_memory_bytes()
         if peak is not None:
             record["peak_memory_bytes"] = peak

@@ -34,7 +34,7 @@ from sparsejax.rollouts import rollout
 from sparsejax.sampling import SamplingParams, bucket_length, left_pad
 from sparsejax.trainers.config import GRPOConfig, SparseConfig
 from sparsejax.trainers.policy_run import PolicyRun
-from sparsejax.trainers.reporting import peak_memory_bytes, plot_curves
+from sparsejax.trainers.reporting import compile_seconds, peak_memory_bytes, plot_curves
 from sparsejax.trainers.updater import Updater, tree_bytes
 
 PyTree = Any
@@ -197,7 +197,7 @@ class GRPOTrainer(PolicyRun):
                    ) -> dict[str, Any]:
         """One GRPO step on the prompts of ``self.step``; returns its metrics."""
         cfg = self.cfg
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), compile_seconds()
         order = prompt_order(len(prompt_ids), self.step, cfg.prompts_per_step, cfg.seed)
         group_answers = [answers[i] for i in order for _ in range(cfg.num_generations)]
         sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens,
@@ -260,7 +260,7 @@ class GRPOTrainer(PolicyRun):
             "generation_time": t_gen, "generation_compile_time": gen["compile_s"],
             "decode_steps": int(gen["decode_steps"]),
             "slot_occupancy": gen["useful_tokens"] / max(gen["slot_steps"], 1),
-            "step_time": step_time,
+            "step_time": step_time, "compile_time": compile_seconds() - c0,
             "grad_norm": float(report.grad_norm), "skipped": bool(report.skipped),
             **reward_terms,
             **{k: float(v) / num_micro for k, v in metric_sums.items()},

@@ -106,6 +106,28 @@ def write_json(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
         json.dump(to_python(record), f, indent=2)
 
 
+_COMPILE_EVENTS = frozenset({"/jax/core/compile/jaxpr_trace_duration",
+                             "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                             "/jax/core/compile/backend_compile_duration"})
+_compile_total = [0.0]
+_listening = [False]
+
+
+def _on_duration(event: str, seconds: float, **_: Any) -> None:
+    if event in _COMPILE_EVENTS:
+        _compile_total[0] += seconds
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent tracing, lowering and compiling jitted functions
+    since the first call (from JAX's own monitoring events). A step's compile time is
+    the difference across it, so throughput can be reported without it."""
+    if not _listening[0]:
+        jax.monitoring.register_event_duration_secs_listener(_on_duration)
+        _listening[0] = True
+    return _compile_total[0]
+
+
 def peak_memory_bytes() -> int | None:
     """Peak device memory in use, where the backend reports it (GPU), else None."""
     try:
