@@ -36,6 +36,7 @@ import itertools
 import json
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -241,6 +242,11 @@ class Experiment:
         if self.writer is not None:
             self.writer.write_scalars(step, scalars)
 
+    @staticmethod
+    def tag(name: str) -> str:
+        """A run's name as a metric prefix ("random 99% seed 0" -> "random_99pct_seed_0")."""
+        return re.sub(r"[^A-Za-z0-9.\-]+", "_", name.replace("%", "pct")).strip("_")
+
     def accuracy(self, params: Any) -> float:
         return tt.greedy_accuracy(self.graphdef, device_copy(params), self.tokenizer,
                                   self.test, digits=self.p.digits,
@@ -290,7 +296,7 @@ class Experiment:
                 rec = {"reward_mean": float("nan")}
                 trainer.step += 1
             rewards.append(rec["reward_mean"])
-            self.log(trainer.step - 1, {f"{name}/reward_mean": rec["reward_mean"]})
+            self.log(trainer.step - 1, {f"{self.tag(name)}/reward_mean": rec["reward_mean"]})
             bar.set_postfix(reward=f"{rec['reward_mean']:.3f}")
             if trainer.step <= snapshot_steps:
                 snapshots.append(host_copy(trainer.params))
@@ -300,7 +306,7 @@ class Experiment:
         acc = self.accuracy(final)
         curve.append((cfg.steps, acc))
         for step, value in curve:
-            self.log(step, {f"{name}/accuracy": value})
+            self.log(step, {f"{self.tag(name)}/accuracy": value})
         result = RunResult(name=name, kind=kind, sparsity=sparsity, learning_rate=lr,
                            trainable=trainable, trainable_fraction=trainable / self.total,
                            final_accuracy=acc, curve=curve, train_reward=rewards,

@@ -65,6 +65,13 @@ def test_gsm8k_preset_gives_the_prompts_and_golds_of_the_gsm8k_loader(cli):
             gsm8k.format_prompt(q, tok, system_prompt="Be brief.") for q in ref["question"]]
     assert cli.run_identity(args, cli.build_reward(cli.reward_specs(args))) == {
         "model": args.model, "tokenizer": args.model, "system_prompt": "Be brief."}
+    # A reward other than the task's joins the identity (a resume cannot change it).
+    shaped = gsm.parse_args(["--reward", "gsm8k,format=0.1"])
+    ident = cli.run_identity(shaped, cli.build_reward(cli.reward_specs(shaped)))
+    assert ident["reward"] == ["gsm8k=1", "format=0.1"]
+    from sparsejax import run_dir
+    assert "--reward" in run_dir.identity_differences({"run": ident},
+                                                      {"run": {**ident, "reward": None}})[0]
 
 
 def test_metrics_log_fans_records_out_to_a_writer(tmp_path):
