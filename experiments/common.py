@@ -392,3 +392,10 @@ def run_main(main: Callable[[], int]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def what_trains(args: argparse.Namespace, sparse: SparseConfig) -> str:
+    """A few words on what a run trains, for its first line."""
+    if getattr(args, "adapter", "none") != "none":
+        return f"{args.adapter} adapter, rank {args.lora_rank}, frozen base"
+    return "full finetuning" if sparse.dense else f"sparsity {sparse.sparsity}"

@@ -30,7 +30,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (add_model_args, add_run_args, add_sparse_args,  # noqa: E402
                     check_jsonl, check_model_folder, check_number, check_numbers,
                     check_run_args, fail, load_model_and_tokenizer, open_out_dir, open_writer,
-                    run_main, sparse_config)
+                    run_main, sparse_config, what_trains)
+from lora_flags import (add_adapter_args, adapter_run_info, build_updater,  # noqa: E402
+                        check_adapter_args)
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")  # sparsejax.losses.DPO_LOSS_TYPES
 
@@ -71,6 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ev.add_argument("--eval-limit", type=int, default=256,
                     help="evaluate on the first N eval pairs (0: all)")
     add_sparse_args(parser, default_lr=None)
+    add_adapter_args(parser)
     add_run_args(parser, "runs/dpo")
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
@@ -146,6 +149,7 @@ def check_args(args: argparse.Namespace) -> None:
     check_number(args, "eval_every", low=0)
     check_numbers(args, {"beta": (0.0, None, True), "label_smoothing": (0.0, 0.5)})
     check_run_args(args)
+    check_adapter_args(args)
     check_model_folder(args)
 
 
@@ -181,7 +185,9 @@ def main(argv=None) -> int:
     except ValueError as e:
         fail(str(e))
     try:
-        trainer = DPOTrainer(graphdef, params, tokenizer, config, sparse, args.out_dir)
+        updater = build_updater(args, sparse, params, model_name=args.model)
+        trainer = DPOTrainer(graphdef, params, tokenizer, config, sparse, args.out_dir,
+                             updater=updater)
     except Exception as e:  # pylint: disable=broad-except  # a mask that does not fit
         if not args.mask_path and not isinstance(e, ValueError):
             raise
@@ -192,7 +198,7 @@ def main(argv=None) -> int:
         fail(str(e))
     print(f"training {trainer.updater.num_trainable(params):,} of "
           f"{sum(x.size for x in jax.tree.leaves(params)):,} parameters "
-          f"({'full finetuning' if sparse.dense else f'sparsity {sparse.sparsity}'}), "
+          f"({what_trains(args, sparse)}), "
           f"LR {sparse.learning_rate}, {len(train):,} pairs", file=sys.stderr)
     model_dir = os.path.join(args.out_dir, "final_model")
     try:
@@ -203,7 +209,8 @@ def main(argv=None) -> int:
         final = trainer.train(train, evals, resume=args.resume, progress=not args.no_progress,
                               final_model_dir=model_dir,
                               run_info={"model": args.model,
-                                        "tokenizer": args.tokenizer or args.model},
+                                        "tokenizer": args.tokenizer or args.model,
+                                        **adapter_run_info(args)},
                               writer=writer)
     except ValueError as e:  # a resume with changed settings, --steps below the checkpoint
         fail(str(e))

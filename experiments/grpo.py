@@ -33,7 +33,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (add_model_args, add_run_args, add_sparse_args,  # noqa: E402
                     check_jsonl, check_model_folder, check_number, check_numbers,
                     check_run_args, fail, load_model_and_tokenizer, open_out_dir,
-                    open_writer, run_main, sparse_config)
+                    open_writer, run_main, sparse_config, what_trains)
+from lora_flags import (add_adapter_args, adapter_run_info, build_updater,  # noqa: E402
+                        check_adapter_args)
 
 TASK_NAMES = ("gsm8k", "math")  # sparsejax.data.presets.TASKS (a test checks they agree)
 TASK_TITLES = {"gsm8k": "GSM8K", "math": "MATH"}
@@ -135,6 +137,7 @@ def build_parser(entry: dict[str, Any]) -> argparse.ArgumentParser:
     ev.add_argument("--eval-max-new-tokens", type=int, default=None,
                     help="completion budget of evaluation (default: --max-new-tokens)")
     add_sparse_args(parser, default_lr=None)
+    add_adapter_args(parser)
     add_run_args(parser, entry.get("out_dir") or "runs/grpo_<task>")
     return parser
 
@@ -174,6 +177,7 @@ def check_args(args: argparse.Namespace) -> None:
                          "top_entropy_quantile": (0.0, 1.0, True),
                          "eval_temperature": (0.0, None)})
     check_run_args(args)
+    check_adapter_args(args)
     check_model_folder(args)
     if args.dataset is not None and args.data_dir is not None:
         raise ValueError("--dataset and --data-dir exclude each other (--data-dir holds a "
@@ -281,7 +285,7 @@ def run_identity(args: argparse.Namespace, reward: Any) -> dict[str, Any]:
     """What joins the checkpoints' identity besides the data digest: the model, the
     tokenizer, the system prompt, and the reward where it is not the task's own."""
     info = {"model": args.model, "tokenizer": args.tokenizer or args.model,
-            "system_prompt": args.system_prompt}
+            "system_prompt": args.system_prompt, **adapter_run_info(args)}
     from sparsejax.data.presets import get_task  # pylint: disable=g-import-not-at-top
     default = [(get_task(args.task).reward, 1.0)] if args.task else None
     terms = [(name, weight) for name, _, weight in reward.components]
@@ -367,15 +371,16 @@ def main(argv=None, entry: dict[str, Any] | None = None) -> int:
     model_config = nnx.merge(graphdef, params).config
     stop = sorted({tokenizer.eos_token_id, *model_config.eos_token_ids} - {None})
     try:
+        updater = build_updater(args, sparse, params, model_name=args.model)
         trainer = GRPOTrainer(graphdef, params, tokenizer, reward, config, sparse,
-                              args.out_dir, stop_token_ids=stop)
+                              args.out_dir, stop_token_ids=stop, updater=updater)
     except Exception as e:  # pylint: disable=broad-except  # a mask that does not fit
         if not args.mask_path and not isinstance(e, ValueError):
             raise
         fail(f"--mask-path {args.mask_path!r}: {e}" if args.mask_path else str(e))
     print(f"training {trainer.updater.num_trainable(params):,} of "
           f"{sum(x.size for x in jax.tree.leaves(params)):,} parameters "
-          f"({'full finetuning' if sparse.dense else f'sparsity {sparse.sparsity}'}), "
+          f"({what_trains(args, sparse)}), "
           f"LR {sparse.learning_rate}, {len(train_ids):,} prompts, reward "
           f"{' + '.join(f'{w:g} * {n}' for n, _, w in reward.components)}", file=sys.stderr)
     model_dir = os.path.join(args.out_dir, "final_model")

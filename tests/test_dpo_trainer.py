@@ -240,6 +240,34 @@ def test_cli_full_finetuning(tiny):
     assert (out / "final_model" / "model.safetensors").exists()
 
 
+def test_cli_lora_adapter_run_saves_merged_model_and_peft_adapter(tiny):
+    out = tiny["root"] / "lora"
+    run_cli(tiny, *cli_args(tiny, out, 2, "--adapter", "lora", "--lora-rank", 2,
+                            "--lora-density", 0.5, "--lr", 1e-2, "--eval-split", ""))
+    config = read_metrics(out)[0]
+    base = load_file(tiny["model"] / "model.safetensors")
+    assert 0 < config["trainable"] < sum(x.size for x in base.values()) / 10
+    adapter = out / "final_model" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 2
+    factors = load_file(adapter / "adapter_model.safetensors")
+    assert any(".lora_B." in name and np.any(v != 0) for name, v in factors.items())
+    merged = load_file(out / "final_model" / "model.safetensors")
+    assert any(not np.array_equal(merged[n], base[n]) for n in base)
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--adapter", "lora", "--lora-rank", "0"], "--lora-rank"),
+    (["--adapter", "partial-lora"], "--lora-ratios"),
+    (["--adapter", "lora", "--lora-density", "1.5"], "--lora-density"),
+])
+def test_cli_bad_adapter_flags_fail_in_one_line(tiny, cli, capsys, extra, needle):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--model", str(tiny["model"]), "--dataset", str(tiny["data"]),
+                  "--out-dir", str(tiny["root"] / "bad_adapter"), *extra])
+    assert exit_info.value.code == 2
+    assert needle in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 @pytest.fixture(scope="module")
 def cli():
     """experiments/dpo.py imported in-process (argument errors need no new interpreter)."""
