@@ -399,3 +399,21 @@ def what_trains(args: argparse.Namespace, sparse: SparseConfig) -> str:
     if getattr(args, "adapter", "none") != "none":
         return f"{args.adapter} adapter, rank {args.lora_rank}, frozen base"
     return "full finetuning" if sparse.dense else f"sparsity {sparse.sparsity}"
+
+
+def train_with_writer(args: argparse.Namespace, train: Any, *train_args: Any,
+                      **train_kwargs: Any) -> Any:
+    """``train(*train_args, writer=..., **train_kwargs)`` with the ``--report-to`` writer
+    open (closed after, also on a stop); a ``ValueError`` of the run (a resume with changed
+    settings, ``--steps`` below the checkpoint) exits with its one line."""
+    try:
+        writer = open_writer(args)  # tensorboard/wandb; metrics.jsonl is always written
+    except ValueError as e:
+        fail(str(e))
+    try:
+        return train(*train_args, writer=writer, **train_kwargs)
+    except ValueError as e:
+        fail(str(e))
+    finally:
+        if writer is not None:
+            writer.close()

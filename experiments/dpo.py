@@ -29,8 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (add_model_args, add_run_args, add_sparse_args,  # noqa: E402
                     check_jsonl, check_model_folder, check_number, check_numbers,
-                    check_run_args, fail, load_model_and_tokenizer, open_out_dir, open_writer,
-                    run_main, sparse_config, what_trains)
+                    check_run_args, fail, load_model_and_tokenizer, open_out_dir,
+                    run_main, sparse_config, train_with_writer, what_trains)
 from lora_flags import (add_adapter_args, adapter_run_info, build_updater,  # noqa: E402
                         check_adapter_args)
 
@@ -201,22 +201,11 @@ def main(argv=None) -> int:
           f"({what_trains(args, sparse)}), "
           f"LR {sparse.learning_rate}, {len(train):,} pairs", file=sys.stderr)
     model_dir = os.path.join(args.out_dir, "final_model")
-    try:
-        writer = open_writer(args)  # --report-to tensorboard/wandb (metrics.jsonl: always)
-    except ValueError as e:
-        fail(str(e))
-    try:
-        final = trainer.train(train, evals, resume=args.resume, progress=not args.no_progress,
-                              final_model_dir=model_dir,
-                              run_info={"model": args.model,
-                                        "tokenizer": args.tokenizer or args.model,
-                                        **adapter_run_info(args)},
-                              writer=writer)
-    except ValueError as e:  # a resume with changed settings, --steps below the checkpoint
-        fail(str(e))
-    finally:
-        if writer is not None:
-            writer.close()
+    final = train_with_writer(
+        args, trainer.train, train, evals, resume=args.resume, progress=not args.no_progress,
+        final_model_dir=model_dir, run_info={"model": args.model,
+                                             "tokenizer": args.tokenizer or args.model,
+                                             **adapter_run_info(args)})
     print(json.dumps(final, indent=2, default=float))
     print(f"final model: {model_dir}", file=sys.stderr)
     return 0

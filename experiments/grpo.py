@@ -33,7 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (add_model_args, add_run_args, add_sparse_args,  # noqa: E402
                     check_jsonl, check_model_folder, check_number, check_numbers,
                     check_run_args, fail, load_model_and_tokenizer, open_out_dir,
-                    open_writer, run_main, sparse_config, what_trains)
+                    run_main, sparse_config, train_with_writer,
+                    what_trains)
 from lora_flags import (add_adapter_args, adapter_run_info, build_updater,  # noqa: E402
                         check_adapter_args)
 
@@ -384,21 +385,11 @@ def main(argv=None, entry: dict[str, Any] | None = None) -> int:
           f"LR {sparse.learning_rate}, {len(train_ids):,} prompts, reward "
           f"{' + '.join(f'{w:g} * {n}' for n, _, w in reward.components)}", file=sys.stderr)
     model_dir = os.path.join(args.out_dir, "final_model")
-    try:
-        writer = open_writer(args)
-    except ValueError as e:
-        fail(str(e))
-    try:
-        final = trainer.train(train_ids, data["train"][1], eval_prompt_ids=test_ids,
-                              eval_answers=data["eval"][1] if data["eval"] else None,
-                              resume=args.resume, progress=not args.no_progress,
-                              final_model_dir=model_dir, run_info=run_identity(args, reward),
-                              writer=writer)
-    except ValueError as e:  # a resume with changed settings, --steps below the checkpoint
-        fail(str(e))
-    finally:
-        if writer is not None:
-            writer.close()
+    final = train_with_writer(
+        args, trainer.train, train_ids, data["train"][1], eval_prompt_ids=test_ids,
+        eval_answers=data["eval"][1] if data["eval"] else None, resume=args.resume,
+        progress=not args.no_progress, final_model_dir=model_dir,
+        run_info=run_identity(args, reward))
     print(json.dumps({k: v for k, v in final.items() if k != "eval_samples"}, indent=2))
     print(f"final model: {model_dir}", file=sys.stderr)
     if args.demo and os.path.realpath(args.model) == os.path.realpath(DEMO_DIR):

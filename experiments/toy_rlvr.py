@@ -33,7 +33,6 @@ import argparse
 import dataclasses
 import datetime
 import itertools
-import json
 import os
 import platform
 import re
@@ -512,8 +511,8 @@ def write_markdown(path: str, res: dict[str, Any]) -> None:
               f"All tokens {fmt_pct(g['all'])}; top-20% entropy tokens {fmt_pct(g['top20'])}.",
               "", f"**Verdict:** {v['g']}", "",
               "Plots: `accuracy_vs_step.png`, `accuracy_vs_trainable.png`.", ""]
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write("\n".join(lines))
+    from sparsejax import run_dir  # pylint: disable=g-import-not-at-top
+    run_dir.atomic_write_text(path, "\n".join(lines))
 
 
 def plot(out_dir: str, res: dict[str, Any]) -> list[str]:
@@ -573,6 +572,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out_dir = args.out_dir or os.path.join(
         here, "results", "toy_rlvr_quick" if args.quick else "toy_rlvr")
     os.makedirs(out_dir, exist_ok=True)
+    # One run per folder at a time; Ctrl-C / SIGTERM stop it with one line. The run keeps
+    # no checkpoints (it is a few minutes and deterministic: rerun it), and its result
+    # files are each written whole, so a stop leaves the previous results or the new ones.
+    from sparsejax import run_dir  # pylint: disable=g-import-not-at-top
+    from sparsejax.trainers import signals  # pylint: disable=g-import-not-at-top
+    signals.install()
+    run_dir.lock(out_dir)
     progress = not args.no_progress
     lrs = {k: v * args.lr_scale for k, v in LEARNING_RATES.items()}
     t_start = time.perf_counter()
@@ -710,8 +716,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res["verdicts"] = verdicts(m)
     res["seconds"] = time.perf_counter() - t_start
     res = to_python(res)
-    with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as fh:
-        json.dump(res, fh, indent=2)
+    run_dir.write_json_atomic(os.path.join(out_dir, "results.json"), res)
     write_markdown(os.path.join(out_dir, "results.md"), res)
     plot(out_dir, res)
     if progress:
@@ -723,8 +728,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 if __name__ == "__main__":
     try:
         main()
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as stop:  # also sparsejax.trainers.signals.Interrupted
+        print("interrupted (this run keeps no checkpoints: rerun the command)",
+              file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(130)
+        os._exit(getattr(stop, "exit_code", 130))
+    except Exception as e:  # pylint: disable=broad-except
+        run_dir_mod = sys.modules.get("sparsejax.run_dir")
+        if run_dir_mod is None or not isinstance(e, run_dir_mod.RunError):
+            raise
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)

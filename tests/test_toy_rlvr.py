@@ -175,3 +175,24 @@ def test_quick_run_writes_every_section(tmp_path):
     for name in ("accuracy_vs_step.png", "accuracy_vs_trainable.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+def test_toy_run_refuses_a_locked_folder_in_one_line(tmp_path):
+    """A second toy run on a folder another run holds stops at once (lock of run_dir)."""
+    import fcntl  # pylint: disable=import-outside-toplevel
+    import subprocess  # pylint: disable=import-outside-toplevel
+    import sys  # pylint: disable=import-outside-toplevel
+    from pathlib import Path  # pylint: disable=import-outside-toplevel
+    out = tmp_path / "toy"
+    out.mkdir()
+    with open(out / ".lock", "w", encoding="utf-8") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.write("4242\n")
+        holder.flush()
+        script = Path(__file__).resolve().parents[1] / "experiments" / "toy_rlvr.py"
+        proc = subprocess.run([sys.executable, str(script), "--quick", "--no-progress",
+                               "--out-dir", str(out)], capture_output=True, text=True,
+                              timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "in use by another run" in lines[0], lines
