@@ -104,15 +104,36 @@ def scatter(x: jax.Array, idx: jax.Array, values: jax.Array) -> jax.Array:
     return out.reshape(x.shape)
 
 
+def _as_bits(x: jax.Array) -> jax.Array:
+    """``x`` reinterpreted as unsigned integers of its width (a free bitcast)."""
+    return jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32,
+                                            8: jnp.uint64}[x.dtype.itemsize])
+
+
+def gather_bits(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """:func:`gather` moving bit patterns: the same values, bit for bit. XLA's CPU backend
+    converts a whole bf16 tensor to float32 around a gather or scatter (O(N) work and
+    memory per step); moving 16-bit integers keeps the optimizer's step O(k). Not
+    differentiable (use :func:`gather` under ``jax.grad``)."""
+    return jax.lax.bitcast_convert_type(gather(_as_bits(x), idx), x.dtype)
+
+
+def scatter_bits(x: jax.Array, idx: jax.Array, values: jax.Array) -> jax.Array:
+    """:func:`scatter` moving bit patterns (see :func:`gather_bits`); ``values`` are first
+    cast to ``x``'s dtype. Not differentiable."""
+    out = scatter(_as_bits(x), idx, _as_bits(values.astype(x.dtype)))
+    return jax.lax.bitcast_convert_type(out, x.dtype)
+
+
 def _step_tensor(param, grad_active, idx, mu, nu, master, scalars, backend):
     """One tensor's fused step on already gathered gradients: returns (param, mu, nu, master)."""
     if idx.size == 0:
         return param, mu, nu, master
     if backend == "xla":
-        p = master if master is not None else gather(param, idx).astype(jnp.float32)
+        p = master if master is not None else gather_bits(param, idx).astype(jnp.float32)
         new_p, new_mu, new_nu = backends.adamw_math(
             p, grad_active.astype(jnp.float32), mu.astype(jnp.float32), nu, scalars)
-        param = scatter(param, idx, new_p.astype(param.dtype))
+        param = scatter_bits(param, idx, new_p)
         return (param, new_mu.astype(mu.dtype), new_nu,
                 None if master is None else new_p)
     # Kernels take flat index lists; the row-balanced layout holds flat indices already.
@@ -172,7 +193,7 @@ def _init_state(mask: PyTree, params: PyTree, mu_dtype: Any, master_weights: boo
     # zeros_like keeps the mask's sharding: the row-balanced state shards like the weight.
     mu = jax.tree.map(lambda i: jnp.zeros_like(i, dtype=mu_dtype), mask)
     nu = jax.tree.map(lambda i: jnp.zeros_like(i, dtype=jnp.float32), mask)
-    master = (jax.tree.map(lambda p, i: gather(p, i).astype(jnp.float32), params, mask)
+    master = (jax.tree.map(lambda p, i: gather_bits(p, i).astype(jnp.float32), params, mask)
               if master_weights else None)
     # Distinct buffers: the fused step donates the state, and a buffer cannot be donated twice.
     return SparseAdamWState(count=jnp.zeros([], jnp.int32), indices=mask, mu=mu, nu=nu,

@@ -28,8 +28,8 @@ import optax
 from sparsejax import masks as masks_lib
 from sparsejax import sparse_grads as sparse_grads_lib
 from sparsejax.dense_adamw import dense_adamw
-from sparsejax.optim import (SparseAdamWState, fused_sparse_adamw, gather, global_norm,
-                             scatter)
+from sparsejax.optim import (SparseAdamWState, fused_sparse_adamw, gather, gather_bits,
+                             global_norm, scatter_bits)
 from sparsejax.trainers.config import SparseConfig
 
 PyTree = Any
@@ -174,16 +174,15 @@ class Updater:
     @jax.jit
     def active_values(params: PyTree, opt_state: SparseAdamWState) -> PyTree:
         """The values of the active entries (``k`` per tensor)."""
-        return jax.tree.map(gather, params, opt_state.indices)
+        return jax.tree.map(gather_bits, params, opt_state.indices)
 
     @staticmethod
     @functools.partial(jax.jit, donate_argnums=0)
     def swap_active(params: PyTree, indices: PyTree, values: PyTree
                     ) -> tuple[PyTree, PyTree]:
         """Writes ``values`` at ``indices`` in place; returns ``(params, previous values)``."""
-        old = jax.tree.map(gather, params, indices)
-        new = jax.tree.map(lambda p, i, v: scatter(p, i, v.astype(p.dtype)),
-                           params, indices, values)
+        old = jax.tree.map(gather_bits, params, indices)
+        new = jax.tree.map(scatter_bits, params, indices, values)
         return new, old
 
 
