@@ -388,6 +388,11 @@ def run_main(main: Callable[[], int]) -> None:
         code = 1
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
     else:
+        # The run is done (its outputs are on disk): a signal during the interpreter's
+        # shutdown must not turn a finished run into a failed one.
+        import signal  # pylint: disable=g-import-not-at-top
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
         sys.exit(code)
     sys.stdout.flush()
     sys.stderr.flush()
