@@ -145,18 +145,8 @@ def test_other_scripts_check_report_to(script):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-    folder = tmp_path_factory.mktemp("any_task") / "model"
-    tok = AutoTokenizer.from_pretrained(SHARED / "tokenizers" / "qwen2.5")
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
-                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                      tie_word_embeddings=True, max_position_embeddings=512,
-                      eos_token_id=tok.eos_token_id)
-    Qwen2ForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    from tiny_models import save_tiny_qwen2  # pylint: disable=import-outside-toplevel
+    return save_tiny_qwen2(tmp_path_factory.mktemp("any_task") / "model")
 
 
 USER_REWARD = '''

@@ -89,17 +89,8 @@ def test_prompt_order_is_a_permutation_per_epoch():
 
 @pytest.fixture(scope="module")
 def tiny_hf_model(tmp_path_factory, tokenizer):
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny_qwen2")
-    cfg = Qwen2Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                      tie_word_embeddings=True, max_position_embeddings=512,
-                      eos_token_id=tokenizer.eos_token_id)
-    Qwen2ForCausalLM(cfg).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    from tiny_models import save_tiny_qwen2  # pylint: disable=import-outside-toplevel
+    return save_tiny_qwen2(tmp_path_factory.mktemp("tiny_qwen2"), tokenizer)
 
 
 def run_script(model, out_dir, *extra):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import importlib.util
-import json
 import os
 import random
 import shutil
@@ -226,17 +225,9 @@ def cli():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny random Qwen2 folder (transformers) with the real tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from tiny_models import save_tiny_qwen2  # pylint: disable=import-outside-toplevel
     root = tmp_path_factory.mktemp("survival")
-    tok = AutoTokenizer.from_pretrained(SHARED / "tokenizers" / "qwen2.5")
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
-                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                      tie_word_embeddings=True, max_position_embeddings=512,
-                      eos_token_id=tok.eos_token_id)
-    Qwen2ForCausalLM(cfg).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
+    save_tiny_qwen2(root / "model")
     return root
 
 
