@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from sparsejax.optim import (FusedOptimizer, ScalarOrSchedule, StepInfo, _all_finite,
-                             clip_compressed)
+                             _check_dense_grads, clip_compressed)
 
 PyTree = Any
 
@@ -93,12 +93,7 @@ def dense_adamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.
         return params, state._replace(inner=inner, master=values)
 
     def update_fn(params, grads, state):
-        if jax.tree.structure(grads) != jax.tree.structure(params):
-            raise ValueError("gradients and params differ in structure")
-        for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(params)):
-            if g.shape != p.shape:
-                raise ValueError(f"gradient of shape {g.shape} for a parameter of shape "
-                                 f"{p.shape}")
+        _check_dense_grads(grads, params)
         dtype_of = lambda p: jnp.float32 if state.master is not None else p.dtype
         grads = jax.tree.map(lambda g, p: g.astype(dtype_of(p)), grads, params)
         grads, norm = clip_compressed(grads, max_grad_norm)
