@@ -196,9 +196,23 @@ class RolloutOutput(NamedTuple):
     stats: RolloutStats
 
 
+def _constrain(tree, sharding):
+    """``tree``'s leaves laid out by ``sharding`` (a leading/slot-axis sharding); as is if None."""
+    if sharding is None:
+        return tree
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), tree)
+
+
+_SLOT_FIELDS = ("kv", "valid", "logits", "seq", "pos", "base")
+
+
 def _rollout_program(graphdef, params, prompt_tokens, prompt_mask, key, *, sampling,
-                     num_samples, num_slots, chunk, pad_id):
+                     num_samples, num_slots, chunk, pad_id, batch_sharding=None):
     """The traced program: shared prefill, then the slot loop. See :func:`rollout`."""
+
+    def shard(st):
+        return dict(st, **_constrain({f: st[f] for f in _SLOT_FIELDS}, batch_sharding))
+
     model = nnx.merge(graphdef, params)
     config = model.config
     num_prompts, lp = prompt_tokens.shape
@@ -231,6 +245,7 @@ def _rollout_program(graphdef, params, prompt_tokens, prompt_mask, key, *, sampl
         logps=jnp.zeros((total, n), jnp.float32),
         steps=jnp.zeros((), jnp.int32),
     )
+    state = shard(state)
 
     def refill(st):
         empty = st["seq"] < 0
@@ -276,9 +291,9 @@ def _rollout_program(graphdef, params, prompt_tokens, prompt_mask, key, *, sampl
         caches = tuple(SlotCache(k, v, write, valid, num_chunks, chunk) for k, v in st["kv"])
         h, caches = model.hidden(token[:, None], (st["base"] + pos)[:, None], None, caches, 0)
         logits = model.logits(h[:, 0])
-        return dict(st, kv=[(c.k, c.v) for c in caches], valid=valid, logits=logits,
-                    seq=jnp.where(done, -1, seq), pos=pos + active.astype(jnp.int32),
-                    tokens=tokens, logps=logps, steps=st["steps"] + 1)
+        return shard(dict(st, kv=[(c.k, c.v) for c in caches], valid=valid, logits=logits,
+                          seq=jnp.where(done, -1, seq), pos=pos + active.astype(jnp.int32),
+                          tokens=tokens, logps=logps, steps=st["steps"] + 1))
 
     def cond(st):
         return jnp.any(st["seq"] >= 0) | (st["next_seq"] < total)
@@ -311,7 +326,8 @@ def rebucket(tokens: np.ndarray, mask: np.ndarray, pad_id: int) -> tuple[np.ndar
 def rollout(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Any, prompt_mask: Any,
             key: jax.Array, sampling: SamplingParams = SamplingParams(), *,
             num_samples: int = 1, num_slots: int | None = None, chunk_size: int = 64,
-            pad_id: int = 0, bucket: bool = True) -> RolloutOutput:
+            pad_id: int = 0, bucket: bool = True,
+            batch_sharding: jax.sharding.Sharding | None = None) -> RolloutOutput:
     """``num_samples`` completions for each left-padded prompt, by continuous batching.
 
     Args:
@@ -328,6 +344,11 @@ def rollout(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Any, promp
             ``ceil(filled / chunk_size)`` chunks of every slot's cache.
         pad_id: token written after a sequence has stopped.
         bucket: re-pad the prompts to :func:`~sparsejax.sampling.bucket_length`.
+        batch_sharding: optional sharding of the slot axis (e.g. ``NamedSharding(mesh,
+            PartitionSpec("data"))``): the slots' KV cache and per-slot arrays are
+            constrained to it (``jax.lax.with_sharding_constraint``), so the cache is
+            batch-sharded on a mesh; the tokens are the same as without it. ``None``
+            (default) adds no constraint.
 
     Returns:
         :class:`RolloutOutput` (host arrays and :class:`RolloutStats`).
@@ -350,8 +371,11 @@ def rollout(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Any, promp
     slots = min(slots, total)
     if bucket:
         tokens, mask = rebucket(tokens, mask, pad_id)
+    if batch_sharding is not None and not isinstance(batch_sharding, jax.sharding.Sharding):
+        raise ValueError(f"batch_sharding must be a jax.sharding.Sharding or None, got "
+                         f"{type(batch_sharding).__name__}")
     static = dict(sampling=sampling, num_samples=int(num_samples), num_slots=slots,
-                  chunk=int(chunk_size), pad_id=int(pad_id))
+                  chunk=int(chunk_size), pad_id=int(pad_id), batch_sharding=batch_sharding)
     sig = (graphdef, tuple(sorted(static.items(), key=lambda kv: kv[0])),
            _signature(params), tokens.shape, _signature(key))
     compile_s = 0.0

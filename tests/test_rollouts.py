@@ -184,3 +184,19 @@ def test_rollout_rejects_bad_input(qwen_tiny):
         rollouts.rollout(graphdef, params, tokens, np.zeros_like(mask), key, SAMPLED)
     with pytest.raises(ValueError, match="prompt_tokens"):
         rollouts.rollout(graphdef, params, tokens[:, :-1], mask, key, SAMPLED)
+
+
+def test_batch_sharding_on_one_device_gives_the_same_tokens(qwen_tiny):
+    graphdef, params = nnx.split(qwen_tiny)
+    tokens, mask = prompts(qwen_tiny.config.vocab_size, seed=7)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    run = lambda **kw: rollouts.rollout(  # noqa: E731
+        graphdef, params, tokens, mask, jax.random.key(3), SAMPLED, num_samples=2,
+        num_slots=4, chunk_size=4, **kw)
+    ref, got = run(), run(batch_sharding=sharding)
+    assert got.stats.compile_s > 0                       # its own program
+    np.testing.assert_array_equal(got.tokens, ref.tokens)
+    np.testing.assert_array_equal(got.logprobs, ref.logprobs)
+    with pytest.raises(ValueError, match="batch_sharding"):
+        run(batch_sharding="data")
