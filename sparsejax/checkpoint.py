@@ -1,16 +1,37 @@
-"""Verified orbax checkpoints of sparse-training trees (params, optimizer state, mask).
+"""Verified, sharded orbax checkpoints of sparse-training trees (params, optimizer
+state, mask), restored onto any mesh.
 
 Sparse trees hold zero-size arrays (the mask and moments of a frozen tensor), which
 orbax refuses to write. These helpers swap them for ``None`` on save and rebuild them
-from the target's shapes on restore, so any tree of arrays round-trips exactly.
+from the target's shapes (and shardings) on restore, so any tree of arrays round-trips
+exactly.
+
+Sharding: jax arrays are written as they lie, each process writing the shards it holds
+(orbax coordinates the processes); nothing is gathered. Restore reads into the
+structure, shapes, dtypes and shardings of a target tree (``like``), so a checkpoint
+written on one mesh resumes on another mesh, on one device, or on another number of
+processes (orbax reads each target shard's slice). Before any array is read, every
+tensor's saved shape and dtype are compared with the target's, and the target's
+sharding must divide its shape: otherwise a one-line :class:`ReshardError` names the
+tensor.
 
 :class:`CheckpointManager` keeps numbered checkpoints ``<directory>/<step>/`` of one
 run. Each holds the orbax state (``state/``, written atomically by orbax) and then
-``manifest.json`` (written atomically, last): the SHA-256 of every stored array and the
-run's identity. A checkpoint without a manifest is incomplete; one whose arrays do not
-match their checksums, or that orbax cannot read, is damaged. Restore verifies every
-array and falls back to the newest intact checkpoint, reporting each one skipped in one
-line; nothing corrupted is ever returned.
+``manifest.json`` (written atomically, last, by process 0): each stored array's shape,
+dtype and checksum, and the run's identity. A checkpoint without a manifest is
+incomplete; one whose arrays do not match their checksums, or that orbax cannot read, is
+damaged. Restore verifies every array and falls back to the newest intact checkpoint,
+reporting each one skipped in one line; nothing corrupted is ever returned.
+
+The checksum (:func:`fingerprints`) is a function of an array's global value alone, not
+of its layout: a sum mod 2**32, in two independent lanes, of a hash of every 32-bit
+word and its global position (a bijection of the word for a fixed position, so any one
+changed word always changes it; more changes collide with probability ~2**-64). Each
+device hashes its own shards and the sums are combined by one small reduction, so
+every process gets the same value without gathering an array, and a checkpoint read
+back on another mesh verifies against the value computed on the mesh that wrote it.
+(Manifests of format 1 hold SHA-256 digests of the bytes; they still verify where the
+arrays are addressable by one process.)
 """
 
 from __future__ import annotations
@@ -18,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -26,22 +48,34 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from sparsejax import distributed
 from sparsejax import run_dir
 
 PyTree = Any
 MANIFEST = "manifest.json"
 STATE = "state"
+FORMAT = 2
 
 
 class CheckpointError(run_dir.RunError):
     """No intact checkpoint to restore (each one tried is named with its defect)."""
 
 
+class ReshardError(ValueError):
+    """A checkpoint's tensor does not fit the run's target (shape, dtype or sharding);
+    a setting to fix, not damage: restore refuses instead of falling back."""
+
+
+def _size(x: Any) -> int:
+    return math.prod(x.shape)
+
+
 def _is_empty(x: Any) -> bool:
-    return hasattr(x, "shape") and np.size(x) == 0 and len(np.shape(x)) > 0
+    return hasattr(x, "shape") and hasattr(x, "dtype") and len(x.shape) > 0 and _size(x) == 0
 
 
 def strip_empty(tree: PyTree) -> PyTree:
@@ -49,15 +83,113 @@ def strip_empty(tree: PyTree) -> PyTree:
     return jax.tree.map(lambda x: None if _is_empty(x) else x, tree)
 
 
+def _empty_like(ref: Any) -> Any:
+    sharding = getattr(ref, "sharding", None)
+    zeros = np.zeros(ref.shape, ref.dtype)
+    if isinstance(ref, np.ndarray) or sharding is None:
+        return zeros
+    return jax.make_array_from_callback(ref.shape, sharding, lambda index: zeros[index])
+
+
 def fill_empty(restored: PyTree, like: PyTree) -> PyTree:
-    """Puts back the zero-size arrays of ``like`` that :func:`strip_empty` removed."""
-    return jax.tree.map(
-        lambda ref, got: np.zeros(ref.shape, ref.dtype) if _is_empty(ref) else got,
-        like, restored, is_leaf=lambda x: x is None)
+    """Puts back the zero-size arrays of ``like`` that :func:`strip_empty` removed (jax
+    arrays with ``like``'s sharding, numpy arrays for numpy leaves)."""
+    return jax.tree.map(lambda ref, got: _empty_like(ref) if _is_empty(ref) else got,
+                        like, restored, is_leaf=lambda x: x is None)
+
+
+# ---------------------------------------------------------------------- checksums
+
+_M1, _M2, _GOLDEN = 0x85EBCA6B, 0xC2B2AE35, 0x9E3779B9
+_LANES = (0x243F6A88, 0xB7E15162)
+
+
+def _fmix(xp: Any, h: Any) -> Any:
+    """MurmurHash3's 32-bit finalizer (a bijection of uint32)."""
+    u = xp.uint32
+    h = h ^ (h >> u(16))
+    h = h * u(_M1)
+    h = h ^ (h >> u(13))
+    h = h * u(_M2)
+    return h ^ (h >> u(16))
+
+
+def _lane_sums(xp: Any, words: Any, index: Any) -> list[Any]:
+    u = xp.uint32
+    return [xp.sum(_fmix(xp, words ^ _fmix(xp, index * u(_GOLDEN) + u(seed))), dtype=u)
+            for seed in _LANES]
+
+
+def _numpy_words(a: np.ndarray) -> np.ndarray:
+    """The array as row-major uint32 words: one per element below 4 bytes (zero-extended),
+    ``itemsize / 4`` per element otherwise (little-endian order)."""
+    a = np.ascontiguousarray(a).reshape(-1)
+    if a.dtype == np.bool_:
+        return a.astype(np.uint32)
+    if a.dtype.itemsize < 4:
+        return a.view(f"u{a.dtype.itemsize}").astype(np.uint32)
+    return a.view("<u4")
+
+
+def _jax_words(x: jax.Array) -> jax.Array:
+    """:func:`_numpy_words` of a jax array, without reshaping it (shards stay put): the
+    words have ``x``'s shape, plus a trailing axis for 8-byte and larger dtypes."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    size = jnp.dtype(x.dtype).itemsize
+    if size < 4:
+        return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * size}")).astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+
+
+def _jax_leaf_sums(x: jax.Array) -> list[jax.Array]:
+    words = _jax_words(x)
+    index, stride = jnp.zeros(words.shape, jnp.uint32), 1
+    for dim in reversed(range(words.ndim)):  # the row-major position, shard by shard
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, words.shape, dim) * jnp.uint32(
+            stride % 2**32)
+        stride *= words.shape[dim]
+    return _lane_sums(jnp, words, index)
+
+
+_jax_sums = jax.jit(lambda leaves: [_jax_leaf_sums(x) for x in leaves])
+
+
+def _digest(lanes: Any) -> str:
+    return "".join(f"{int(np.asarray(v)):08x}" for v in lanes)
+
+
+def fingerprints(tree: PyTree) -> dict[str, str]:
+    """The layout-independent checksum of each array of ``tree`` (see the module
+    docstring), keyed by its path. Numpy arrays are hashed on the host; jax arrays where
+    they lie (one jitted reduction per set of devices). With several processes every
+    process must call it (it runs a collective) and all get the same values."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    out: dict[str, str] = {}
+    groups: dict[Any, list[tuple[str, jax.Array]]] = {}
+    for path, leaf in leaves:
+        key = jax.tree_util.keystr(path)
+        if isinstance(leaf, jax.Array):
+            groups.setdefault(frozenset(d.id for d in leaf.sharding.device_set), []
+                              ).append((key, leaf))
+        else:
+            words = _numpy_words(np.asarray(leaf))
+            out[key] = _digest(_lane_sums(np, words, np.arange(words.size, dtype=np.uint32)))
+    for items in groups.values():
+        for (key, _), lanes in zip(items, _jax_sums([x for _, x in items])):
+            out[key] = _digest(lanes)
+    return {k: out[k] for k in sorted(out)}
+
+
+def tensor_specs(tree: PyTree) -> dict[str, list]:
+    """``[shape, dtype]`` of each array of ``tree``, keyed by its path."""
+    return {jax.tree_util.keystr(p): [list(x.shape), np.dtype(x.dtype).name]
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def checksums(tree: PyTree) -> dict[str, str]:
-    """SHA-256 of each array of ``tree`` (dtype, shape and bytes), keyed by its path."""
+    """SHA-256 of each array of ``tree`` (dtype, shape and bytes), keyed by its path: the
+    checksums of format-1 manifests (needs arrays addressable by this process)."""
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         a = np.ascontiguousarray(np.asarray(leaf))
@@ -67,20 +199,89 @@ def checksums(tree: PyTree) -> dict[str, str]:
     return out
 
 
+# ---------------------------------------------------------------------- resharding
+
+
+def _process_local(x: Any) -> bool:
+    """A jax array of one process in a run of several (e.g. a PRNG key on a process's
+    own device): every process holds the same value, stored once like a numpy array."""
+    return (isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) and distributed.is_multiprocess()
+            and getattr(x, "sharding", None) is not None and x.sharding.is_fully_addressable)
+
+
+def _to_storable(tree: PyTree) -> PyTree:
+    return jax.tree.map(lambda x: np.asarray(x) if _process_local(x) else x, tree)
+
+
+def _target(like: PyTree) -> PyTree:
+    """What orbax restores into: shape, dtype and (for jax arrays) sharding of ``like``."""
+    def one(x):
+        if _process_local(x):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype)
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return x
+        return ocp.utils.to_shape_dtype_struct(x)
+    return jax.tree.map(one, like)
+
+
+def _placed(restored: PyTree, like: PyTree) -> PyTree:
+    """Process-local leaves (see :func:`_process_local`) put back on their device."""
+    return jax.tree.map(lambda ref, got: jax.device_put(got, ref.sharding)
+                        if got is not None and _process_local(ref) else got,
+                        like, restored, is_leaf=lambda x: x is None)
+
+
+def check_reshardable(saved: Mapping[str, list], target: PyTree, where: str) -> None:
+    """Raises :class:`ReshardError` (one line naming the tensor) unless every tensor of
+    ``target`` was saved (``saved``: :func:`tensor_specs` of the checkpoint) with its
+    shape and dtype and the target's sharding divides its shape."""
+    specs = tensor_specs(target)
+    extra = sorted(set(specs) - set(saved))
+    if extra:
+        raise ReshardError(f"cannot restore {where}: it has no tensor {extra[0]}"
+                           f"{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''}; "
+                           "the run's state differs from the checkpoint's")
+    missing = sorted(set(saved) - set(specs))
+    if missing:
+        raise ReshardError(f"cannot restore {where}: the run has no tensor {missing[0]} "
+                           "that the checkpoint holds")
+    for key, (shape, dtype) in specs.items():
+        want_shape, want_dtype = saved[key]
+        if list(shape) != list(want_shape) or dtype != want_dtype:
+            raise ReshardError(f"cannot restore {where}: tensor {key} was saved as "
+                               f"{want_dtype}{tuple(want_shape)}, the run expects "
+                               f"{dtype}{tuple(shape)}")
+    for path, x in jax.tree_util.tree_flatten_with_path(target)[0]:
+        sharding = getattr(x, "sharding", None)
+        if not isinstance(sharding, jax.sharding.NamedSharding):
+            continue
+        sizes = dict(zip(sharding.mesh.axis_names, sharding.mesh.devices.shape))
+        for dim, axes in zip(x.shape, sharding.spec):
+            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            parts = math.prod(sizes[a] for a in axes)
+            if parts > 1 and dim % parts:
+                raise ReshardError(
+                    f"cannot restore {where}: tensor {jax.tree_util.keystr(path)} of shape "
+                    f"{tuple(x.shape)} cannot be split {parts} ways over mesh axis "
+                    f"{'x'.join(axes)} (dimension {dim}); choose a --mesh whose axes divide it")
+
+
 def save(directory: str | os.PathLike, tree: PyTree) -> None:
-    """Writes ``tree`` (arrays, scalars, NamedTuples, dicts) to a new orbax checkpoint."""
+    """Writes ``tree`` (arrays, scalars, NamedTuples, dicts) to a new orbax checkpoint;
+    sharded jax arrays are written shard by shard by the processes that hold them."""
     with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(os.path.abspath(directory), strip_empty(tree))
+        ckpt.save(os.path.abspath(directory), _to_storable(strip_empty(tree)))
         ckpt.wait_until_finished()
 
 
 def restore(directory: str | os.PathLike, like: PyTree) -> PyTree:
     """Reads a checkpoint written by :func:`save` into the structure, shapes and
-    dtypes (and shardings, for jax arrays) of ``like``."""
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, strip_empty(like))
+    dtypes (and shardings, for jax arrays) of ``like`` (arrays or
+    ``jax.ShapeDtypeStruct``s): a tree saved on one mesh restores onto any other."""
+    stripped = strip_empty(like)
     with ocp.StandardCheckpointer() as ckpt:
-        restored = ckpt.restore(os.path.abspath(directory), target)
-    return fill_empty(restored, like)
+        restored = ckpt.restore(os.path.abspath(directory), _target(stripped))
+    return fill_empty(_placed(restored, stripped), like)
 
 
 @contextlib.contextmanager
@@ -184,27 +385,39 @@ class CheckpointManager:
              ) -> None:
         """Writes checkpoint ``step`` (replacing one there), then prunes old ones.
 
+        Jax arrays are written where they lie (sharded arrays shard by shard, by the
+        process holding each shard); with several processes every process calls this
+        and process 0 alone manages the folders and writes the manifest.
+
         Raises:
             run_dir.DiskFullError: the disk filled (the partial checkpoint is removed).
         """
         path = self._path(step)
-        host = jax.device_get(strip_empty(tree))
+        tree = _to_storable(strip_empty(tree))
+        main = distributed.is_main()
         try:
             with run_dir.disk_errors(path):
-                os.makedirs(self.directory, exist_ok=True)
-                if os.path.exists(path):
-                    shutil.rmtree(path)
-                os.makedirs(path)
+                if main:
+                    os.makedirs(self.directory, exist_ok=True)
+                    if os.path.exists(path):
+                        shutil.rmtree(path)
+                    os.makedirs(path)
+                distributed.barrier(f"checkpoint-{step}-folder")
                 with _quiet_writer_threads(), ocp.StandardCheckpointer() as ckpt:
-                    ckpt.save(os.path.join(path, STATE), host)
+                    ckpt.save(os.path.join(path, STATE), tree)
                     ckpt.wait_until_finished()
-                manifest = {"format": 1, "step": int(step), "checksums": checksums(host),
+                manifest = {"format": FORMAT, "step": int(step),
+                            "tensors": tensor_specs(tree), "checksums": fingerprints(tree),
                             "identity": dict(identity or {})}
-                run_dir.write_json_atomic(os.path.join(path, MANIFEST), manifest)
+                if main:
+                    run_dir.write_json_atomic(os.path.join(path, MANIFEST), manifest)
         except BaseException:
-            shutil.rmtree(path, ignore_errors=True)
+            if main:
+                shutil.rmtree(path, ignore_errors=True)
             raise
-        self._prune(keep_also=step)
+        if main:
+            self._prune(keep_also=step)
+        distributed.barrier(f"checkpoint-{step}-done")
 
     def _prune(self, keep_also: int) -> None:
         keep = set(self.complete_steps()[-self.keep:]) | {keep_also}
@@ -216,23 +429,28 @@ class CheckpointManager:
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
     def restore(self, step: int, like: PyTree) -> PyTree:
-        """Checkpoint ``step`` in the structure of ``like``, verified against its
-        manifest.
+        """Checkpoint ``step`` in the structure, shapes, dtypes and shardings of ``like``
+        (arrays or ``jax.ShapeDtypeStruct``s; any mesh), verified against its manifest.
 
         Raises:
             CheckpointError: it is incomplete or damaged (one line saying how).
+            ReshardError: a tensor does not fit ``like`` (names it; nothing is read).
         """
         path = self._path(step)
         try:
             manifest = self.manifest(step)
             expected = manifest["checksums"]
+            fmt = int(manifest.get("format", 1))
+            saved = manifest["tensors"] if fmt >= 2 else None
         except FileNotFoundError:
             raise CheckpointError(f"checkpoint {path} is incomplete (no {MANIFEST})") from None
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"checkpoint {path} is damaged ({MANIFEST}: "
                                   f"{type(e).__name__})") from None
         stripped = strip_empty(like)
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, stripped)
+        target = _target(stripped)
+        if saved is not None:
+            check_reshardable(saved, target, path)
         try:
             with ocp.StandardCheckpointer() as ckpt:
                 restored = ckpt.restore(os.path.join(path, STATE), target)
@@ -240,12 +458,15 @@ class CheckpointManager:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise CheckpointError(f"checkpoint {path} is damaged ({type(e).__name__}: "
                                   f"{first})") from None
-        got = checksums(restored)
+        got = fingerprints(restored) if fmt >= 2 else checksums(restored)
         bad = sorted(k for k in set(expected) | set(got) if expected.get(k) != got.get(k))
+        if saved is not None:
+            specs = tensor_specs(restored)
+            bad += sorted(k for k in specs if specs[k] != saved.get(k) and k not in bad)
         if bad:
             raise CheckpointError(f"checkpoint {path} is damaged (checksum of {bad[0]} "
                                   f"differs{f' and {len(bad) - 1} more' if len(bad) > 1 else ''})")
-        return fill_empty(restored, like)
+        return fill_empty(_placed(restored, stripped), like)
 
     def restore_latest(self, like: PyTree, *,
                        check_identity: Callable[[Mapping[str, Any], str], None] | None = None,

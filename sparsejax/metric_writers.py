@@ -207,12 +207,17 @@ def create_writer(report_to: str | Sequence[str], out_dir: str | os.PathLike, *,
     """The writers of a ``--report-to`` value, under ``out_dir`` (see the module doc for paths).
 
     ``run_name`` and ``config`` (the run's flags) go to W&B; ``wandb_project`` defaults to
-    ``$WANDB_PROJECT`` or ``"sparsejax"``.
+    ``$WANDB_PROJECT`` or ``"sparsejax"``. In a run of several processes only process 0
+    writes metrics: elsewhere the names are checked and an empty writer comes back.
     """
+    from sparsejax import distributed  # pylint: disable=g-import-not-at-top
     out_dir = os.fspath(out_dir)
     writers: list[MetricWriter] = []
+    names = check_report_to(report_to)
+    if not distributed.is_main():
+        return MultiWriter(writers)
     try:
-        for name in check_report_to(report_to):
+        for name in names:
             if name == "jsonl":
                 writers.append(JsonlWriter(os.path.join(out_dir, jsonl_name)))
             elif name == "tensorboard":

@@ -2,7 +2,11 @@
 
 A run holds an exclusive ``flock`` on ``<out_dir>/.lock`` while it runs (the kernel
 drops it when the process dies, so a stale lock of a dead process never blocks; the
-file keeps the holder's pid only for the error message). A new run refuses a folder
+file keeps the holder's pid only for the error message). A run of several processes
+(:mod:`sparsejax.distributed`) sharing one folder takes one lock per process:
+``.lock`` for process 0 (so a one-process run and a many-process run exclude each
+other), ``.lock.<i>`` for process ``i``. Process 0 alone removes an earlier run's
+outputs and writes or clears ``finished.json``; every process takes the same decisions. A new run refuses a folder
 that holds any earlier run's outputs unless it resumes or overwrites them. The run's
 identity (the settings a resume must not change) is stored in every checkpoint's
 manifest and compared on resume. ``finished.json`` is written last, after the final
@@ -25,6 +29,8 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from sparsejax import distributed
+
 OUTPUTS = ("metrics.jsonl", "checkpoints", "final_eval.json", "final_model", "curves.png",
            "finished.json", "tensorboard", "wandb")  # the last two: --report-to writers
 FINISHED = "finished.json"
@@ -34,7 +40,8 @@ LOCK = ".lock"
 RESUMABLE = frozenset({
     "steps", "eval_every", "eval_limit", "eval_temperature", "eval_batch_size",
     "eval_max_new_tokens", "save_every", "keep_checkpoints", "generation_batch_size",
-    "micro_batch_size", "logprob_chunk_size", "backend", "progress"})
+    "micro_batch_size", "logprob_chunk_size", "backend", "progress",
+    "mesh", "coordinator_address", "num_processes", "process_id"})  # a resume may reshard
 
 # Config field -> command-line flag, where the two names differ.
 FLAG_NAMES = {"learning_rate": "--lr", "sparse.learning_rate": "--lr",
@@ -148,9 +155,15 @@ def check_out_dir(out_dir: str | os.PathLike, flag: str = "--out-dir") -> str:
     return out_dir
 
 
+def lock_name() -> str:
+    """This process's lock file name (``.lock``, or ``.lock.<i>`` for process ``i > 0``)."""
+    i = distributed.process_index()
+    return LOCK if i == 0 else f"{LOCK}.{i}"
+
+
 def lock(out_dir: str | os.PathLike) -> None:
     """Takes the run's exclusive lock on ``out_dir`` (created if missing) for the life
-    of this process; a second take in the same process is a no-op.
+    of this process (:func:`lock_name`); a second take in the same process is a no-op.
 
     Raises:
         RunError: another live process holds the lock (its pid is named).
@@ -160,7 +173,7 @@ def lock(out_dir: str | os.PathLike) -> None:
     key = os.path.realpath(out_dir)
     if key in _HELD:
         return
-    path = os.path.join(out_dir, LOCK)
+    path = os.path.join(out_dir, lock_name())
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -204,12 +217,19 @@ def refuse_earlier_run(out_dir: str | os.PathLike, *, overwrite: bool = False) -
         ValueError: the folder holds outputs of an earlier run (names them).
     """
     found = earlier_outputs(out_dir)
+    distributed.barrier("run-dir-looked")  # every process looks before any removal
     if not found:
         return
     if not overwrite:
         raise ValueError(f"{os.fspath(out_dir)} holds outputs of an earlier run "
                          f"({', '.join(found)}): pass --resume to continue it, --overwrite "
                          "to replace it, or choose another --out-dir")
+    if distributed.is_main():
+        _remove(out_dir, found)
+    distributed.barrier("run-dir-cleared")
+
+
+def _remove(out_dir: str | os.PathLike, found: list[str]) -> None:
     for name in found:
         path = os.path.join(out_dir, name)
         if os.path.isdir(path):
@@ -228,10 +248,15 @@ def finished_step(out_dir: str | os.PathLike) -> int | None:
 
 
 def mark_finished(out_dir: str | os.PathLike, step: int) -> None:
-    write_json_atomic(os.path.join(out_dir, FINISHED), {"step": int(step)})
+    """Writes ``finished.json`` (process 0 only)."""
+    if distributed.is_main():
+        write_json_atomic(os.path.join(out_dir, FINISHED), {"step": int(step)})
 
 
 def clear_finished(out_dir: str | os.PathLike) -> None:
+    """Removes ``finished.json`` (process 0 only)."""
+    if not distributed.is_main():
+        return
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(out_dir, FINISHED))
 

@@ -337,15 +337,29 @@ def load_hf(source: str | os.PathLike, *, config: DecoderConfig | None = None,
     return nnx.merge(graphdef, params)
 
 
-def hf_state_dict(model: Decoder, dtype: str | None = None) -> dict[str, np.ndarray]:
-    """The model's weights as HF-named host numpy arrays (in ``dtype``, default the params')."""
+def host_array(x: Any) -> np.ndarray:
+    """``x`` as one host numpy array. A jax array sharded over devices of other
+    processes is gathered (``process_allgather``; every process must call this, in the
+    same order, and each gets the whole array): one tensor at a time bounds the memory."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def hf_state_dict(model: Decoder, dtype: str | None = None, *, keep: bool = True
+                  ) -> dict[str, np.ndarray]:
+    """The model's weights as HF-named host numpy arrays (in ``dtype``, default the
+    params'), gathered tensor by tensor from any mesh (:func:`host_array`). With
+    ``keep=False`` (the processes that do not write) each tensor is dropped once gathered."""
     np_dtype = jnp.dtype(dtype or model.config.param_dtype)
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         key = ".".join(map(str, path))
         name, transpose = param_to_hf(key)
-        arr = np.asarray(jax.device_get(var.get_value()))
-        out[name] = np.ascontiguousarray((arr.T if transpose else arr).astype(np_dtype))
+        arr = host_array(var.get_value())
+        if keep:
+            out[name] = np.ascontiguousarray((arr.T if transpose else arr).astype(np_dtype))
     return out
 
 
@@ -377,10 +391,17 @@ def save_hf(model: Decoder, folder: str | os.PathLike, *, tokenizer: Any = None,
         tokenizer: an optional transformers tokenizer to save beside the weights.
         dtype: dtype to write (default the params' dtype).
         max_shard_bytes: largest size of one safetensors file.
+
+    Sharded params (any mesh, any number of processes) are gathered tensor by tensor;
+    with several processes every process must call this and only process 0 writes.
     """
+    from sparsejax import distributed  # pylint: disable=g-import-not-at-top
     folder = os.fspath(folder)
+    main = distributed.is_main()
+    tensors = hf_state_dict(model, dtype, keep=main)
+    if not main:
+        return folder
     os.makedirs(folder, exist_ok=True)
-    tensors = hf_state_dict(model, dtype)
     names = sorted(tensors)
     sizes = {n: tensors[n].nbytes for n in names}
     groups = _shard_groups(names, sizes, max_shard_bytes)

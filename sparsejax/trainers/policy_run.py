@@ -4,7 +4,10 @@ A run (see DESIGN.md, "A run is a unit that survives") locks its output folder, 
 an earlier run's outputs unless it resumes or overwrites them, stores its identity in
 every checkpoint and checks it on resume, restores the newest intact checkpoint, stops
 cleanly on SIGINT/SIGTERM (see :mod:`sparsejax.trainers.signals`), and finishes with the
-final evaluation, the plot, the final model and ``finished.json`` (written last). A run
+final evaluation, the plot, the final model and ``finished.json`` (written last). In a
+run of several processes (:mod:`sparsejax.distributed`) every process writes its shards
+of each checkpoint and process 0 alone writes everything else; a checkpoint restores
+onto the run's current mesh, whatever mesh wrote it. A run
 stopped anywhere, even after its last step, is completed by resuming it; resuming a
 finished run changes nothing.
 """
@@ -16,6 +19,7 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -23,6 +27,7 @@ import jax
 import numpy as np
 
 from sparsejax import checkpoint as ckpt_lib
+from sparsejax import distributed
 from sparsejax import run_dir
 from sparsejax.trainers import signals
 from sparsejax.trainers.reporting import MetricsLog, read_metrics
@@ -32,10 +37,14 @@ PyTree = Any
 
 
 def tree_digest(tree: PyTree) -> str:
-    """A short SHA-256 of the arrays (or JSON-able values) of ``tree``."""
+    """A short SHA-256 of the arrays (or JSON-able values) of ``tree``; the same for any
+    layout of the arrays (sharded ones are gathered tensor by tensor: with several
+    processes every process must call it)."""
+    from sparsejax.models.hf_io import host_array  # pylint: disable=g-import-not-at-top
     h = hashlib.sha256()
     for leaf in jax.tree.leaves(tree):
-        a = np.ascontiguousarray(np.asarray(leaf))
+        a = np.ascontiguousarray(host_array(leaf) if isinstance(leaf, jax.Array)
+                                 else np.asarray(leaf))
         h.update(f"{a.dtype.str}{a.shape}".encode())
         h.update(a.view(np.uint8).reshape(-1) if a.size and a.dtype != object else
                  json.dumps(a.tolist()).encode())
@@ -224,23 +233,35 @@ class PolicyRun:
                final_model_dir: str | os.PathLike | None = None) -> dict[str, Any] | None:
         """The end of a run after its final checkpoint: final evaluation
         (``final_eval.json``), ``curves.png``, the final model (with
-        ``final_model_dir``), then ``finished.json``; each written whole or not at all."""
+        ``final_model_dir``), then ``finished.json``; each written whole or not at all.
+
+        With several processes all of them evaluate and gather the final model (both
+        are collective) and process 0 alone writes these files."""
+        main = distributed.is_main()
         last = None
         if final_eval_fn is not None:
             last = final_eval_fn()
             log.write(last)
-            from sparsejax.trainers.reporting import to_python  # pylint: disable=g-import-not-at-top
-            run_dir.write_json_atomic(os.path.join(self.out_dir, "final_eval.json"),
-                                      to_python(last))
-        curves = os.path.join(self.out_dir, "curves.png")
-        tmp = os.path.join(self.out_dir, ".curves.tmp.png")
-        with run_dir.disk_errors(curves):
-            plot_fn(read_metrics(log.path), tmp)
-            os.replace(tmp, curves)
+            if main:
+                from sparsejax.trainers.reporting import to_python  # pylint: disable=g-import-not-at-top
+                run_dir.write_json_atomic(os.path.join(self.out_dir, "final_eval.json"),
+                                          to_python(last))
+        if main:
+            curves = os.path.join(self.out_dir, "curves.png")
+            tmp = os.path.join(self.out_dir, ".curves.tmp.png")
+            with run_dir.disk_errors(curves):
+                plot_fn(read_metrics(log.path), tmp)
+                os.replace(tmp, curves)
         if final_model_dir is not None:
-            with run_dir.atomic_folder(final_model_dir) as folder:
-                self.save_model(folder)
+            if main:
+                with run_dir.atomic_folder(final_model_dir) as folder:
+                    self.save_model(folder)
+            else:  # gathers with process 0; whatever it writes here is thrown away
+                with tempfile.TemporaryDirectory(prefix="sparsejax-not-main-") as folder:
+                    self.save_model(folder)
+        distributed.barrier("final-outputs")
         run_dir.mark_finished(self.out_dir, self.step)
+        distributed.barrier("finished")
         return last
 
     def save_model(self, folder: str | os.PathLike) -> str:  # pragma: no cover

@@ -45,12 +45,19 @@ class MetricsLog:
     only. The log never closes the writer: its creator does. The file stays the run's
     own record (plots and resumes read it); a resumed run's writer sees the steps after
     the checkpoint again.
+
+    In a run of several processes only process 0 (:func:`sparsejax.distributed.is_main`)
+    touches the file and the writer; on the others the log does nothing.
     """
 
     def __init__(self, path: str | os.PathLike, *, resume_step: int | None = None,
                  final_step: int | None = None, writer: Any = None):
+        from sparsejax import distributed  # pylint: disable=g-import-not-at-top
         self.path = os.fspath(path)
         self.writer = writer
+        self.active = distributed.is_main()
+        if not self.active:
+            return
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         if not os.path.exists(self.path):
             return
@@ -66,6 +73,8 @@ class MetricsLog:
         run_dir.atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: Mapping[str, Any]) -> None:
+        if not self.active:
+            return
         from sparsejax import run_dir  # pylint: disable=g-import-not-at-top
         line = json.dumps(to_python(record)) + "\n"
         with run_dir.disk_errors(self.path):
