@@ -158,18 +158,22 @@ def test_chunked_decode_attention_equals_full_masked_attention():
     s, h, kv, d, chunk, c = 4, 6, 2, 8, 4, 20
     q = jnp.asarray(rng.normal(size=(s, h, d)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(s, kv, c, d)), jnp.float32) for _ in range(2))
-    valid = np.zeros((s, c), bool)
-    valid[0, 2:7] = True             # first chunk partly padding
-    valid[1, 5:14] = True            # first chunk all padding
-    valid[2, [0, 11, 12, 13]] = True
+    fill = np.array([3, 9, 14, 0])          # ragged: inside a chunk, on a boundary, none
+    valid = np.arange(c)[None] < fill[:, None]
     ref = _xla_attention(q[:, None], k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
                          jnp.asarray(valid)[:, None])[:, 0]
     fn = jax.jit(rollouts.chunked_decode_attention, static_argnums=5)
-    got = fn(q, k, v, jnp.asarray(valid), 4, chunk)          # 16 of 20 slots: enough
+    kt = k.transpose(0, 1, 3, 2)                              # keys stored [S, kv, D, C]
+    got = fn(q, kt, v, jnp.asarray(fill), 4, chunk)           # 16 of 20 slots: enough
     np.testing.assert_allclose(np.asarray(got[:3]), np.asarray(ref[:3]), atol=1e-5)
     assert (np.asarray(got[3]) == 0).all()                   # nothing valid: zeros
-    more = fn(q, k, v, jnp.asarray(valid), 5, chunk)         # an extra all-masked chunk
+    more = fn(q, kt, v, jnp.asarray(fill), 5, chunk)         # an extra all-masked chunk
     np.testing.assert_array_equal(np.asarray(more), np.asarray(got))
+    # garbage past a row's fill changes nothing
+    noise = jnp.asarray(rng.normal(size=kt.shape), jnp.float32)
+    dirty = fn(q, jnp.where(jnp.asarray(valid)[:, None, None], kt, noise), v,
+               jnp.asarray(fill), 4, chunk)
+    np.testing.assert_array_equal(np.asarray(dirty), np.asarray(got))
 
 
 def test_rollout_rejects_bad_input(qwen_tiny):
