@@ -195,6 +195,7 @@ def check_run_args(args: argparse.Namespace) -> None:
     if args.resume and getattr(args, "overwrite", False):
         raise ValueError("--resume and --overwrite exclude each other")
     check_report_to_flag(args)
+    check_distributed_args(args)
 
 
 def check_report_to_flag(args: argparse.Namespace) -> tuple[str, ...]:
@@ -290,6 +291,38 @@ def add_run_args(parser: argparse.ArgumentParser, default_out: str) -> None:
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_report_to_arg(group)
+    add_distributed_args(parser)
+
+
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    """``--coordinator-address`` / ``--num-processes`` / ``--process-id`` (or the
+    ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` variables;
+    SLURM and Open MPI launches are detected): see :mod:`sparsejax.distributed`."""
+    group = parser.add_argument_group("many processes (hosts)")
+    group.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                       help="process 0's address for jax.distributed (default "
+                            "$JAX_COORDINATOR_ADDRESS; unset: one process)")
+    group.add_argument("--num-processes", type=int, default=None,
+                       help="processes of the run (default $JAX_NUM_PROCESSES)")
+    group.add_argument("--process-id", type=int, default=None,
+                       help="this process's index, 0 writes the run's outputs "
+                            "(default $JAX_PROCESS_ID)")
+
+
+def check_distributed_args(args: argparse.Namespace) -> None:
+    """Raises ValueError naming the flag for bad or incomplete launch settings."""
+    from sparsejax.distributed import launch_settings  # pylint: disable=g-import-not-at-top
+    launch_settings(getattr(args, "coordinator_address", None),
+                    getattr(args, "num_processes", None), getattr(args, "process_id", None))
+
+
+def start_distributed(args: argparse.Namespace) -> None:
+    """Starts ``jax.distributed`` when the run is launched as several processes (before
+    any JAX computation); a no-op for one process."""
+    from sparsejax import distributed  # pylint: disable=g-import-not-at-top
+    distributed.initialize(getattr(args, "coordinator_address", None),
+                           getattr(args, "num_processes", None),
+                           getattr(args, "process_id", None))
 
 
 def add_report_to_arg(group: Any) -> None:
@@ -300,7 +333,8 @@ def add_report_to_arg(group: Any) -> None:
 
 
 def open_out_dir(args: argparse.Namespace) -> bool:
-    """Locks ``--out-dir`` for this process and checks what it holds, before any heavy
+    """Starts ``jax.distributed`` for a many-process launch (:func:`start_distributed`),
+    locks ``--out-dir`` for this process and checks what it holds, before any heavy
     work. Returns True when ``--resume`` finds the run finished (nothing to do).
 
     Raises:
@@ -309,6 +343,7 @@ def open_out_dir(args: argparse.Namespace) -> bool:
     """
     from sparsejax import run_dir  # pylint: disable=g-import-not-at-top
     from sparsejax.trainers import signals  # pylint: disable=g-import-not-at-top
+    start_distributed(args)  # before the lock: its name has the process index
     signals.install()
     run_dir.lock(args.out_dir)
     if not args.resume:
