@@ -45,12 +45,12 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax import backends
-from sparsejax.optim import gather, scatter
+from sparsejax.optim import gather_bits, scatter
 
 PyTree = Any
 
-__all__ = ["SparseWeight", "attach", "matmul", "take_rows", "value_and_grad",
-           "compressed_values", "use_sparse_grads", "AUTO_MAX_DENSITY"]
+__all__ = ["SparseWeight", "Transposed", "transpose", "attach", "matmul", "take_rows",
+           "value_and_grad", "compressed_values", "use_sparse_grads", "AUTO_MAX_DENSITY"]
 
 AUTO_MAX_DENSITY = {"cpu": 0.01, "gpu": 0.01}
 """Largest mask density (active / all entries) at which ``sparse_grads="auto"`` uses
@@ -128,15 +128,128 @@ def _coords(w: SparseWeight) -> tuple[jax.Array, jax.Array]:
 
 # ----------------------------------------------------------------------------- matmul
 
+_LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
-def _dense_matmul(x, w, preferred_element_type):
-    return jnp.matmul(x, w, preferred_element_type=preferred_element_type)
+
+@jax.tree_util.register_pytree_node_class
+class Transposed:
+    """``weight.T`` as :func:`matmul` takes it: ``x @ weight.T`` without a transpose op.
+
+    XLA:CPU runs a bf16 dot natively only for some layouts; a transposed bf16 weight
+    makes it convert the whole weight to float32 (a tied output matrix, ``embed.T``).
+    Make one with :func:`transpose`; any use other than :func:`matmul` sees ``weight.T``.
+    """
+
+    def __init__(self, weight):
+        self.weight = weight
+
+    def tree_flatten(self):
+        return (self.weight,), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape)[::-1]
+
+    @property
+    def dtype(self):
+        return self.weight.dtype
+
+    @property
+    def T(self):  # pylint: disable=invalid-name
+        return self.weight
+
+    def __jax_array__(self):
+        return self.weight.T
+
+
+def transpose(w):
+    """``w.T`` for :func:`matmul`: a :class:`SparseWeight`'s transposed view, or a
+    :class:`Transposed` view of an array (no transpose op is traced)."""
+    if isinstance(w, (SparseWeight, Transposed)):
+        return w.T
+    return Transposed(w)
+
+
+def _is_low_precision(x, w) -> bool:
+    return jnp.dtype(x.dtype) in _LOW_PRECISION and jnp.dtype(w.dtype) == jnp.dtype(x.dtype)
+
+
+def _contract(a, b, a_dim: int, b_dim: int):
+    """float32 ``dot_general`` contracting axis ``a_dim`` of ``a`` with ``b_dim`` of ``b``
+    (``b`` as stored: a transposed operand makes XLA:CPU convert a bf16 dot's operands
+    to float32)."""
+    return jax.lax.dot_general(a, b, (((a_dim,), (b_dim,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+
+def _split(dy, dtype):
+    """``dy`` as one or two ``dtype`` halves whose sum is ``dy`` to about 16 bits
+    (``hi = dy`` rounded, ``lo = dy - hi`` rounded); one half if ``dy`` is ``dtype``."""
+    if dy.dtype == dtype:
+        return (dy,)
+    hi = dy.astype(dtype)
+    return hi, (dy - hi.astype(dy.dtype)).astype(dtype)
+
+
+def _flat_tokens(x):
+    return x.reshape(-1, x.shape[-1])
+
+
+def _low_precision_dx(dy, weight, transposed: bool):
+    """float32 ``dy @ W^T`` for ``W = weight.T if transposed else weight``. A float32
+    ``dy`` is split (:func:`_split`), so the dots keep the weight's low-precision dtype
+    (a mixed-dtype dot would convert the weight to float32)."""
+    w_dim = 0 if transposed else 1
+    return sum(_contract(d, weight, d.ndim - 1, w_dim) for d in _split(dy, weight.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _low_precision_matmul(x, weight, transposed, out_dtype):
+    """``(x @ W).astype(out_dtype)``, ``W = weight.T if transposed else weight``, for
+    low-precision ``x, weight``: float32 products and sums, rounded once.
+
+    The dots of the forward and backward pass take their operands in the low
+    precision, as a GPU runs them. A plain bf16 ``jnp.matmul`` (or JAX's transpose of
+    a dot with ``preferred_element_type=float32``) makes XLA:CPU convert whole weights
+    to float32 and keep those copies alive across a decode loop or a layer's
+    backward. The values are those XLA:CPU computed for the plain matmul."""
+    return _contract(x, weight, x.ndim - 1, 1 if transposed else 0).astype(out_dtype)
+
+
+def _low_precision_matmul_fwd(x, weight, transposed, out_dtype):
+    return _low_precision_matmul(x, weight, transposed, out_dtype), (x, weight)
+
+
+def _low_precision_matmul_bwd(transposed, out_dtype, res, dy):
+    x, weight = res
+    dx = _low_precision_dx(dy, weight, transposed).astype(x.dtype)
+    x2 = _flat_tokens(x)
+    parts = [_flat_tokens(d) for d in _split(dy, weight.dtype)]
+    if transposed:  # weight [out, in]: dweight = dy^T x
+        dw = sum(_contract(d, x2, 0, 0) for d in parts)
+    else:           # weight [in, out]: dweight = x^T dy
+        dw = sum(_contract(x2, d, 0, 0) for d in parts)
+    return dx, dw.astype(weight.dtype)
+
+
+_low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
+
+
+def _dense_matmul(x, weight, transposed, preferred_element_type):
+    if _is_low_precision(x, weight):
+        out = x.dtype if preferred_element_type is None else preferred_element_type
+        return _low_precision_matmul(x, weight, transposed, jnp.dtype(out))
+    return jnp.matmul(x, weight.T if transposed else weight,
+                      preferred_element_type=preferred_element_type)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _sparse_matmul(x, weight, indices, values, transposed, preferred_element_type, backend):
-    w = weight.T if transposed else weight
-    return _dense_matmul(x, w, preferred_element_type)
+    return _dense_matmul(x, weight, transposed, preferred_element_type)
 
 
 def _sparse_matmul_fwd(x, weight, indices, values, transposed, preferred_element_type,
@@ -148,13 +261,16 @@ def _sparse_matmul_fwd(x, weight, indices, values, transposed, preferred_element
 
 def _sparse_matmul_bwd(transposed, preferred_element_type, backend, res, dy):
     x, weight, indices, values = res
-    w = weight.T if transposed else weight
-    # dx exactly as autodiff of the plain matmul computes it (same ops, same rounding).
-    _, vjp_x = jax.vjp(lambda x_: _dense_matmul(x_, w, preferred_element_type), x)
-    (dx,) = vjp_x(dy)
+    if _is_low_precision(x, weight):
+        dx = _low_precision_dx(dy, weight, transposed).astype(x.dtype)
+    else:
+        # dx exactly as autodiff of the plain matmul computes it (same ops, same rounding).
+        _, vjp_x = jax.vjp(
+            lambda x_: _dense_matmul(x_, weight, transposed, preferred_element_type), x)
+        (dx,) = vjp_x(dy)
     a, b = _coords(SparseWeight(weight, indices, values, transposed))
-    xt = x.reshape(-1, x.shape[-1]).T
-    dyt = dy.reshape(-1, dy.shape[-1]).T
+    xt = _flat_tokens(x).T
+    dyt = _flat_tokens(dy).T
     dv = backends.sampled_product_fn(backend)(xt, dyt, a, b)
     return dx, None, None, dv.reshape(values.shape).astype(values.dtype)
 
@@ -162,16 +278,24 @@ def _sparse_matmul_bwd(transposed, preferred_element_type, backend, res, dy):
 _sparse_matmul.defvjp(_sparse_matmul_fwd, _sparse_matmul_bwd)
 
 
-def matmul(x: jax.Array, w: jax.Array | SparseWeight, *,
+def matmul(x: jax.Array, w: jax.Array | SparseWeight | Transposed, *,
            preferred_element_type=None) -> jax.Array:
     """``x @ w``; for a :class:`SparseWeight` its backward gives only the active entries.
 
-    For an array ``w`` this is exactly ``jnp.matmul`` (the dense path is unchanged).
+    For float32 arrays this is exactly ``jnp.matmul`` (a :class:`Transposed` ``w``:
+    ``jnp.matmul(x, w.weight.T)``). For bfloat16/float16 ``x`` and ``w`` of the same
+    dtype the dots of the forward and backward pass take their operands in that dtype
+    and sum in float32, the result rounded once to the input dtype (or to
+    ``preferred_element_type``): the values XLA computes for a plain low-precision
+    ``jnp.matmul``, without its float32 copies of the weights. A float32 cotangent
+    meets a low-precision weight as two low-precision halves (about 16 bits kept).
     """
-    if not isinstance(w, SparseWeight):
-        return jnp.matmul(x, w, preferred_element_type=preferred_element_type)
     if x.shape[-1] != w.shape[0]:
         raise ValueError(f"matmul: x {x.shape} does not fit a weight of shape {w.shape}")
+    if isinstance(w, Transposed):
+        return _dense_matmul(x, w.weight, True, preferred_element_type)
+    if not isinstance(w, SparseWeight):
+        return _dense_matmul(x, w, False, preferred_element_type)
     return _sparse_matmul(x, w.weight, w.indices, w.values, w.transposed,
                           preferred_element_type, w.backend)
 
@@ -179,13 +303,42 @@ def matmul(x: jax.Array, w: jax.Array | SparseWeight, *,
 # ----------------------------------------------------------------------------- lookup
 
 
-@jax.custom_vjp
-def _sparse_take_rows(weight, indices, values, tokens):
+def _rows(weight, tokens):
+    """``weight[tokens]``; a 16-bit weight's rows move as 16-bit integers (the same
+    values, bit for bit): XLA:CPU converts a whole bf16 tensor to float32 around a
+    gather, a float32 copy of the embedding per lookup."""
+    if jnp.dtype(weight.dtype) in _LOW_PRECISION:
+        bits = jax.lax.bitcast_convert_type(weight, jnp.uint16)
+        return jax.lax.bitcast_convert_type(bits[tokens], weight.dtype)
     return weight[tokens]
 
 
+@jax.custom_vjp
+def _low_precision_take_rows(weight, tokens):
+    return _rows(weight, tokens)
+
+
+def _low_precision_take_rows_fwd(weight, tokens):
+    return _rows(weight, tokens), (weight, tokens)
+
+
+def _low_precision_take_rows_bwd(res, dh):
+    weight, tokens = res
+    # The ordinary gradient of an indexing (a scatter-add into the weight's shape).
+    (dw,) = jax.vjp(lambda w: w[tokens], weight)[1](dh)
+    return dw, None
+
+
+_low_precision_take_rows.defvjp(_low_precision_take_rows_fwd, _low_precision_take_rows_bwd)
+
+
+@jax.custom_vjp
+def _sparse_take_rows(weight, indices, values, tokens):
+    return _rows(weight, tokens)
+
+
 def _sparse_take_rows_fwd(weight, indices, values, tokens):
-    return weight[tokens], (weight.shape[0], weight.shape[1], indices, values, tokens)
+    return _rows(weight, tokens), (weight.shape[0], weight.shape[1], indices, values, tokens)
 
 
 def _sparse_take_rows_bwd(res, dh):
@@ -210,6 +363,8 @@ def take_rows(w: jax.Array | SparseWeight, tokens: jax.Array) -> jax.Array:
     """Embedding lookup ``w[tokens]``; for a :class:`SparseWeight` the backward gives only
     the active entries (``w[tokens]`` exactly for an array)."""
     if not isinstance(w, SparseWeight):
+        if jnp.dtype(w.dtype) in _LOW_PRECISION:
+            return _low_precision_take_rows(w, tokens)
         return w[tokens]
     if w.transposed:
         raise ValueError("take_rows: a transposed SparseWeight has no rows to look up")
@@ -221,7 +376,7 @@ def take_rows(w: jax.Array | SparseWeight, tokens: jax.Array) -> jax.Array:
 
 def compressed_values(params: PyTree, mask: PyTree) -> PyTree:
     """float32 values of ``params`` at ``mask`` (shaped like the mask leaves)."""
-    return jax.tree.map(lambda p, i: gather(p, i).astype(jnp.float32), params, mask)
+    return jax.tree.map(lambda p, i: gather_bits(p, i).astype(jnp.float32), params, mask)
 
 
 def _attach_leaf(p, idx, v, backend):

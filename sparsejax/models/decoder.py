@@ -110,8 +110,8 @@ def _xla_attention(q, k, v, mask):
                         preferred_element_type=jnp.float32) * (d ** -0.5)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, d)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.astype(v.dtype).reshape(b, t, h, d)
 
 
 def _cudnn_applies(config: DecoderConfig, q: jax.Array) -> bool:
@@ -338,8 +338,10 @@ class Decoder(nnx.Module):
         return self.final_norm(x), (None if cache is None else tuple(new_cache))
 
     def output_matrix(self) -> jax.Array:
-        """The ``[hidden, vocab]`` output projection (transposed embedding when tied)."""
-        return self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        """The ``[hidden, vocab]`` output projection (the embedding's
+        :func:`~sparsejax.sparse_grads.transpose` view when tied: no transpose op)."""
+        return (sparse_grads.transpose(self.embed[...]) if self.lm_head is None
+                else self.lm_head[...])
 
     def logits(self, h: jax.Array) -> jax.Array:
         """float32 logits of hidden states ``h [..., hidden]``."""
