@@ -75,12 +75,21 @@ def adamw_delta(p, g, mu, nu, s: AdamWScalars):
 
     Returns ``(delta, mu', nu')`` in float32; the new value is ``p + delta``.
     """
-    mu = s.one_minus_b1 * g + s.b1 * mu
-    nu = s.one_minus_b2 * (g * g) + s.b2 * nu
+    mu, nu = adamw_moments(g, mu, nu, s)
+    return adamw_delta_from_moments(p, mu, nu, s), mu, nu
+
+
+def adamw_moments(g, mu, nu, s: AdamWScalars):
+    """The first half of :func:`adamw_delta`: the new moments ``(mu', nu')``."""
+    return s.one_minus_b1 * g + s.b1 * mu, s.one_minus_b2 * (g * g) + s.b2 * nu
+
+
+def adamw_delta_from_moments(p, mu, nu, s: AdamWScalars):
+    """The second half of :func:`adamw_delta`: ``delta`` from the new moments."""
     update = (mu / s.bias_correction1) / (
         jnp.sqrt(nu / s.bias_correction2 + s.eps_root) + s.eps)
     update = update + s.weight_decay * p
-    return -s.learning_rate * update, mu, nu
+    return -s.learning_rate * update
 
 
 def adamw_math(p, g, mu, nu, s: AdamWScalars):

@@ -144,6 +144,27 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def host_array(x):
+    """``x`` as one host numpy array, wherever its shards lie. A jax array spread over
+    devices of other processes is gathered (``process_allgather``; then every process
+    must call this, in the same order, and each gets the whole array); anything else is
+    fetched (``jax.device_get``)."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    jax = _jax()
+    if jax is not None and isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x) if jax is not None else x)
+
+
+def to_host(tree):
+    """:func:`host_array` of every leaf of ``tree`` (one tensor at a time)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    return jax.tree.map(host_array, tree)
+
+
 def broadcast_flag(value: bool) -> bool:
     """Process 0's ``value`` on every process (so all processes take the same branch)."""
     if not is_multiprocess():

@@ -338,13 +338,11 @@ def load_hf(source: str | os.PathLike, *, config: DecoderConfig | None = None,
 
 
 def host_array(x: Any) -> np.ndarray:
-    """``x`` as one host numpy array. A jax array sharded over devices of other
-    processes is gathered (``process_allgather``; every process must call this, in the
-    same order, and each gets the whole array): one tensor at a time bounds the memory."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
+    """``x`` as one host numpy array, gathered from any mesh and any process
+    (:func:`sparsejax.distributed.host_array`; with several processes every process must
+    call it, in the same order): one tensor at a time bounds the memory."""
+    from sparsejax import distributed  # pylint: disable=g-import-not-at-top
+    return distributed.host_array(x)
 
 
 def hf_state_dict(model: Decoder, dtype: str | None = None, *, keep: bool = True
