@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sparsejax import backends
 from sparsejax.optim import (FusedOptimizer, ScalarOrSchedule, StepInfo, _all_finite,
-                             _check_dense_grads, clip_compressed)
+                             _check_dense_grads, _scalars, _unzip, clip_compressed)
 
 PyTree = Any
 
@@ -92,6 +93,33 @@ def dense_adamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.
         params = jax.tree.map(lambda v, p: v.astype(p.dtype), values, params)
         return params, state._replace(inner=inner, master=values)
 
+    def guarded_step_fn(params, grads, state, ok):
+        """``step_fn`` with the skip guard, for float32 values and moments: the AdamW of
+        :mod:`sparsejax.backends` (op for op that of ``optax.adamw``) on optax's state,
+        selecting old or new values per entry. Each old buffer is read only by the
+        select that overwrites it (the value step reads the kept moments), so XLA
+        updates the donated buffers in place without copying them."""
+        adam = state.inner[0]
+        s = _scalars(adam.count, learning_rate, b1, b2, eps, eps_root, weight_decay)
+        keep = lambda new, old: jnp.where(ok, new, old)
+
+        def one(p, g, mu, nu):
+            new_mu, new_nu = backends.adamw_moments(g, mu, nu, s)
+            new_mu, new_nu = keep(new_mu, mu), keep(new_nu, nu)
+            new_p = p + backends.adamw_delta_from_moments(p, new_mu, new_nu, s)
+            return keep(new_p, p), new_mu, new_nu
+
+        values = params if state.master is None else state.master
+        values, mu, nu = _unzip(jax.tree.map(one, values, grads, adam.mu, adam.nu), 3)
+        count = keep(optax.safe_increment(adam.count), adam.count)
+        inner = (adam._replace(count=count, mu=mu, nu=nu),) + tuple(
+            x._replace(count=count) if isinstance(x, optax.ScaleByScheduleState) else x
+            for x in state.inner[1:])
+        if state.master is None:
+            return values, state._replace(inner=inner)
+        params = jax.tree.map(lambda v, p: keep(v.astype(p.dtype), p), values, params)
+        return params, state._replace(inner=inner, master=values)
+
     def update_fn(params, grads, state):
         _check_dense_grads(grads, params)
         dtype_of = lambda p: jnp.float32 if state.master is not None else p.dtype
@@ -100,10 +128,19 @@ def dense_adamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.
         if not skip_nonfinite:
             params, state = step_fn(params, grads, state)
             return params, state, StepInfo(jnp.array(False), norm)
+        # A skipped step returns its inputs bit for bit. With float32 values and moments
+        # a select per entry, fused into the elementwise step (no copies of the donated
+        # buffers, which a ``lax.cond`` makes XLA take); otherwise a ``lax.cond``.
         ok = _all_finite(grads)
-        params, state = jax.lax.cond(
-            ok, step_fn, lambda p, g, s: (p, s._replace(skipped=s.skipped + 1)),
-            params, grads, state)
-        return params, state, StepInfo(jnp.logical_not(ok), norm)
+        taken = ok.astype(jnp.int32)
+        values = params if state.master is None else state.master
+        if all(x.dtype == jnp.float32 for x in jax.tree.leaves((values, state.inner[0]))
+               if x.ndim):
+            params, state = guarded_step_fn(params, grads, state, ok)
+        else:
+            params, state = jax.lax.cond(ok, step_fn, lambda p, g, s: (p, s), params,
+                                         grads, state)
+        return (params, state._replace(skipped=state.skipped + 1 - taken),
+                StepInfo(jnp.logical_not(ok), norm))
 
     return FusedOptimizer(init_fn, update_fn, jax.jit(update_fn, donate_argnums=(0, 2)))

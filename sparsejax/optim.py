@@ -125,17 +125,61 @@ def scatter_bits(x: jax.Array, idx: jax.Array, values: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(out, x.dtype)
 
 
-def _step_tensor(param, grad_active, idx, mu, nu, master, scalars, backend):
-    """One tensor's fused step on already gathered gradients: returns (param, mu, nu, master)."""
+# Past-the-end indices ``idx + size`` must fit int32 (tensors of up to 2**30 - 1
+# entries); a larger tensor's guarded step selects between old and new bits instead.
+_MAX_SHIFTED_SIZE = (2**31 - 1) // 2
+
+
+def _guarded_scatter(param: jax.Array, idx: jax.Array, new_p: jax.Array,
+                     ok: jax.Array | None) -> jax.Array:
+    """``scatter_bits(param, idx, new_p)`` where ``ok`` (or ``ok`` None); where ``ok`` is
+    False, ``param`` with not a bit changed, written in place just the same.
+
+    The indices are shifted past the tensor's end, which XLA's scatter drops (JAX's
+    default mode for ``.at[].set``): nothing is written, no whole-tensor select, no
+    ``lax.cond`` (whose branches make XLA copy donated buffers). The shifted indices
+    stay sorted and unique. Tensors too large to shift in int32 write their own old
+    bits back instead (a gather of ``k`` values more; exact as well).
+    """
+    if ok is None:
+        return scatter_bits(param, idx, new_p)
+    if param.size <= _MAX_SHIFTED_SIZE:
+        return scatter_bits(param, jnp.where(ok, idx, idx + jnp.int32(param.size)), new_p)
+    bits = _as_bits(param)
+    new_bits = jnp.where(ok, _as_bits(new_p.astype(param.dtype)), gather(bits, idx))
+    return jax.lax.bitcast_convert_type(scatter(bits, idx, new_bits), param.dtype)
+
+
+def _step_tensor(param, grad_active, idx, mu, nu, master, scalars, backend, ok=None):
+    """One tensor's fused step on already gathered gradients: returns (param, mu, nu, master).
+
+    With ``ok`` (a bool scalar; xla backend only) the step is guarded: where ``ok`` is
+    False the moments and master values keep their old bits (a select on the ``k``
+    entries) and the params come back bit for bit (:func:`_guarded_scatter`). No
+    whole-tensor select and no ``lax.cond``: donated params are still written in place.
+    """
     if idx.size == 0:
         return param, mu, nu, master
     if backend == "xla":
+        keep = (lambda new, old: new) if ok is None else (
+            lambda new, old: jnp.where(ok, new, old))
+        mu32, new_nu = backends.adamw_moments(
+            grad_active.astype(jnp.float32), mu.astype(jnp.float32), nu, scalars)
+        # The value step reads the kept moments, not the old ones: each old buffer is
+        # read once, by the select that overwrites it, so XLA needs no copies of them.
+        new_nu = keep(new_nu, nu)
+        if mu.dtype == jnp.float32:
+            new_mu = mu32 = keep(mu32, mu)
+        else:  # the step uses the float32 moment; the state stores its rounding
+            new_mu = keep(mu32.astype(mu.dtype), mu)
         p = master if master is not None else gather_bits(param, idx).astype(jnp.float32)
-        new_p, new_mu, new_nu = backends.adamw_math(
-            p, grad_active.astype(jnp.float32), mu.astype(jnp.float32), nu, scalars)
-        param = scatter_bits(param, idx, new_p)
-        return (param, new_mu.astype(mu.dtype), new_nu,
-                None if master is None else new_p)
+        new_p = p + backends.adamw_delta_from_moments(p, mu32, new_nu, scalars)
+        if master is not None:
+            new_p = keep(new_p, master)
+        return _guarded_scatter(param, idx, new_p, ok), new_mu, new_nu, (
+            None if master is None else new_p)
+    if ok is not None:
+        raise ValueError(f"the guarded step needs backend 'xla', got {backend!r}")
     # Kernels take flat index lists; the row-balanced layout holds flat indices already.
     flat = lambda a: None if a is None else a.reshape(-1)
     param, new_mu, new_nu, new_master = backends.indexed_step_fn(backend)(
@@ -430,8 +474,9 @@ def fused_sparse_adamw(mask: PyTree, learning_rate: ScalarOrSchedule, b1: float 
     def init_fn(params):
         return _init_state(mask, params, mu_dtype, master_weights)
 
-    def step_fn(params, g, state, s):
-        """The step proper on compressed, clipped, finite gradients."""
+    def step_fn(params, g, state, s, ok=None):
+        """The step proper on compressed, clipped gradients; with ``ok`` (xla backend) a
+        guarded step that leaves everything as it was where ``ok`` is False."""
         idx = state.indices
         master = state.master if state.master is not None else jax.tree.map(lambda _: None, idx)
         if tensors_per_launch > 1 and backend != "xla":
@@ -439,11 +484,15 @@ def fused_sparse_adamw(mask: PyTree, learning_rate: ScalarOrSchedule, b1: float 
                 params, g, idx, state.mu, state.nu, master, s, backend, tensors_per_launch)
         else:
             out = jax.tree.map(
-                lambda p, g_, i, m, v, w: _step_tensor(p, g_, i, m, v, w, s, backend),
+                lambda p, g_, i, m, v, w: _step_tensor(p, g_, i, m, v, w, s, backend, ok),
                 params, g, idx, state.mu, state.nu, master, is_leaf=lambda x: x is None)
             new_params, mu, nu, new_master = _unzip(out, 4)
-        return new_params, _advance(state, mu, nu,
-                                    new_master if state.master is not None else None)
+        new_state = _advance(state, mu, nu, new_master if state.master is not None else None)
+        if ok is not None:
+            taken = ok.astype(jnp.int32)
+            new_state = new_state._replace(count=state.count + taken,
+                                           skipped=state.skipped + 1 - taken)
+        return new_params, new_state
 
     def update_fn(params, grads, state):
         if master_weights and state.master is None:
@@ -457,10 +506,13 @@ def fused_sparse_adamw(mask: PyTree, learning_rate: ScalarOrSchedule, b1: float 
         # A skipped step returns its inputs untouched: bit for bit, signed zeros and
         # subnormals included (no arithmetic touches them).
         ok = _all_finite(g)
-        new_params, new_state = jax.lax.cond(
-            ok, step_fn,
-            lambda p, g_, st, s_: (p, st._replace(skipped=st.skipped + 1)),
-            params, g, state, s)
+        if backend == "xla":  # selects on the k entries, scatters that write nothing
+            new_params, new_state = step_fn(params, g, state, s, ok)
+        else:  # a kernel reads and writes the params itself: skip it as a whole
+            new_params, new_state = jax.lax.cond(
+                ok, step_fn,
+                lambda p, g_, st, s_: (p, st._replace(skipped=st.skipped + 1)),
+                params, g, state, s)
         return new_params, new_state, StepInfo(jnp.logical_not(ok), norm)
 
     return FusedOptimizer(init_fn, update_fn, jax.jit(update_fn, donate_argnums=(0, 2)))

@@ -83,22 +83,24 @@ def _special_params(dtype):
     return {"w": jnp.asarray(w, dtype), "b": jnp.asarray(b, dtype)}
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("master", [False, True])
-def test_skipped_fused_step_is_bit_exact_noop(dtype, master):
+@pytest.mark.parametrize("dtype,master,strategy,mu_dtype", [
+    (jnp.float32, False, "per_tensor", None), (jnp.float32, True, "per_tensor", None),
+    (jnp.bfloat16, False, "per_tensor", None), (jnp.bfloat16, True, "per_tensor", None),
+    (jnp.bfloat16, True, "row_balanced", None), (jnp.bfloat16, False, "per_tensor", "bfloat16")])
+def test_skipped_fused_step_is_bit_exact_noop(dtype, master, strategy, mu_dtype):
     params = _special_params(dtype)
     assert (np.asarray(params["w"], np.float32) != 0).any()
-    mask = sj.random_mask(params, 0.3, seed=2)
+    mask = sj.random_mask(params, 0.3, seed=2, strategy=strategy)
     opt = sj.fused_sparse_adamw(mask, 1e-2, weight_decay=0.1, master_weights=master,
-                                skip_nonfinite=True)
+                                skip_nonfinite=True, mu_dtype=mu_dtype)
     state = opt.init(params)
     rng = np.random.default_rng(4)
     good = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
     # One real step first so that the moments are not zeros.
     params, state, info = opt.step(params, good, state)
     assert not bool(info.skipped)
-    before = jax.tree.map(np.asarray, (params, state))
-    first_active = int(np.asarray(mask["b"])[0])  # a NaN off the mask would not count
+    before = jax.tree.map(np.array, (params, state))  # copies: the step donates its inputs
+    first_active = int(np.asarray(mask["b"]).reshape(-1)[0])  # a NaN off the mask would not count
     bad = {**good, "b": good["b"].at[first_active].set(jnp.nan)}
     params, state, info = opt.step(params, bad, state)
     assert bool(info.skipped) and int(state.skipped) == 1 and info.grad_norm is None
@@ -128,17 +130,64 @@ def test_skipped_transform_step_gives_exact_zero_updates_and_same_state():
         np.testing.assert_array_equal(_bits(a), _bits(b))
 
 
-def test_skipped_dense_step_is_bit_exact_noop():
-    params = _special_params(jnp.bfloat16)
-    opt = dense_adamw(1e-3, skip_nonfinite=True)
+@pytest.mark.parametrize("dtype,master", [(jnp.bfloat16, None), (jnp.float32, None),
+                                          (jnp.bfloat16, False)])  # the last: lax.cond
+def test_skipped_dense_step_is_bit_exact_noop(dtype, master):
+    params = _special_params(dtype)
+    opt = dense_adamw(optax.linear_schedule(1e-3, 1e-4, 10), weight_decay=0.1,
+                      master_weights=master, skip_nonfinite=True)
     state = opt.init(params)
     g = jax.tree.map(lambda p: jnp.ones(p.shape, jnp.float32), params)
     params, state, _ = opt.step(params, g, state)
-    before = jax.tree.map(np.asarray, (params, state.master))
+    before = jax.tree.map(np.array, (params, state))  # copies: the step donates its inputs
     params, state, info = opt.step(params, {**g, "b": g["b"].at[0].set(jnp.nan)}, state)
-    assert bool(info.skipped)
-    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves((params, state.master))):
-        np.testing.assert_array_equal(_bits(a), _bits(b))
+    assert bool(info.skipped) and int(state.skipped) == 1
+    state = state._replace(skipped=jnp.zeros([], jnp.int32))
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves((params, state))):
+        np.testing.assert_array_equal(np.atleast_1d(a).view(np.uint8),
+                                      np.atleast_1d(b).view(np.uint8))
+
+
+def _pointers(tree):
+    return [x.unsafe_buffer_pointer() for x in jax.tree.leaves(tree)]
+
+
+@pytest.mark.parametrize("which", ["fused", "fused, large-tensor fallback", "dense"])
+def test_guarded_step_is_the_unguarded_step_in_place(which, monkeypatch):
+    """On finite gradients the guarded step gives the unguarded step's bits; guarded
+    steps (taken or skipped) write the donated params in place (no cond copies)."""
+    if which == "fused, large-tensor fallback":  # as if every tensor were too large to shift
+        monkeypatch.setattr(sj.optim, "_MAX_SHIFTED_SIZE", 0)
+    params = _special_params(jnp.bfloat16)
+    rng = np.random.default_rng(11)
+    if which == "dense":
+        make = lambda skip: dense_adamw(1e-2, weight_decay=0.1, skip_nonfinite=skip,
+                                        max_grad_norm=1.0)
+    else:
+        mask = sj.random_mask(params, 0.4, seed=3)
+        make = lambda skip: sj.fused_sparse_adamw(mask, 1e-2, weight_decay=0.1,
+                                                  master_weights=True, skip_nonfinite=skip,
+                                                  max_grad_norm=1.0)
+    plain, guarded = make(False), make(True)
+    p1, s1 = jax.tree.map(jnp.copy, params), plain.init(params)
+    p2, s2 = jax.tree.map(jnp.copy, params), guarded.init(params)
+    for step in range(3):
+        g = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+        if step == 1:  # a skipped step in the guarded run only
+            before = jax.tree.map(np.array, p2)
+            where = _pointers(p2)
+            p2, s2, info = guarded.step(p2, {**g, "w": g["w"].at[:, :].set(jnp.inf)}, s2)
+            assert bool(info.skipped) and _pointers(p2) == where
+            for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(p2)):
+                np.testing.assert_array_equal(_bits(a), _bits(b))
+        p1, s1, _ = plain.step(p1, g, s1)
+        where = _pointers(p2)
+        p2, s2, info = guarded.step(p2, g, s2)
+        assert not bool(info.skipped) and _pointers(p2) == where
+    s2 = s2._replace(skipped=jnp.zeros([], jnp.int32))
+    for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p2, s2))):
+        np.testing.assert_array_equal(np.atleast_1d(np.asarray(a)).view(np.uint8),
+                                      np.atleast_1d(np.asarray(b)).view(np.uint8))
 
 
 # ----------------------------------------------------------------------------- clipping
