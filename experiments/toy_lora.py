@@ -102,10 +102,12 @@ def arm_updater(exp: Experiment, arm: str, lr: float, *, seed: int,
 def run_lora_section(exp: Experiment, lrs: dict[float, float], lora_lr: float,
                      runs: dict[str, RunResult], done: Callable[[RunResult], None],
                      ratios_path: str, *, progress: bool = False,
-                     ratios: lora.Ratios | None = None) -> dict[str, Any]:
+                     ratios: lora.Ratios | None = None,
+                     arms: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Derives the ratios (unless given, then saved to ``ratios_path``) and runs every
-    arm for every seed; returns the measurement (h). Seed 0's full-FT and 99%-mask
-    runs are taken from ``runs`` when (a)-(g) already ran them (same settings)."""
+    arm (of ``arms``, default all of :data:`ARMS`) for every seed; returns the
+    measurement (h). Seed 0's full-FT and 99%-mask runs are taken from ``runs`` when
+    (a)-(g) already ran them (same settings)."""
     p = exp.p
     t0 = time.perf_counter()
     derive_error = None
@@ -121,7 +123,8 @@ def run_lora_section(exp: Experiment, lrs: dict[float, float], lora_lr: float,
     for s in p.lora_seeds:
         sampling = exp.seed + s
         for arm, adapter, label in ARMS:
-            if ratios is None and arm in ("partial_lora", "targeted_lora"):
+            if (ratios is None and arm in ("partial_lora", "targeted_lora")) or (
+                    arms is not None and arm not in arms):
                 continue
             reuse = {"full": "full", "random99": "random 99% seed 0"}.get(arm)
             if s == 0 and reuse in runs and runs[reuse].sampling_seed == sampling:
@@ -225,10 +228,11 @@ def lora_markdown(h: dict[str, Any], verdict: str) -> list[str]:
     lines = ["## (h) LoRA, masked LoRA, Partial-LoRA, Targeted-LoRA", ""]
     if h.get("ratios") is not None:
         st = h["ratio_settings"]
-        lines += [f"Ratios (`{h['ratios_file']}`): leverage importance (SVD rank "
-                  f"{st['svd_rank']}), step {st['step']:g} up to {st['max_sparsity']:g}, "
-                  f"threshold {st['threshold']:g} x the base's few-shot accuracy "
-                  f"{fmt_pct(h['fewshot_baseline'])} on {h['fewshot']} problems; mean ratio "
+        how = (f"{st['importance']} importance (SVD rank {st['svd_rank']}), step "
+               f"{st['step']:g} up to {st['max_sparsity']:g}, threshold {st['threshold']:g} "
+               f"x the base's few-shot accuracy {fmt_pct(h['fewshot_baseline'])} on "
+               f"{h['fewshot']} problems" if "step" in st else "given, not derived")
+        lines += [f"Ratios (`{h['ratios_file']}`): {how}; mean ratio "
                   f"{h['mean_ratio']:.2f}; {h['derive_seconds']:.0f} s.", "",
                   "| kernel | ratio |", "|---|---:|"]
         lines += [f"| {k} | {v:g} |" for k, v in h["ratios"].items()]

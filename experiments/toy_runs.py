@@ -173,7 +173,7 @@ class Experiment:
 
         Returns ``(result, final host params, snapshots, mask)``; ``snapshots`` holds
         host copies of the params after steps ``0..snapshot_steps`` (step 0 = base);
-        with an adapter the final params hold its :class:`~sparsejax.lora.LoraWeight`\ s.
+        with an adapter the final params hold its ``LoraWeight`` nodes.
         """
         t0 = time.perf_counter()
         cfg = self.grpo_config(top_entropy_quantile, sampling_seed)

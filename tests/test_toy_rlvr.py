@@ -156,12 +156,15 @@ def test_quick_run_writes_every_section(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = (out / "results.md").read_text()
     for section in ["## Runs", "## (a)", "## (b)", "## (c)", "## (d)", "## (e)", "## (f)",
-                    "## (g)"]:
+                    "## (g)", "## (h)"]:
         assert section in md, section
-    assert md.count("**Verdict:**") == 7
+    assert md.count("**Verdict:**") == 8
     res = json.loads((out / "results.json").read_text())
-    assert sorted(res["measurements"]) == list("abcdefg")
-    assert sorted(res["verdicts"]) == list("abcdefg")
+    assert sorted(res["measurements"]) == list("abcdefgh")
+    assert sorted(res["verdicts"]) == list("abcdefgh")
+    assert res["commit"] and res["versions"]["jax"] and res["device"]
+    h = res["measurements"]["h"]
+    assert [r["arm"] for r in h["rows"]][:4] == ["full", "random99", "lora", "masked_lora"]
     names = [r["name"] for r in res["runs"]]
     assert "full" in names and "diff-mask subnetwork" in names
     assert sum(n.startswith("random 99% seed") for n in names) >= 2
@@ -196,3 +199,60 @@ def test_toy_run_refuses_a_locked_folder_in_one_line(tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "in use by another run" in lines[0], lines
+
+
+# ----------------------------------------------------------------------------- (h) arms
+
+
+def test_every_lora_arm_runs_and_trains_what_its_mask_says(tmp_path):
+    """Section (h) for 2 GRPO steps on an untrained tiny model with given ratios: every
+    LoRA arm runs through the trainers' seam (full FT and the 99% mask run the same
+    ``Experiment.run`` path as (a)-(g): the slow --quick test), and each trainable count
+    is the documented count of its kind (LoRA r (in + out); floor(d numel) per factor
+    for random masks, round for Targeted-LoRA's top-k)."""
+    import dataclasses  # pylint: disable=import-outside-toplevel
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import toy_lora  # pylint: disable=import-outside-toplevel
+    import toy_rlvr  # pylint: disable=import-outside-toplevel
+    from toy_runs import Experiment, host_copy  # pylint: disable=import-outside-toplevel
+
+    from sparsejax import lora  # pylint: disable=import-outside-toplevel
+    preset = dataclasses.replace(toy_rlvr.QUICK, steps=2, eval_points=0, test=8,
+                                 train_prompts=16, lora_seeds=(0,))
+    exp = Experiment(preset, 0, False, str(tmp_path / "work"))
+    exp.base = host_copy(exp._init_params)  # pylint: disable=protected-access
+    exp.base_accuracy = 0.0
+    shapes = lora.kernel_shapes(exp.base)
+    paths = lora.select_targets(exp.base, preset.lora_targets)
+    table = {p: (0.0, 0.3, 0.6)[i % 3] for i, p in enumerate(paths)}
+    ratios = lora.Ratios(ratios=table, kernels={p: list(shapes[p]) for p in paths})
+    runs: dict = {}
+    h = toy_lora.run_lora_section(exp, toy_rlvr.LEARNING_RATES, 1e-3, runs,
+                                  lambda r: runs.__setitem__(r.name, r),
+                                  str(tmp_path / "lora_ratios.json"), ratios=ratios,
+                                  arms=("lora", "masked_lora", "partial_lora",
+                                        "targeted_lora"))
+    assert lora.load_ratios(tmp_path / "lora_ratios.json", exp.base).ratios == table
+    rows = {r["arm"]: r for r in h["rows"]}
+    assert list(rows) == ["lora", "masked_lora", "partial_lora", "targeted_lora"]
+    for r in runs.values():
+        assert len(r.train_reward) == 2 and r.curve[-1][0] == 2
+    r_ = preset.lora_rank
+    factors = {p: (shapes[p][0] * r_, r_ * shapes[p][1]) for p in paths}
+    dense = sum(a + b for a, b in factors.values())
+    d = preset.lora_density
+    expect = {
+        "lora": dense,
+        "masked_lora": sum(int(np.floor(d * a)) + int(np.floor(d * b))
+                           for a, b in factors.values()),
+        "partial_lora": sum(int(np.floor((1 - table[p]) * a + 1e-6))
+                            + int(np.floor((1 - table[p]) * b + 1e-6))
+                            for p, (a, b) in factors.items()),
+        "targeted_lora": sum(int(round((1 - table[p]) * a)) + int(round((1 - table[p]) * b))
+                             for p, (a, b) in factors.items()),
+    }
+    assert {k: v["trainable"] for k, v in rows.items()} == expect
+    assert rows["lora"]["fraction_of_lora"] == 1.0
+    assert rows["partial_lora"]["fraction_of_lora"] < 1.0
+    assert "Partial-LoRA trains" in toy_lora.lora_verdict(h)
+    assert any("(h)" in line for line in toy_lora.lora_markdown(h, "v"))
