@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (add_model_args, add_run_args, add_sparse_args,  # noqa: E402
                     check_jsonl, check_model_folder, check_number, check_numbers,
                     check_run_args, fail, load_model_and_tokenizer, open_out_dir,
-                    run_main, sparse_config, train_with_writer, what_trains)
+                    run_main, run_mesh, sparse_config, train_with_writer, what_trains)
 from lora_flags import (add_adapter_args, adapter_run_info, build_updater,  # noqa: E402
                         check_adapter_args)
 
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
             max_completion_length=args.max_completion_length, eval_every=args.eval_every,
             eval_limit=args.eval_limit or None, save_every=args.save_every, seed=args.seed,
             logprob_chunk_size=args.logprob_chunk_size, reference_free=args.reference_free,
-            remat=args.remat)
+            remat=args.remat, mesh=args.mesh)
         train = load_pairs(args.dataset, args.split, args.limit)
         check_pairs(train, "train")
         evals = eval_pairs_of(args)
@@ -174,6 +174,10 @@ def main(argv=None) -> int:
             check_pairs(evals, "eval")
         if open_out_dir(args):
             return 0
+        mesh = run_mesh(args)  # after jax.distributed starts: it sees every device
+        if mesh is not None:
+            from sparsejax import sharding  # pylint: disable=g-import-not-at-top
+            sharding.check_batch("--micro-batch-size", args.micro_batch_size, mesh)
     except ValueError as e:
         fail(str(e))
 
@@ -181,13 +185,13 @@ def main(argv=None) -> int:
     import jax  # pylint: disable=g-import-not-at-top
     from sparsejax.trainers.dpo import DPOTrainer  # pylint: disable=g-import-not-at-top
     try:
-        graphdef, params, tokenizer = load_model_and_tokenizer(args)
+        graphdef, params, tokenizer = load_model_and_tokenizer(args, mesh)
     except ValueError as e:
         fail(str(e))
     try:
-        updater = build_updater(args, sparse, params, model_name=args.model)
+        updater = build_updater(args, sparse, params, model_name=args.model, mesh=mesh)
         trainer = DPOTrainer(graphdef, params, tokenizer, config, sparse, args.out_dir,
-                             updater=updater)
+                             updater=updater, mesh=mesh)
     except Exception as e:  # pylint: disable=broad-except  # a mask that does not fit
         if not args.mask_path and not isinstance(e, ValueError):
             raise

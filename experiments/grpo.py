@@ -32,8 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (add_model_args, add_run_args, add_sparse_args,  # noqa: E402
                     check_jsonl, check_model_folder, check_number, check_numbers,
-                    check_run_args, fail, load_model_and_tokenizer, open_out_dir,
-                    run_main, sparse_config, train_with_writer,
+                    check_run_args, fail, flag, load_model_and_tokenizer, open_out_dir,
+                    run_main, run_mesh, sparse_config, train_with_writer,
                     what_trains)
 from lora_flags import (add_adapter_args, adapter_run_info, build_updater,  # noqa: E402
                         check_adapter_args)
@@ -338,13 +338,20 @@ def main(argv=None, entry: dict[str, Any] | None = None) -> int:
             eval_limit=args.eval_limit, eval_temperature=args.eval_temperature,
             eval_batch_size=args.eval_batch_size,
             eval_max_new_tokens=args.eval_max_new_tokens, save_every=args.save_every,
-            seed=args.seed, remat=args.remat)
+            seed=args.seed, remat=args.remat, mesh=args.mesh)
         local = args.data_dir is not None or all(
             kw is None or os.path.exists(os.path.expanduser(kw["source"]))
             for kw in data_sources(args).values())
         data = load_data(args) if local else None  # local files: checked before the lock
         if open_out_dir(args):
             return 0
+        mesh = run_mesh(args)  # after jax.distributed starts: it sees every device
+        if mesh is not None:
+            from sparsejax import sharding  # pylint: disable=g-import-not-at-top
+            for name in ("micro_batch_size", "prompts_per_step"):
+                sharding.check_batch(flag(name), getattr(args, name), mesh)
+            sharding.check_batch("--generation-batch-size", min(
+                args.generation_batch_size, args.prompts_per_step * args.num_generations), mesh)
         if data is None:
             data = load_data(args)
     except ValueError as e:
@@ -356,7 +363,7 @@ def main(argv=None, entry: dict[str, Any] | None = None) -> int:
     from sparsejax.data.dataset import render_prompts  # pylint: disable=g-import-not-at-top
     from sparsejax.trainers.grpo import GRPOTrainer  # pylint: disable=g-import-not-at-top
     try:
-        graphdef, params, tokenizer = load_model_and_tokenizer(args)
+        graphdef, params, tokenizer = load_model_and_tokenizer(args, mesh)
     except ValueError as e:
         fail(str(e))
 
@@ -372,9 +379,9 @@ def main(argv=None, entry: dict[str, Any] | None = None) -> int:
     model_config = nnx.merge(graphdef, params).config
     stop = sorted({tokenizer.eos_token_id, *model_config.eos_token_ids} - {None})
     try:
-        updater = build_updater(args, sparse, params, model_name=args.model)
+        updater = build_updater(args, sparse, params, model_name=args.model, mesh=mesh)
         trainer = GRPOTrainer(graphdef, params, tokenizer, reward, config, sparse,
-                              args.out_dir, stop_token_ids=stop, updater=updater)
+                              args.out_dir, stop_token_ids=stop, updater=updater, mesh=mesh)
     except Exception as e:  # pylint: disable=broad-except  # a mask that does not fit
         if not args.mask_path and not isinstance(e, ValueError):
             raise

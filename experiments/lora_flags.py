@@ -80,9 +80,10 @@ def check_adapter_args(args: argparse.Namespace) -> None:
 
 
 def build_updater(args: argparse.Namespace, sparse: Any, params: Any,
-                  model_name: str | None = None):
+                  model_name: str | None = None, mesh: Any = None):
     """The trainer's ``updater=`` for the adapter flags (None for ``--adapter none``).
-    Checks the adapter against ``params`` (targets, rank, ratios file's model)."""
+    Checks the adapter against ``params`` (targets, rank, ratios file's model); lays it
+    out on ``mesh`` (the run's, or None)."""
     if args.adapter == "none":
         return None
     from sparsejax import lora  # pylint: disable=import-outside-toplevel
@@ -101,7 +102,7 @@ def build_updater(args: argparse.Namespace, sparse: Any, params: Any,
             mask = lora.targeted_lora_masks(
                 adapters, ratios, params, importance=settings.get("importance", "leverage"),
                 svd_rank=int(settings.get("svd_rank", 8)))
-    return lora.LoraUpdater(sparse, params, cfg, adapters=adapters, mask=mask)
+    return lora.LoraUpdater(sparse, params, cfg, adapters=adapters, mask=mask, mesh=mesh)
 
 
 def adapter_run_info(args: argparse.Namespace) -> dict[str, Any]:

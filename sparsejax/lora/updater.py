@@ -15,6 +15,11 @@ with no copy of the model); ``checkpoint_tree`` holds only the optimizer state a
 trained factor values, ``restore_policy`` writes them back into the params the run
 started from, bit for bit; ``save_model`` writes the merged HF model and the PEFT adapter.
 A trainer takes it as ``GRPOTrainer(..., updater=LoraUpdater(...))`` (same for DPO).
+
+On a mesh (``mesh=``) it lays out like :class:`~sparsejax.trainers.updater.Updater`:
+the policy params (base kernels and factors) by the rule table of
+:mod:`sparsejax.sharding`, the state like the factors, the default full mask in the
+row-balanced layout (every entry of every row, so a row-split factor steps locally).
 """
 
 from __future__ import annotations
@@ -26,7 +31,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+import numpy as np
+
 from sparsejax import masks as masks_lib
+from sparsejax import sharding as sharding_lib
+from sparsejax.backends import resolve_backend
 from sparsejax.lora.adapters import (Adapters, LoraConfig, LoraWeight, attach, check_adapters,
                                      detach, init_adapters)
 from sparsejax.lora.masked import apply_mask, full_masks
@@ -53,19 +62,28 @@ class LoraUpdater:
       lora: rank, alpha, targets, rsLoRA.
       adapters: initial factors (e.g. :func:`sparsejax.lora.load_peft`); default a fresh
         PEFT-style init drawn with ``seed``.
-      mask: a :mod:`sparsejax.masks` mask over the factors (masked LoRA); default all.
+      mask: a :mod:`sparsejax.masks` mask over the factors (masked LoRA); default all
+        (on a mesh in the row-balanced layout).
+      mesh: a :class:`jax.sharding.Mesh` or mesh spec (None / ``""``: no placement).
     """
 
     def __init__(self, cfg: SparseConfig, params: PyTree, lora: LoraConfig, *,
                  adapters: Adapters | None = None, mask: PyTree | None = None,
-                 seed: int = 0):
+                 seed: int = 0, mesh: Any = None):
         if _has_lora(params):
             params, _ = detach(params)
         self.cfg, self.lora = cfg, lora
         self.schedule = learning_rate_schedule(cfg)
         adapters = init_adapters(params, lora, seed) if adapters is None else adapters
         check_adapters(params, adapters)
-        self.mask = full_masks(adapters) if mask is None else mask
+        self.mesh = sharding_lib.as_mesh(mesh)
+        if mask is None:
+            mask = full_masks(adapters)
+            if self.mesh is not None:  # every entry, as (rows, cols): follows row splits
+                mask = jax.tree.map(
+                    lambda i, x: i.reshape(masks_lib._rows_cols(np.shape(x))),  # pylint: disable=protected-access
+                    mask, adapters)
+        self.mask = mask
         masks_lib.validate_mask(self.mask, adapters)
         self.initial_adapters = apply_mask(adapters, self.mask)
         self.sparse = True
@@ -75,6 +93,21 @@ class LoraUpdater:
             self.mask, self.schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
             master_weights=master, skip_nonfinite=True, max_grad_norm=cfg.max_grad_norm,
             backend=cfg.backend)
+        self.shardings: dict[str, PyTree] | None = None
+        self._update = self._opt.update
+        if self.mesh is not None:
+            f_sh = sharding_lib.param_shardings(adapters, self.mesh)
+            m_sh = sharding_lib.mask_shardings(self.mask, f_sh, self.mesh)
+            self.shardings = {"factors": f_sh, "mask": m_sh}
+            if sharding_lib.fsdp_size(self.mesh) > 1:
+                sharding_lib.warn_if_step_communicates(self.mask, f_sh)
+            if resolve_backend(cfg.backend) != "xla":  # the kernel runs per shard
+                local = fused_sparse_adamw(
+                    self.mask, self.schedule, b1=cfg.b1, b2=cfg.b2,
+                    weight_decay=cfg.weight_decay, master_weights=master,
+                    skip_nonfinite=False, max_grad_norm=None, backend=cfg.backend)
+                self._update = sharding_lib.per_shard_update(
+                    local.update, self.mesh, f_sh, self.mask, cfg.max_grad_norm)
 
     # ------------------------------------------------------------------ state
 
@@ -84,14 +117,35 @@ class LoraUpdater:
         if _has_lora(params):
             params, _ = detach(params)
         factors = jax.tree.map(lambda x: jnp.array(x, copy=True), self.initial_adapters)
-        return attach(params, factors, self.lora.scale)
+        policy = attach(params, factors, self.lora.scale)
+        if self.mesh is None:
+            return policy
+        return sharding_lib.put(policy, sharding_lib.param_shardings(policy, self.mesh))
 
     def adapters(self, params: PyTree) -> Adapters:
         """The current factors held in the policy params."""
         return detach(params)[1]
 
     def init(self, params: PyTree) -> PyTree:
-        return self._opt.init(self._factors(params))
+        """The optimizer state over the factors (on a mesh: placed like the mask)."""
+        state = self._opt.init(self._factors(params))
+        if self.mesh is None:
+            return state
+        return sharding_lib.put(state, self._state_shardings(state))
+
+    def _state_shardings(self, state: PyTree) -> PyTree:
+        return sharding_lib.like(state, self.mask, self.shardings["mask"], self.mesh)
+
+    def memory_report(self, params: PyTree, opt_state: PyTree) -> dict[str, int]:
+        """Bytes per device of the policy params, the optimizer state and the gradient
+        accumulator (the compressed factor gradient, placed like the mask)."""
+        grads = jax.eval_shape(lambda s: jax.tree.map(
+            lambda i: jnp.zeros(i.shape, jnp.float32), s.indices), opt_state)
+        if self.shardings is not None:
+            grads = sharding_lib.abstract(grads, self.shardings["mask"])
+        return {"params_bytes_per_device": sharding_lib.bytes_per_device(params),
+                "optimizer_state_bytes_per_device": sharding_lib.bytes_per_device(opt_state),
+                "grad_accumulator_bytes_per_device": sharding_lib.bytes_per_device(grads)}
 
     def num_trainable(self, params: PyTree) -> int:
         del params
@@ -120,8 +174,10 @@ class LoraUpdater:
         is a gradient of the factors (or policy params, whose factors are used)."""
         if _has_lora(grads):
             grads = detach(grads)[1]
-        return jax.tree.map(lambda g, i: gather(g, i).astype(jnp.float32), grads,
-                            opt_state.indices)
+        grads = jax.tree.map(lambda g, i: gather(g, i).astype(jnp.float32), grads,
+                             opt_state.indices)
+        return sharding_lib.constrain(
+            grads, None if self.shardings is None else self.shardings["mask"])
 
     def value_and_grad(self, loss_fn, params: PyTree, opt_state: PyTree):
         """``((loss, aux), grads)`` of ``loss_fn(params) -> (loss, aux)`` with respect to
@@ -134,7 +190,10 @@ class LoraUpdater:
 
     @functools.partial(jax.jit, static_argnums=0, donate_argnums=(1, 3))
     def _step(self, factors, grads, opt_state):
-        factors, opt_state, info = self._opt.update(factors, grads, opt_state)
+        factors, opt_state, info = self._update(factors, grads, opt_state)
+        if self.shardings is not None:  # every output where its input was (donation)
+            factors = sharding_lib.constrain(factors, self.shardings["factors"])
+            opt_state = sharding_lib.constrain(opt_state, self._state_shardings(opt_state))
         return factors, opt_state, StepReport(info.grad_norm, info.skipped)
 
     def apply(self, params: PyTree, grads: PyTree, opt_state: PyTree

@@ -19,11 +19,14 @@ class SparseConfig:
     ``sparsity=0`` is full finetuning with dense ``optax.adamw``; otherwise a random
     mask (the Multiple Ticket Hypothesis draws ``per_tensor``) or one loaded from
     ``mask_path`` selects the trained entries and the fused sparse AdamW steps them.
+    ``mask_strategy="auto"`` draws ``row_balanced`` masks when the run has a mesh (so
+    the step stays on the devices under FSDP) and ``per_tensor`` (the papers' draw)
+    without one; any other value is used as given.
     """
 
     sparsity: float = 0.99
     mask_seed: int = 0
-    mask_strategy: str = "per_tensor"
+    mask_strategy: str = "auto"  # auto | per_tensor | global | row_balanced
     mask_path: str | None = None
     learning_rate: float = 1e-4
     warmup_steps: int = 0
@@ -47,6 +50,9 @@ class SparseConfig:
             raise ValueError("weight_decay must be >= 0 and b1, b2 in [0, 1)")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.mask_strategy not in ("auto", "per_tensor", "global", "row_balanced"):
+            raise ValueError("mask_strategy must be auto, per_tensor, global or "
+                             f"row_balanced, got {self.mask_strategy!r}")
         if self.sparse_grads not in ("auto", "on", "off"):
             raise ValueError(f"sparse_grads must be auto, on or off, got {self.sparse_grads!r}")
         if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm)
@@ -67,6 +73,11 @@ class GRPOConfig:
     completions for each, scores them, and takes one optimizer step on the
     group-relative advantages (on-policy: the importance ratio is 1 and clipping only
     matters through its gradient).
+
+    ``mesh`` lays the run out on devices (:func:`sparsejax.sharding.parse_mesh`:
+    ``""`` one device, ``"auto"`` every device on FSDP, ``"data=2,fsdp=4"``); then
+    ``micro_batch_size``, ``prompts_per_step`` and the generation batch must be
+    multiples of ``data x fsdp``.
     """
 
     steps: int = 100
@@ -95,6 +106,7 @@ class GRPOConfig:
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
     seed: int = 0
+    mesh: str = ""  # "" one device | auto | data=D,fsdp=F (sparsejax.sharding)
 
     def __post_init__(self):
         for name in ("steps", "prompts_per_step", "num_generations", "max_new_tokens",

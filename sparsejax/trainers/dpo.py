@@ -38,7 +38,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -50,155 +50,17 @@ from sparsejax import checkpoint as ckpt_lib
 from sparsejax.losses.dpo import dpo_loss
 from sparsejax.models.decoder import reconfigure
 from sparsejax.models.logprobs import completion_logprobs
-from sparsejax.sampling import bucket_length, left_pad, pad_token_id
+from sparsejax import sharding as sharding_lib
 from sparsejax.trainers.config import SparseConfig
 from sparsejax.trainers.dpo_config import DPOConfig
+from sparsejax.trainers.dpo_data import (EncodedPairs, Pair, completion_text,  # noqa: F401
+                                         encode_pairs, right_pad, split_pair, visited_pairs)
 from sparsejax.trainers.policy_run import PolicyRun
 from sparsejax.trainers.grpo import prompt_order
 from sparsejax.trainers.reporting import compile_seconds, peak_memory_bytes, plot_curves
 from sparsejax.trainers.updater import Updater, tree_bytes
 
 PyTree = Any
-Pair = Mapping[str, Any]
-Messages = Sequence[Mapping[str, str]]
-
-
-# ---------------------------------------------------------------------- data
-
-
-class EncodedPairs(NamedTuple):
-    """Tokenized preference pairs, ``N`` pairs, prompt width ``P``, completion width ``C``.
-
-    ``prompt_tokens, prompt_mask [N, P]`` int32, left padded; ``chosen_tokens,
-    chosen_mask, rejected_tokens, rejected_mask [N, C]`` int32, right padded (EOS
-    included in the mask unless truncated away).
-    """
-
-    prompt_tokens: np.ndarray
-    prompt_mask: np.ndarray
-    chosen_tokens: np.ndarray
-    chosen_mask: np.ndarray
-    rejected_tokens: np.ndarray
-    rejected_mask: np.ndarray
-
-    @property
-    def num_pairs(self) -> int:
-        return int(self.prompt_tokens.shape[0])
-
-    def take(self, indices: np.ndarray) -> "EncodedPairs":
-        """The pairs at ``indices`` (repeats allowed)."""
-        return EncodedPairs(*(x[indices] for x in self))
-
-    def num_tokens(self) -> int:
-        """Real tokens scored for these pairs (the prompt counts twice)."""
-        return int(2 * self.prompt_mask.sum() + self.chosen_mask.sum()
-                   + self.rejected_mask.sum())
-
-
-def completion_text(completion: str | Messages) -> str:
-    """The completion of a pair side: a string, or the last assistant turn of messages."""
-    if isinstance(completion, str):
-        return completion
-    for message in reversed(list(completion)):
-        if message.get("role") == "assistant":
-            return str(message.get("content", ""))
-    raise ValueError("a chosen/rejected message list has no assistant turn")
-
-
-def split_pair(pair: Pair) -> tuple[str | list[dict[str, str]], str, str]:
-    """``(prompt, chosen text, rejected text)`` of one pair (see the module docstring)."""
-    missing = [k for k in ("chosen", "rejected") if k not in pair]
-    if missing:
-        raise ValueError(f"preference pair lacks {missing}; it has {sorted(pair)}")
-    chosen, rejected = pair["chosen"], pair["rejected"]
-    prompt = pair.get("prompt")
-    if prompt is None:
-        if isinstance(chosen, str):
-            raise ValueError("preference pair has no 'prompt' (and 'chosen' is a string, "
-                             "so none can be read from its messages)")
-        messages = list(chosen)
-        turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
-        if not turns:
-            raise ValueError("a chosen message list has no assistant turn")
-        prompt = [dict(m) for m in messages[:turns[-1]]]
-    elif not isinstance(prompt, str):
-        prompt = [dict(m) for m in prompt]
-    return prompt, completion_text(chosen), completion_text(rejected)
-
-
-def right_pad(sequences: Sequence[Sequence[int]], pad_id: int, length: int
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """``(tokens, mask)`` int32 ``[B, length]`` with each sequence left-aligned."""
-    tokens = np.full((len(sequences), length), pad_id, np.int32)
-    mask = np.zeros((len(sequences), length), np.int32)
-    for i, s in enumerate(sequences):
-        s = list(s)[:length]
-        tokens[i, :len(s)] = s
-        mask[i, :len(s)] = 1
-    return tokens, mask
-
-
-def encode_pairs(tokenizer: Any, pairs: Sequence[Pair], *, max_prompt_length: int,
-                 max_completion_length: int, chat_template: bool | None = None
-                 ) -> EncodedPairs:
-    """Tokenizes, truncates and pads preference pairs (see the module docstring).
-
-    Args:
-        tokenizer: a transformers tokenizer with an EOS token.
-        pairs: dicts with ``prompt`` / ``chosen`` / ``rejected``.
-        max_prompt_length: prompts keep their last this many tokens.
-        max_completion_length: completions (+ EOS) keep their first this many tokens.
-        chat_template: format prompts with the chat template (None: when the tokenizer
-            has one). Without it, prompts must be strings, encoded with special tokens.
-
-    Returns:
-        :class:`EncodedPairs` padded to the longest prompt / completion (bucketed with
-        :func:`~sparsejax.sampling.bucket_length`, capped at the maxima).
-    """
-    if not pairs:
-        raise ValueError("no preference pairs")
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the tokenizer has no EOS token to end completions with")
-    if chat_template is None:
-        chat_template = bool(getattr(tokenizer, "chat_template", None))
-    prompts, chosen, rejected = zip(*(split_pair(p) for p in pairs))
-    if chat_template:
-        texts = [tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}] if isinstance(p, str) else p,
-            tokenize=False, add_generation_prompt=True) for p in prompts]
-        prompt_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    else:
-        if any(not isinstance(p, str) for p in prompts):
-            raise ValueError("chat-format prompts need a tokenizer with a chat template")
-        prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-    if any(len(p) == 0 for p in prompt_ids):
-        raise ValueError("a prompt encodes to no tokens: the first completion token "
-                         "needs a context")
-    prompt_ids = [list(p)[-max_prompt_length:] for p in prompt_ids]
-    completions = [list(c) + [eos] for c in tokenizer(list(chosen) + list(rejected),
-                                                      add_special_tokens=False)["input_ids"]]
-    completions = [c[:max_completion_length] for c in completions]
-    width_p = min(max_prompt_length, bucket_length(max(len(p) for p in prompt_ids)))
-    width_c = min(max_completion_length, bucket_length(max(len(c) for c in completions)))
-    pad = pad_token_id(tokenizer)
-    prompt_tokens, prompt_mask = left_pad(prompt_ids, pad, width_p)
-    n = len(pairs)
-    chosen_tokens, chosen_mask = right_pad(completions[:n], pad, width_c)
-    rejected_tokens, rejected_mask = right_pad(completions[n:], pad, width_c)
-    return EncodedPairs(prompt_tokens, prompt_mask, chosen_tokens, chosen_mask,
-                        rejected_tokens, rejected_mask)
-
-
-def visited_pairs(num_pairs: int, steps: int, batch_size: int, seed: int) -> np.ndarray:
-    """Boolean ``[num_pairs]``: the pairs that steps ``[0, steps)`` use."""
-    seen = np.zeros(num_pairs, bool)
-    total = steps * batch_size
-    if total >= num_pairs:
-        seen[:] = True  # each epoch is a permutation of all pairs
-    else:
-        seen[prompt_order(num_pairs, 0, total, seed)] = True
-    return seen
 
 
 # ---------------------------------------------------------------------- trainer
@@ -215,12 +77,15 @@ class DPOTrainer(PolicyRun):
         mask: a mask to train (default: built from ``sparse``).
         chat_template: format prompts with the chat template (None: if the tokenizer
             has one).
+        mesh: a mesh spec or :class:`jax.sharding.Mesh` (default ``config.mesh``): params,
+            mask, optimizer state and reference values are placed by
+            :mod:`sparsejax.sharding`, micro-batches split along the batch.
     """
 
     def __init__(self, graphdef: nnx.GraphDef, params: PyTree, tokenizer: Any,
                  config: DPOConfig, sparse: SparseConfig, out_dir: str | os.PathLike,
                  mask: PyTree | None = None, *, chat_template: bool | None = None,
-                 updater: Any = None):
+                 updater: Any = None, mesh: Any = None):
         self.graphdef, self.params = graphdef, params
         self.graphdef = reconfigure(graphdef, params, remat=config.remat)
         self.tokenizer = tokenizer
@@ -228,8 +93,12 @@ class DPOTrainer(PolicyRun):
         self.chat_template = chat_template
         self.out_dir = os.fspath(out_dir)
         os.makedirs(self.out_dir, exist_ok=True)
+        self.mesh = sharding_lib.run_mesh(mesh, config.mesh, updater)
+        if self.mesh is not None:
+            sharding_lib.check_batch("micro_batch_size", config.micro_batch_size, self.mesh)
         # The "what trains" variant: given (e.g. sparsejax.lora.LoraUpdater) or built here.
-        self.updater = Updater(sparse, params, mask) if updater is None else updater
+        self.updater = (Updater(sparse, params, mask, mesh=self.mesh) if updater is None
+                        else updater)
         self.params = params = self.updater.policy_params(params)
         self.opt_state = self.updater.init(params)
         # The reference: the base values of the k trained entries (sparse); for a dense
@@ -305,7 +174,8 @@ class DPOTrainer(PolicyRun):
             if needed is not None and not needed[idx].any():
                 continue
             padded = np.concatenate([idx, np.full(mb - len(idx), idx[-1])])
-            chosen, rejected = self._logps_fn(params, enc.take(padded)._asdict())
+            chosen, rejected = self._logps_fn(
+                params, sharding_lib.put_batch(enc.take(padded)._asdict(), self.mesh))
             out[idx, 0] = np.asarray(chosen)[:len(idx)]
             out[idx, 1] = np.asarray(rejected)[:len(idx)]
         return out
@@ -368,6 +238,7 @@ class DPOTrainer(PolicyRun):
             idx = order[s:s + mb]
             batch = enc.take(idx)._asdict()
             batch["ref_chosen"], batch["ref_rejected"] = ref[idx, 0], ref[idx, 1]
+            batch = sharding_lib.put_batch(batch, self.mesh)
             metrics, acc = self._grad_fn(self.params, self.opt_state, batch, acc,
                                          np.float32(1.0 / num_micro))
             micro_metrics.append(metrics)
@@ -456,6 +327,8 @@ class DPOTrainer(PolicyRun):
         log.write({"kind": "config", "step": -1,
                    "trainable": self.updater.num_trainable(self.params),
                    "optimizer_state_bytes": tree_bytes(self.opt_state),
+                   **sharding_lib.memory_record(self.updater, self.params, self.opt_state,
+                                                self.mesh),
                    "resumed_from": restored, "train_pairs": enc.num_pairs,
                    "prompt_width": enc.prompt_tokens.shape[1],
                    "completion_width": enc.chosen_tokens.shape[1],

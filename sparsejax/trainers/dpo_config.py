@@ -35,6 +35,9 @@ class DPOConfig:
         reference_free: no reference model (its log-probs are 0).
         remat: the decoder's rematerialization in the backward pass, ``none`` |
             ``layer`` | ``dots`` (:class:`~sparsejax.models.DecoderConfig` ``remat``).
+        mesh: the devices' layout (:func:`sparsejax.sharding.parse_mesh`: ``""`` one
+            device, ``"auto"``, ``"data=2,fsdp=4"``); ``micro_batch_size`` must then be
+            a multiple of ``data x fsdp``.
     """
 
     steps: int = 100
@@ -53,6 +56,7 @@ class DPOConfig:
     logprob_chunk_size: int = 1024
     reference_free: bool = False
     remat: str = "layer"
+    mesh: str = ""
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "micro_batch_size", "max_prompt_length",

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from sparsejax import checkpoint as ckpt_lib
 from sparsejax import losses
+from sparsejax import sharding as sharding_lib
 from sparsejax.models.decoder import reconfigure
 from sparsejax.models.logprobs import completion_logprobs
 from sparsejax.rollouts import rollout
@@ -66,12 +67,15 @@ class GRPOTrainer(PolicyRun):
         config, sparse: the run's :class:`GRPOConfig` and :class:`SparseConfig`.
         out_dir: where metrics, checkpoints, plots and the final model go.
         stop_token_ids: tokens that end a completion (the tokenizer's EOS by default).
+        mesh: a mesh spec or :class:`jax.sharding.Mesh` (default ``config.mesh``): params,
+            mask, optimizer state and reference values are placed by
+            :mod:`sparsejax.sharding`, rollouts and micro-batches split along the batch.
     """
 
     def __init__(self, graphdef: nnx.GraphDef, params: PyTree, tokenizer: Any,
                  reward_fn: RewardFn, config: GRPOConfig, sparse: SparseConfig,
                  out_dir: str | os.PathLike, *, stop_token_ids: Sequence[int] | None = None,
-                 mask: PyTree | None = None, updater: Any = None):
+                 mask: PyTree | None = None, updater: Any = None, mesh: Any = None):
         self.graphdef, self.params = graphdef, params
         self.graphdef = reconfigure(graphdef, params, remat=config.remat)
         self.tokenizer, self.reward_fn = tokenizer, reward_fn
@@ -83,8 +87,17 @@ class GRPOTrainer(PolicyRun):
         self.stop_token_ids = tuple(int(t) for t in stop_token_ids if t is not None)
         pad = tokenizer.pad_token_id
         self.pad_id = int(self.stop_token_ids[0] if pad is None else pad)
+        self.mesh = sharding_lib.run_mesh(mesh, config.mesh, updater)
+        if self.mesh is not None:
+            for name, size in (("micro_batch_size", config.micro_batch_size),
+                               ("prompts_per_step", config.prompts_per_step),
+                               ("generation_batch_size", min(
+                                   config.generation_batch_size,
+                                   config.prompts_per_step * config.num_generations))):
+                sharding_lib.check_batch(name, size, self.mesh)
         # The "what trains" variant: given (e.g. sparsejax.lora.LoraUpdater) or built here.
-        self.updater = Updater(sparse, params, mask) if updater is None else updater
+        self.updater = (Updater(sparse, params, mask, mesh=self.mesh) if updater is None
+                        else updater)
         self.params = params = self.updater.policy_params(params)
         self.opt_state = self.updater.init(params)
         # The reference model of the KL term: the base values of the trained entries
@@ -145,9 +158,12 @@ class GRPOTrainer(PolicyRun):
             real = len(ids) * num_samples
             ids = ids + [ids[-1]] * (prompts_per_call - len(ids))
             tokens, mask = left_pad(ids, self.pad_id)
+            split = (self.mesh is not None
+                     and num_slots % sharding_lib.batch_size_of(self.mesh) == 0)
             out = rollout(self.graphdef, self.params, tokens, mask, jax.random.fold_in(key, i),
                           sampling, num_samples=num_samples, num_slots=num_slots,
-                          pad_id=self.pad_id)
+                          pad_id=self.pad_id, batch_sharding=(
+                              sharding_lib.batch_sharding(self.mesh) if split else None))
             chunks.append({k: v[:real] for k, v in out._asdict().items() if k != "stats"})
             for k in cost:
                 cost[k] += getattr(out.stats, k)
@@ -183,9 +199,9 @@ class GRPOTrainer(PolicyRun):
         out = []
         mb = self.cfg.micro_batch_size
         for s in range(0, len(samples["tokens"]), mb):
-            out.append(np.asarray(self._logps_fn(
-                params, samples["prompt_tokens"][s:s + mb], samples["prompt_mask"][s:s + mb],
-                samples["tokens"][s:s + mb], samples["mask"][s:s + mb])))
+            out.append(np.asarray(self._logps_fn(params, *sharding_lib.put_batch(
+                [samples[k][s:s + mb] for k in ("prompt_tokens", "prompt_mask", "tokens",
+                                                "mask")], self.mesh))))
         if self.updater.sparse:
             self.params, _ = self.updater.swap_active(self.params, self.opt_state.indices,
                                                       current)
@@ -237,7 +253,8 @@ class GRPOTrainer(PolicyRun):
         num_items = float(samples["mask"].sum()) / num_micro
         acc, metric_sums = None, {}
         for s in range(0, total, mb):
-            batch = {k: v[s:s + mb] for k, v in batch_all.items()}
+            batch = sharding_lib.put_batch({k: v[s:s + mb] for k, v in batch_all.items()},
+                                           self.mesh)
             loss, metrics, grads = self._grad_fn(self.params, self.opt_state, batch,
                                                  num_items)
             acc = grads if acc is None else jax.tree.map(jnp.add, acc, grads)
@@ -334,6 +351,7 @@ class GRPOTrainer(PolicyRun):
         log = self.metrics_log(restored, writer)
         log.write({"kind": "config", "step": -1, "trainable": self.updater.num_trainable(
             self.params), "optimizer_state_bytes": tree_bytes(self.opt_state),
+            **sharding_lib.memory_record(self.updater, self.params, self.opt_state, self.mesh),
             "resumed_from": restored, **{k: v for k, v in vars(cfg).items()},
             **{f"sparse_{k}": v for k, v in vars(self.sparse_cfg).items()}})
         bar = tqdm(total=cfg.steps, initial=self.step, desc="GRPO", disable=not progress)

@@ -13,6 +13,14 @@ The same object gives the pieces a sparse trainer needs besides the step:
 not the whole model) and ``swap_active`` (in-place exchange of the active values, so
 the reference model of a KL term is the current params with the base values swapped
 back in: no second copy of the model).
+
+On a mesh (``Updater(..., mesh=...)``, see :mod:`sparsejax.sharding`) the same object
+lays the run out: :meth:`policy_params` places the params by the rule table,
+:meth:`init` places the state like them (row-balanced mask leaves on their weight's
+rows), gradients are constrained to the mask's (or params') shardings, the step keeps
+every output where its input was, and with a Pallas backend the step runs per shard
+(:func:`sparsejax.sharding.per_shard_update`). A mask strategy of ``"auto"`` is
+``row_balanced`` on a mesh (its step stays on the devices) and ``per_tensor`` without.
 """
 
 from __future__ import annotations
@@ -26,8 +34,10 @@ import numpy as np
 import optax
 
 from sparsejax import masks as masks_lib
+from sparsejax import sharding as sharding_lib
 from sparsejax import sparse_grads as sparse_grads_lib
 from sparsejax.dense_adamw import dense_adamw
+from sparsejax.backends import resolve_backend
 from sparsejax.optim import (SparseAdamWState, fused_sparse_adamw, gather, gather_bits,
                              global_norm, scatter_bits)
 from sparsejax.trainers.config import SparseConfig
@@ -49,24 +59,44 @@ def learning_rate_schedule(cfg: SparseConfig) -> optax.Schedule:
          optax.constant_schedule(cfg.learning_rate)], [cfg.warmup_steps])
 
 
-def build_mask(cfg: SparseConfig, params: PyTree) -> PyTree:
+def mask_strategy(cfg: SparseConfig, mesh: Any = None) -> str:
+    """``cfg.mask_strategy`` with ``"auto"`` resolved: ``row_balanced`` on a mesh (the
+    step stays shard-local under FSDP), ``per_tensor`` (the papers' draw) without."""
+    if cfg.mask_strategy != "auto":
+        return cfg.mask_strategy
+    return "row_balanced" if mesh is not None else "per_tensor"
+
+
+def build_mask(cfg: SparseConfig, params: PyTree, mesh: Any = None) -> PyTree:
     """The run's mask: loaded from ``cfg.mask_path`` or drawn at random."""
     if cfg.mask_path is not None:
         mask, _ = masks_lib.load_mask(cfg.mask_path, like=params)
         return mask
     return masks_lib.random_mask(params, cfg.sparsity, seed=cfg.mask_seed,
-                                 strategy=cfg.mask_strategy)
+                                 strategy=mask_strategy(cfg, mesh))
 
 
 class Updater:
-    """Optimizer state handling for one run (see the module docstring)."""
+    """Optimizer state handling for one run (see the module docstring).
 
-    def __init__(self, cfg: SparseConfig, params: PyTree, mask: PyTree | None = None):
+    Args:
+      cfg: the optimizer and mask settings.
+      params: the base params (shapes are enough).
+      mask: the mask to train (default: built from ``cfg``).
+      mesh: a :class:`jax.sharding.Mesh` or mesh spec (:mod:`sparsejax.sharding`);
+        None / ``""``: no placement (one device, as before).
+    """
+
+    def __init__(self, cfg: SparseConfig, params: PyTree, mask: PyTree | None = None, *,
+                 mesh: Any = None):
         self.cfg = cfg
+        self.mesh = sharding_lib.as_mesh(mesh)
         self.schedule = learning_rate_schedule(cfg)
         self.sparse = not cfg.dense
+        self._update = None
+        self.grad_backend = cfg.backend
         if self.sparse:
-            self.mask = build_mask(cfg, params) if mask is None else mask
+            self.mask = build_mask(cfg, params, self.mesh) if mask is None else mask
             master = cfg.master_weights
             if master is None:
                 master = any(x.dtype != jnp.float32 for x in jax.tree.leaves(params))
@@ -77,6 +107,15 @@ class Updater:
             self.sparse_grads = sparse_grads_lib.use_sparse_grads(
                 cfg.sparse_grads, masks_lib.num_active(self.mask)
                 / max(1, sum(x.size for x in jax.tree.leaves(params))), cfg.backend)
+            self._local_opt = None
+            if self.mesh is not None and resolve_backend(cfg.backend) != "xla":
+                # The kernel is opaque to the partitioner: step per shard; the sampled
+                # product of the sparse backward runs on XLA ops (partitioned by XLA).
+                self._local_opt = fused_sparse_adamw(
+                    self.mask, self.schedule, b1=cfg.b1, b2=cfg.b2,
+                    weight_decay=cfg.weight_decay, master_weights=master,
+                    skip_nonfinite=False, max_grad_norm=None, backend=cfg.backend)
+                self.grad_backend = "xla"
         else:
             self.mask = None
             self.sparse_grads = False
@@ -86,13 +125,53 @@ class Updater:
                 self.schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
                 master_weights=cfg.master_weights, skip_nonfinite=True,
                 max_grad_norm=cfg.max_grad_norm)
+        self.shardings: dict[str, PyTree] | None = None
+
+    # ------------------------------------------------------------------ layout
+
+    def _lay_out(self, params: PyTree) -> None:
+        """The shardings of params, mask-shaped leaves and gradients on the mesh."""
+        mesh = self.mesh
+        p_sh = sharding_lib.param_shardings(params, mesh)
+        out = {"params": p_sh}
+        if self.sparse:
+            out["mask"] = sharding_lib.mask_shardings(self.mask, p_sh, mesh)
+            out["grads"] = out["mask"]
+            if sharding_lib.fsdp_size(mesh) > 1:
+                sharding_lib.warn_if_step_communicates(self.mask, p_sh)
+            if self._local_opt is not None:
+                self._update = sharding_lib.per_shard_update(
+                    self._local_opt.update, mesh, p_sh, self.mask, self.cfg.max_grad_norm)
+        else:
+            out["grads"] = p_sh
+        self.shardings = out
+
+    def _state_shardings(self, opt_state: PyTree) -> PyTree:
+        sh = self.shardings
+        if self.sparse:
+            return sharding_lib.like(opt_state, self.mask, sh["mask"], self.mesh)
+        return sharding_lib.like(opt_state, sh["params"], sh["params"], self.mesh)
+
+    def memory_report(self, params: PyTree, opt_state: PyTree) -> dict[str, int]:
+        """Bytes per device of the params, the optimizer state and the gradient
+        accumulator (the compressed gradient, placed as the step receives it)."""
+        grads = jax.eval_shape(self.compress, params, opt_state)
+        if self.shardings is not None:
+            grads = sharding_lib.abstract(grads, self.shardings["grads"])
+        return {"params_bytes_per_device": sharding_lib.bytes_per_device(params),
+                "optimizer_state_bytes_per_device": sharding_lib.bytes_per_device(opt_state),
+                "grad_accumulator_bytes_per_device": sharding_lib.bytes_per_device(grads)}
 
     # ------------------------------------------------------------------ state
 
     def policy_params(self, params: PyTree) -> PyTree:
         """The params the decoder sees (here the params themselves; a LoRA variant,
-        :class:`sparsejax.lora.LoraUpdater`, attaches its adapters)."""
-        return params
+        :class:`sparsejax.lora.LoraUpdater`, attaches its adapters), placed on the
+        mesh by the rule table when there is one."""
+        if self.mesh is None:
+            return params
+        self._lay_out(params)
+        return sharding_lib.put(params, self.shardings["params"])
 
     def save_model(self, folder: str, graphdef: Any, params: PyTree,
                    tokenizer: Any = None) -> str:
@@ -102,7 +181,13 @@ class Updater:
         return save_hf(nnx.merge(graphdef, params), folder, tokenizer=tokenizer)
 
     def init(self, params: PyTree) -> PyTree:
-        return self._opt.init(params)
+        """The optimizer state (on a mesh: placed like the params / the mask)."""
+        if self.mesh is None:
+            return self._opt.init(params)
+        if self.shardings is None:
+            self._lay_out(params)
+        state = self._opt.init(params)
+        return sharding_lib.put(state, self._state_shardings(state))
 
     def num_trainable(self, params: PyTree) -> int:
         if self.sparse:
@@ -116,8 +201,13 @@ class Updater:
         the active entries (sparse) or the float32 gradient (dense)."""
         f32 = lambda g: g.astype(jnp.float32)  # accumulate in float32 even for bf16 params
         if not self.sparse:
-            return jax.tree.map(f32, grads)
-        return jax.tree.map(lambda g, i: f32(gather(g, i)), grads, opt_state.indices)
+            return self._constrain_grads(jax.tree.map(f32, grads))
+        return self._constrain_grads(
+            jax.tree.map(lambda g, i: f32(gather(g, i)), grads, opt_state.indices))
+
+    def _constrain_grads(self, grads: PyTree) -> PyTree:
+        return sharding_lib.constrain(
+            grads, None if self.shardings is None else self.shardings["grads"])
 
     def value_and_grad(self, loss_fn, params: PyTree, opt_state: PyTree):
         """``((loss, aux), grads)`` of ``loss_fn(params) -> (loss, aux)`` (traceable), with
@@ -128,8 +218,9 @@ class Updater:
         dense gradient is taken and compressed.
         """
         if self.sparse_grads:
-            return sparse_grads_lib.value_and_grad(loss_fn, params, opt_state.indices,
-                                                   has_aux=True, backend=self.cfg.backend)
+            out, grads = sparse_grads_lib.value_and_grad(
+                loss_fn, params, opt_state.indices, has_aux=True, backend=self.grad_backend)
+            return out, self._constrain_grads(grads)
         out, grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return out, self.compress(grads, opt_state)
 
@@ -141,7 +232,11 @@ class Updater:
         A step whose gradient is not finite is skipped: params and state come back bit
         for bit (``StepReport.skipped``)."""
         norm = None if self.cfg.max_grad_norm is not None else global_norm(grads)
-        params, opt_state, info = self._opt.update(params, grads, opt_state)
+        update = self._opt.update if self._update is None else self._update
+        params, opt_state, info = update(params, grads, opt_state)
+        if self.shardings is not None:  # every output where its input was (donation)
+            params = sharding_lib.constrain(params, self.shardings["params"])
+            opt_state = sharding_lib.constrain(opt_state, self._state_shardings(opt_state))
         return params, opt_state, StepReport(
             info.grad_norm if norm is None else norm, info.skipped)
 

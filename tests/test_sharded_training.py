@@ -1,0 +1,209 @@
+"""GRPO and DPO on a mesh of 8 host CPU devices equal the one-device run; the trainers'
+optimizer step stays on its devices for row-balanced masks; bad layouts fail in one line.
+
+XLA's device count is fixed when JAX starts, so the 8-device cases run in ONE subprocess
+(``XLA_FLAGS=--xla_force_host_platform_device_count=8``) that pays JAX's start once and
+reports every case as JSON; the single-device references run in the same process with
+no mesh. A tiny float32 decoder (vocabulary 64) and a character tokenizer keep it fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+SCRIPT = textwrap.dedent(r"""
+    import json, re, sys, tempfile
+    import jax, jax.numpy as jnp, numpy as np
+    from flax import nnx
+    import sparsejax.sharding as sh
+    from sparsejax.models import config as model_config
+    from sparsejax.models.decoder import init_model
+    from sparsejax.trainers import GRPOConfig, GRPOTrainer, SparseConfig
+    from sparsejax.trainers.dpo import DPOTrainer
+    from sparsejax.trainers.dpo_config import DPOConfig
+    from sparsejax.trainers.updater import Updater
+
+    assert jax.device_count() == 8
+    sh.MIN_SHARD_BYTES = 256  # kernels and the embedding split; biases and norms replicated
+
+    class CharTokenizer:
+        # ids 0/1 are pad/eos; characters map to 2..63.
+        eos_token_id, pad_token_id, chat_template = 1, 0, None
+        def __len__(self):
+            return 64
+        def encode(self, text):
+            return [2 + (ord(c) % 62) for c in text]
+        def __call__(self, texts, add_special_tokens=True):
+            return {"input_ids": [self.encode(t) for t in texts]}
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(ord("a") + (i - 2) % 26) for i in ids if i > 1)
+
+    tok = CharTokenizer()
+    cfg = model_config.DecoderConfig(
+        model_type="qwen2", vocab_size=64, hidden_size=16, intermediate_size=32,
+        num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8, qkv_bias=True,
+        tie_word_embeddings=True, param_dtype="float32")
+    def model():
+        return nnx.split(init_model(cfg, seed=0))
+
+    def reward(completions, answers):
+        return [len(set(c)) / 4.0 for c in completions]
+
+    prompts = [tok.encode(q) for q in ("1+1=", "two plus", "4*2?", "seven", "x", "abc de",
+                                        "9-3", "ten")]
+    answers = ["2"] * len(prompts)
+    pairs = [{"prompt": f"q{i} is", "chosen": "yes" * (1 + i % 2), "rejected": "no"}
+             for i in range(8)]
+
+    def host(tree):
+        return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+    def rel(a, b):  # per tensor ||a - b|| / ||b|| (Frobenius), the worst tensor
+        return max(float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30))
+                   for x, y in zip(a, b))
+
+    def max_abs(a, b):
+        return max(float(np.max(np.abs(x - y), initial=0.0)) for x, y in zip(a, b))
+
+    def grpo(mesh, sparsity, strategy):
+        graphdef, params = model()
+        config = GRPOConfig(steps=3, prompts_per_step=8, num_generations=2,
+                            max_new_tokens=4, micro_batch_size=8, generation_batch_size=16,
+                            beta=0.05 if sparsity else 0.0, mesh=mesh, eval_batch_size=8,
+                            remat="none")
+        sparse = SparseConfig(sparsity=sparsity, learning_rate=1e-2 if sparsity else 1e-3,
+                              mask_strategy=strategy)
+        t = GRPOTrainer(graphdef, params, tok, reward, config, sparse, tempfile.mkdtemp())
+        t.records = [t.train_step(prompts, answers) for _ in range(3)]
+        return t
+
+    def dpo(mesh, sparsity, strategy):
+        graphdef, params = model()
+        config = DPOConfig(steps=3, batch_size=8, micro_batch_size=8, mesh=mesh,
+                           max_prompt_length=8, max_completion_length=8, remat="none")
+        sparse = SparseConfig(sparsity=sparsity, learning_rate=1e-2 if sparsity else 1e-3,
+                              mask_strategy=strategy)
+        t = DPOTrainer(graphdef, params, tok, config, sparse, tempfile.mkdtemp())
+        enc = t.encode(pairs)
+        ref = np.stack(t.reference_logprobs(enc), axis=1)
+        t.records = [t.train_step(enc, ref) for _ in range(3)]
+        return t
+
+    import time
+    result = {}
+    def report(key, value):
+        result[key] = value
+        print("CASE", key, json.dumps(value), flush=True, file=sys.stderr)
+    CASES = json.loads(sys.argv[1]) if len(sys.argv) > 1 else None
+    for name, run in (("grpo", grpo), ("dpo", dpo)):
+        for kind, sparsity in (("sparse", 0.9), ("dense", 0.0)):
+            if CASES is not None and f"{name}/{kind}" not in CASES:
+                continue
+            t0 = time.process_time()
+            ref = run("", sparsity, "row_balanced")
+            base = host(ref.params)
+            for mesh in ("fsdp=8", "data=2,fsdp=4"):
+                t = run(mesh, sparsity, "auto")
+                report(f"{name}/{kind}/{mesh}", {
+                    "cpu_s": time.process_time() - t0,
+                    "rel": rel(host(t.params), base),
+                    "max_abs": max_abs(host(t.params), base),
+                    "changed": max_abs(base, host(model()[1])),
+                    "metrics": [[r[k] for k in ("loss", "grad_norm")] for r in t.records],
+                    "metrics_1": [[r[k] for k in ("loss", "grad_norm")] for r in ref.records],
+                    "specs": sorted({str(x.sharding.spec) for x in jax.tree.leaves(t.params)}),
+                    "memory": sh.memory_record(t.updater, t.params, t.opt_state, t.mesh),
+                    "memory_1": sh.memory_record(ref.updater, ref.params, ref.opt_state,
+                                                 None)})
+
+    # The trainers' optimizer step on the fsdp mesh: compiled HLO collectives.
+    COLLECTIVE = re.compile(r"= (\S+|\([^)]*\)) (all-gather|all-reduce|all-to-all|"
+                            r"collective-permute|reduce-scatter)(?:-start)?\(")
+    _, params = model()
+    rng = np.random.default_rng(1)
+    for strategy, backend in (("row_balanced", "xla"), ("per_tensor", "xla"),
+                              ("row_balanced", "interpret")):
+        if CASES is not None and f"step/{backend}" not in CASES:
+            continue
+        t0 = time.process_time()
+        u = Updater(SparseConfig(sparsity=0.75, learning_rate=1e-2, mask_strategy=strategy,
+                                 backend=backend), params, mesh="fsdp=8")
+        p8 = u.policy_params(jax.tree.map(jnp.copy, params))
+        s8 = u.init(p8)
+        g = [jax.tree.map(lambda i: jnp.asarray(rng.normal(size=i.shape), jnp.float32),
+                          s8.indices) for _ in range(3)]
+        hlo = Updater.apply.lower(u, p8, sh.put(g[0], u.shardings["grads"]), s8
+                                  ).compile().as_text()
+        u1 = Updater(SparseConfig(sparsity=0.75, learning_rate=1e-2, mask_strategy=strategy,
+                                  backend="xla"), params)
+        p1 = jax.tree.map(jnp.copy, params)
+        s1 = u1.init(p1)
+        for gi in g:
+            p8, s8, _ = u.apply(p8, sh.put(gi, u.shardings["grads"]), s8)
+            p1, s1, _ = u1.apply(p1, jax.tree.map(jnp.asarray, gi), s1)
+        report(f"step/{strategy}/{backend}", {
+            "cpu_s": time.process_time() - t0, "rel": rel(host(p8), host(p1)),
+            # (op, result shape) of every collective; "f32[]" is a scalar (the norm)
+            "collectives": sorted({(op, shape) for shape, op in COLLECTIVE.findall(hlo)}),
+            "communicating": sh.step_communicates(u.mask, u.shardings["params"]),
+            "state_spec": sorted({str(x.sharding.spec) for x in jax.tree.leaves(s8.mu)})})
+    print("RESULT" + json.dumps(result))
+""")
+
+
+@pytest.fixture(scope="module")
+def result():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    line = [l for l in out.stdout.splitlines() if l.startswith("RESULT")][-1]
+    return json.loads(line[len("RESULT"):])
+
+
+@pytest.mark.parametrize("trainer", ["grpo", "dpo"])
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+@pytest.mark.parametrize("mesh", ["fsdp=8", "data=2,fsdp=4"])
+def test_sharded_run_equals_one_device(result, trainer, kind, mesh):
+    r = result[f"{trainer}/{kind}/{mesh}"]
+    assert r["changed"] > 1e-3, r  # training moved the params (the check can fail)
+    assert r["rel"] <= 1e-5, r
+    # Loss and gradient norm of every step agree (the gradient itself, through its norm).
+    np.testing.assert_allclose(r["metrics"], r["metrics_1"], rtol=1e-5, atol=1e-7)
+    assert any("fsdp" in s for s in r["specs"]), r  # params really are split
+    mem, mem1 = r["memory"], r["memory_1"]
+    # Split params and state: each device holds less than the whole.
+    assert mem["params_bytes_per_device"] < mem1["params_bytes_per_device"], r
+    assert mem["optimizer_state_bytes_per_device"] < mem1["optimizer_state_bytes_per_device"]
+    assert mem["grad_accumulator_bytes_per_device"] < mem1["grad_accumulator_bytes_per_device"]
+    assert mem["devices"] == 8 and mem1["devices"] == 1, r
+
+
+@pytest.mark.parametrize("backend", ["xla", "interpret"])
+def test_row_balanced_step_gathers_no_parameter(result, backend):
+    r = result[f"step/row_balanced/{backend}"]
+    assert r["rel"] <= 1e-6, r
+    # No all-gather of any parameter: the only collectives reduce scalars (the global
+    # gradient norm and the finiteness check), nothing of a tensor's size moves.
+    assert r["collectives"], r  # the regex sees the norm's all-reduce (it can match)
+    assert all(op == "all-reduce" and not re.search(r"\[\d", shape)
+               for op, shape in r["collectives"]), r
+    assert r["communicating"] == [], r
+    assert any("fsdp" in s for s in r["state_spec"]), r  # moments split with their rows
+
+
+def test_flat_mask_step_communicates(result):
+    r = result["step/per_tensor/xla"]
+    assert r["rel"] <= 1e-6, r
+    assert r["communicating"], r  # the warning's list
+    # The control: vectors of active values cross devices (gathered or reduced).
+    assert any(re.search(r"\[\d", shape) for _, shape in r["collectives"]), r
