@@ -260,8 +260,10 @@ def add_sparse_args(parser: argparse.ArgumentParser, *, default_lr: float | None
     group.add_argument("--sparsity", type=float, default=0.99,
                        help="fraction of weights frozen; 0 = full finetuning (dense AdamW)")
     group.add_argument("--mask-seed", type=int, default=0, help="seed of the random mask")
-    group.add_argument("--mask-strategy", default="per_tensor",
-                       choices=["per_tensor", "global", "row_balanced"])
+    group.add_argument("--mask-strategy", default="auto",
+                       choices=["auto", "per_tensor", "global", "row_balanced"],
+                       help="auto: row_balanced with --mesh (the step stays on each "
+                            "device's rows), per_tensor without")
     group.add_argument("--mask-path", default=None,
                        help="train the entries of a saved mask (sparsejax.save_mask) instead")
     group.add_argument("--lr", type=float, default=default_lr,
@@ -292,6 +294,21 @@ def add_run_args(parser: argparse.ArgumentParser, default_out: str) -> None:
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_report_to_arg(group)
     add_distributed_args(parser)
+    parser.add_argument_group("many devices").add_argument(
+        "--mesh", default="",
+        help="devices of the run: data=D,fsdp=F (D x F = all devices), auto (every "
+             "device on fsdp) or empty (one device); see sparsejax.sharding")
+
+
+def run_mesh(args: argparse.Namespace) -> Any:
+    """The run's :class:`jax.sharding.Mesh` from ``--mesh`` (None without); call after
+    :func:`open_out_dir` (which starts ``jax.distributed``). Raises a one-line ValueError
+    naming the mesh when it does not fit the devices."""
+    from sparsejax import sharding  # pylint: disable=g-import-not-at-top
+    try:
+        return sharding.as_mesh(getattr(args, "mesh", ""))
+    except ValueError as e:
+        raise ValueError(f"--mesh: {e}") from None
 
 
 def add_distributed_args(parser: argparse.ArgumentParser) -> None:
@@ -375,8 +392,11 @@ def sparse_config(args: argparse.Namespace) -> SparseConfig:
         backend=args.backend, sparse_grads=args.sparse_grads)
 
 
-def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    """``(graphdef, params, tokenizer)`` from ``--model`` / ``--tokenizer`` / ``--dtype``.
+def load_model_and_tokenizer(args: argparse.Namespace, mesh: Any = None
+                             ) -> tuple[Any, Any, Any]:
+    """``(graphdef, params, tokenizer)`` from ``--model`` / ``--tokenizer`` / ``--dtype``;
+    with a ``mesh`` every param is read straight into its shards (the rule table of
+    :mod:`sparsejax.sharding`).
 
     Raises ValueError with a one-line message naming the model or the tokenizer.
     """
@@ -388,7 +408,9 @@ def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
     try:
-        model = load_hf(args.model, param_dtype=args.dtype)
+        from sparsejax.sharding import hf_param_shardings  # pylint: disable=g-import-not-at-top
+        model = load_hf(args.model, param_dtype=args.dtype, sharding=hf_param_shardings(
+            args.model, mesh, param_dtype=args.dtype))
     except Exception as e:  # pylint: disable=broad-except  # any unusable model: one line
         raise ValueError(f"cannot load model {args.model!r}: {first_line(e)}") from e
     name = args.tokenizer or args.model
