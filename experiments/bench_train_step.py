@@ -9,7 +9,8 @@ vocabulary on a CPU) and the same random batch, side by side in one process:
 * ``sparse``: sparse backward (gradients only at the active entries, no dense weight
   gradient) + fused sparse AdamW (``--sparse-grads on``).
 
-Prints ms/step (median), ratios and the compiled memory of each
+All methods are compiled first and then timed round-robin (one step of each per
+round), so the machine's load changes hit them alike. Prints ms/step (median), ratios and the compiled memory of each
 (``compiled.memory_analysis()``: temporaries and peak), one row per density, and
 writes JSON with device, versions, date, commit and command under
 ``experiments/results/``.
@@ -109,26 +110,51 @@ def make_step(method, loss, mask, backend):
     return jax.jit(step, donate_argnums=(0, 1)), opt.init
 
 
-def run_method(method, params, mask, loss, args):
+def prepare_method(method, params, mask, loss, args):
+    """Compiles one method's step; returns a runner and its compiled memory."""
     step, init = make_step(method, loss, mask, args.backend)
-    params = jax.tree.map(jnp.copy, params)
-    state = init(params)
-    compiled = step.lower(params, state).compile()
+    carry = {"params": jax.tree.map(jnp.copy, params)}
+    carry["state"] = init(carry["params"])
+    compiled = step.lower(carry["params"], carry["state"]).compile()
     mem = compiled.memory_analysis()
-    times, value = [], None
-    for i in range(args.warmup + args.steps):
+
+    def run_once() -> float:
         t0 = time.perf_counter()
-        params, state, value = compiled(params, state)
-        jax.block_until_ready(params)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
+        carry["params"], carry["state"], carry["loss"] = compiled(carry["params"],
+                                                                  carry["state"])
+        jax.block_until_ready(carry["params"])
+        return time.perf_counter() - t0
+
     temp = int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else None
     peak = None
     if mem is not None:
         peak = int(mem.argument_size_in_bytes + mem.output_size_in_bytes
                    + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
-    return {"ms": 1e3 * float(np.median(times)), "temp_bytes": temp, "peak_bytes": peak,
-            "loss": float(value)}
+    return run_once, carry, {"temp_bytes": temp, "peak_bytes": peak}
+
+
+def run_interleaved(jobs, params, loss, args) -> list[dict]:
+    """Compiles every job, then times them round-robin (one step of each per round,
+    ``args.warmup`` untimed rounds first), so that a change in the machine's load
+    hits every method alike; median ms per job."""
+    prepared = []
+    for density, method in tqdm(jobs, desc="compiling", file=sys.stderr):
+        mask = None
+        if method != "dense":
+            mask = jax.tree.map(jnp.asarray, masks.random_mask(
+                params, 1.0 - density, seed=args.seed, strategy=args.strategy))
+        run_once, carry, mem = prepare_method(method, params, mask, loss, args)
+        prepared.append((density, method, mask, run_once, carry, mem, []))
+    for i in tqdm(range(args.warmup + args.steps), desc="rounds", file=sys.stderr):
+        for *_, run_once, _, _, times in prepared:
+            dt = run_once()
+            if i >= args.warmup:
+                times.append(dt)
+    n_params = int(sum(x.size for x in jax.tree.leaves(params)))
+    return [{"ms": 1e3 * float(np.median(times)), **mem, "loss": float(carry["loss"]),
+             "density": density, "method": method, "params": n_params,
+             "k": n_params if mask is None else masks.num_active(mask)}
+            for density, method, mask, _, carry, mem, times in prepared]
 
 
 def format_table(rows) -> str:
@@ -183,16 +209,9 @@ def main(argv=None) -> int:
                      args.logprob_chunk)
     n_params = int(sum(x.size for x in jax.tree.leaves(params)))
     jobs = [(1.0, "dense")] + [(d, m) for d in args.densities for m in ("gather", "sparse")]
-    rows = []
-    for density, method in tqdm(jobs, desc="train steps", file=sys.stderr):
-        mask = None
-        if method != "dense":
-            mask = jax.tree.map(jnp.asarray, masks.random_mask(
-                params, 1.0 - density, seed=args.seed, strategy=args.strategy))
-        r = run_method(method, params, mask, loss, args)
-        r.update(density=density, method=method, params=n_params,
-                 k=n_params if mask is None else masks.num_active(mask))
-        rows.append(r)
+    load_before = os.getloadavg()
+    rows = run_interleaved(jobs, params, loss, args)
+    load_after = os.getloadavg()
     dense_ms = rows[0]["ms"]
     for r in rows:
         gather_ms = next((g["ms"] for g in rows if g["method"] == "gather"
@@ -205,6 +224,7 @@ def main(argv=None) -> int:
           f"{args.batch} x {args.length} tokens, {n_params:,} params, "
           f"backend {backends.resolve_backend(args.backend)}")
     print(format_table(rows))
+    print(f"load average (1 min) before/after: {load_before[0]:.1f} / {load_after[0]:.1f}")
     record = {
         "benchmark": "bench_train_step",
         "device": f"{device.platform}:{device.device_kind}",
@@ -214,6 +234,7 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": git_commit(),
         "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+        "load_average": {"before": load_before, "after": load_after},
         "args": vars(args), "model": dataclasses.asdict(cfg), "results": rows,
     }
     slug = device.device_kind.lower().replace(" ", "_") if device.platform != "cpu" else "cpu"
