@@ -12,7 +12,8 @@ random mask, all from the same SFT base and with the same GRPO settings:
    (``experiments/lora_flags.py``: ``build_updater`` -> :class:`sparsejax.lora.LoraUpdater`
    with a :mod:`sparsejax.lora` mask), so the toy runs exactly what
    ``grpo.py --adapter ...`` runs: dense LoRA; masked LoRA (random factor masks at
-   one fixed density); Partial-LoRA (random factor masks at the derived per-kernel
+   one fixed density); masked LoRA at one uniform density with Partial-LoRA's
+   budget (:func:`matched_density`: is the per-layer ratio what matters?); Partial-LoRA (random factor masks at the derived per-kernel
    ratios); Targeted-LoRA (the most important factor entries at the same ratios);
 3. **seeds**: every arm (full FT and the 99% mask included) runs once per seed ``s``
    of ``lora_seeds``, with GRPO sampling seed ``seed + s`` and adapter init / mask
@@ -42,6 +43,7 @@ from toy_runs import Experiment, RunResult, device_copy, fmt_pct
 # (arm key, --adapter value, label) in the order of the table.
 ARMS = (("full", None, "full FT"), ("random99", None, "random 99% mask"),
         ("lora", "lora", "LoRA"), ("masked_lora", "lora", "masked LoRA"),
+        ("uniform_lora", "lora", "masked LoRA at Partial-LoRA's budget"),
         ("partial_lora", "partial-lora", "Partial-LoRA"),
         ("targeted_lora", "targeted-lora", "Targeted-LoRA"))
 REWARD_TAIL = 10  # train reward: mean of the last this many GRPO steps
@@ -89,11 +91,22 @@ def adapter_args(exp: Experiment, adapter: str, *, seed: int, density: float = 1
     return args
 
 
+def matched_density(ratios: lora.Ratios) -> float:
+    """The one density whose masked LoRA trains as many factor entries as Partial-LoRA
+    at ``ratios`` (a kernel ``[in, out]`` has ``r (in + out)`` factor entries)."""
+    sizes = {p: sum(ratios.kernels[p]) for p in ratios.ratios}
+    return sum((1 - r) * sizes[p] for p, r in ratios.ratios.items()) / sum(sizes.values())
+
+
 def arm_updater(exp: Experiment, arm: str, lr: float, *, seed: int,
                 ratios_path: str | None) -> lora.LoraUpdater:
     """The :class:`~sparsejax.lora.LoraUpdater` of a LoRA arm (the scripts' own path)."""
     adapter = dict((k, a) for k, a, _ in ARMS)[arm]
-    density = exp.p.lora_density if arm == "masked_lora" else 1.0
+    density = 1.0
+    if arm == "masked_lora":
+        density = exp.p.lora_density
+    elif arm == "uniform_lora":
+        density = matched_density(lora.load_ratios(ratios_path, exp.base))
     args = adapter_args(exp, adapter, seed=seed, density=density,
                         ratios_path=None if adapter == "lora" else ratios_path)
     return build_updater(args, exp.sparse_config(0.0, lr), device_copy(exp.base))
@@ -123,7 +136,7 @@ def run_lora_section(exp: Experiment, lrs: dict[float, float], lora_lr: float,
     for s in p.lora_seeds:
         sampling = exp.seed + s
         for arm, adapter, label in ARMS:
-            if (ratios is None and arm in ("partial_lora", "targeted_lora")) or (
+            if (ratios is None and arm in ("uniform_lora", "partial_lora", "targeted_lora")) or (
                     arms is not None and arm not in arms):
                 continue
             reuse = {"full": "full", "random99": "random 99% seed 0"}.get(arm)
@@ -167,7 +180,8 @@ def lora_measurement(exp: Experiment, per_arm: dict[str, list[RunResult]],
         tail = [float(np.nanmean(r.train_reward[-REWARD_TAIL:])) for r in rs]
         rows.append({
             "arm": arm, "label": label + (f" r{p.lora_rank}" if adapter else "")
-            + (f" {100 * p.lora_density:g}%" if arm == "masked_lora" else ""),
+            + (f" {100 * p.lora_density:g}%" if arm == "masked_lora" else "")
+            + (f" ({100 * matched_density(ratios):.1f}%)" if arm == "uniform_lora" else ""),
             "adapter": adapter, "trainable": rs[0].trainable,
             "trainable_per_seed": [r.trainable for r in rs],
             "fraction_of_model": rs[0].trainable / exp.total,
@@ -182,6 +196,7 @@ def lora_measurement(exp: Experiment, per_arm: dict[str, list[RunResult]],
            "derive_error": derive_error}
     if ratios is not None:
         out.update(ratios=ratios.ratios, ratio_settings=ratios.settings,
+                   matched_density=matched_density(ratios),
                    fewshot=p.lora_fewshot, fewshot_baseline=ratios.baseline,
                    mean_ratio=float(np.mean(list(ratios.ratios.values()))))
     return out
@@ -199,8 +214,8 @@ def _pm(s: dict[str, Any]) -> str:
 
 def lora_verdict(h: dict[str, Any]) -> str:
     """One line on the paper's three claims, from the numbers of (h)."""
-    lo, pa, ta, ma = (_row(h, k) for k in ("lora", "partial_lora", "targeted_lora",
-                                            "masked_lora"))
+    lo, pa, ta, ma, un = (_row(h, k) for k in ("lora", "partial_lora", "targeted_lora",
+                                                "masked_lora", "uniform_lora"))
     tol = h["tolerance"]
     parts = []
     if lo and pa:
@@ -215,6 +230,9 @@ def lora_verdict(h: dict[str, Any]) -> str:
         d = pa["accuracy"]["mean"] - ta["accuracy"]["mean"]
         parts.append(f"random (Partial) vs targeted entries at the same ratios: "
                      f"{100 * d:+.1f} points")
+    if un and pa:
+        parts.append(f"derived per-layer ratios vs one uniform density at the same budget: "
+                     f"{100 * (pa['accuracy']['mean'] - un['accuracy']['mean']):+.1f} points")
     if ma and pa:
         parts.append(f"uniform density {100 * h['masked_density']:g}% "
                      f"({fmt_pct(ma['fraction_of_lora'], 0)} of LoRA) vs the derived "

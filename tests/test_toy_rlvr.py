@@ -254,5 +254,12 @@ def test_every_lora_arm_runs_and_trains_what_its_mask_says(tmp_path):
     assert {k: v["trainable"] for k, v in rows.items()} == expect
     assert rows["lora"]["fraction_of_lora"] == 1.0
     assert rows["partial_lora"]["fraction_of_lora"] < 1.0
+    # The budget-matched uniform arm (not run here): one density, Partial-LoRA's count.
+    uniform = toy_lora.arm_updater(exp, "uniform_lora", 1e-3, seed=0,
+                                   ratios_path=str(tmp_path / "lora_ratios.json"))
+    dm = toy_lora.matched_density(ratios)
+    assert dm == pytest.approx(expect["partial_lora"] / dense, abs=0.01)
+    assert uniform.num_trainable(None) == sum(int(np.floor(dm * a)) + int(np.floor(dm * b))
+                                              for a, b in factors.values())
     assert "Partial-LoRA trains" in toy_lora.lora_verdict(h)
     assert any("(h)" in line for line in toy_lora.lora_markdown(h, "v"))
