@@ -124,6 +124,143 @@ def trainer_step_row(shapes, params, compressed, density, args, k, n, dense_ms):
                 max_abs_diff_vs_plain_step=diff)
 
 
+def cond_guarded(inner, max_grad_norm):
+    """The skip guard of earlier releases, for comparison: clipping, then one
+    ``lax.cond`` around ``inner``'s unguarded, unclipped step (jitted, donated)."""
+    from sparsejax.optim import _all_finite, clip_compressed  # pylint: disable=g-import-not-at-top
+
+    def update(params, grads, state):
+        g, _ = clip_compressed(grads, max_grad_norm)
+        skip = lambda p, g_, st: (p, st._replace(skipped=st.skipped + 1))
+        return jax.lax.cond(_all_finite(g), lambda p, g_, st: inner.update(p, g_, st)[:2],
+                            skip, params, g, state)
+
+    return jax.jit(update, donate_argnums=(0, 2))
+
+
+def _bits(tree) -> list[np.ndarray]:
+    return [np.atleast_1d(np.array(x)).view(np.uint8) for x in jax.tree.leaves(tree)]  # copies
+
+
+def guard_rows(kind, params, grads, make, args, interleave: bool = True):
+    """Skip guards side by side on the same data: no guard, the old ``lax.cond`` guard
+    and the library's guard (``skip_nonfinite=True``), each clipping at norm 1 with
+    master values. Compile seconds, ms/step, the fraction of param buffers the donated
+    step kept in place, and whether a skipped step (a NaN at an active entry) returned
+    params and state bit for bit. With ``interleave`` the variants are timed in
+    alternating rounds (a busy machine slows all alike; needs all three states in
+    memory), else one after another. ``make(**kw)`` builds the optimizer."""
+    plain = make(skip_nonfinite=False, max_grad_norm=1.0)
+    variants = {"no guard": plain.step,
+                "cond guard (old)": cond_guarded(make(skip_nonfinite=False), 1.0),
+                "select guard": make(skip_nonfinite=True, max_grad_norm=1.0).step}
+    copy = lambda t: jax.tree.map(jnp.copy, t)
+    rows = {name: dict(method=f"{kind}: {name}") for name in variants}
+    carries, times = {}, {name: [] for name in variants}
+
+    def start(name):
+        state = plain.init(params)
+        rows[name].update(compile_seconds(variants[name], params, grads, state))
+        carries[name] = variants[name](copy(params), grads, state)[:2]  # warm-up
+        jax.block_until_ready(carries[name])
+
+    def timed(name):
+        leaves = lambda: [x.unsafe_buffer_pointer() for x in jax.tree.leaves(carries[name][0])]
+        before, t0 = leaves(), time.perf_counter()
+        carries[name] = variants[name](carries[name][0], grads, carries[name][1])[:2]
+        jax.block_until_ready(carries[name])
+        times[name].append(time.perf_counter() - t0)
+        rows[name]["in_place_fraction"] = float(np.mean([a == b for a, b in
+                                                         zip(before, leaves())]))
+
+    leaves, treedef = jax.tree.flatten(grads)
+    bad = jax.tree.unflatten(treedef, [leaves[0].reshape(-1).at[0].set(jnp.nan)
+                                       .reshape(leaves[0].shape)] + leaves[1:])
+
+    def finish(name):
+        rows[name]["ms"] = 1e3 * float(np.median(times[name]))
+        if name != "no guard":
+            params_in, state_in = carries[name]
+            before, skipped = _bits((params_in, state_in)), int(state_in.skipped)
+            out_p, out_s = variants[name](params_in, bad, state_in)[:2]
+            rows[name]["skipped_counted"] = int(out_s.skipped) == skipped + 1
+            after = _bits((out_p, out_s._replace(skipped=jnp.int32(skipped))))
+            rows[name]["skip_bit_exact"] = all(np.array_equal(a, b)
+                                               for a, b in zip(before, after))
+        carries.pop(name)
+
+    if interleave:
+        for name in variants:
+            start(name)
+        for _ in range(args.steps):
+            for name in variants:
+                timed(name)
+        for name in variants:
+            finish(name)
+    else:
+        for name in variants:
+            start(name)
+            for _ in range(args.steps):
+                timed(name)
+            finish(name)
+    base = rows["no guard"]["ms"]
+    for r in rows.values():
+        r["ms_vs_no_guard"] = r["ms"] / base
+    return list(rows.values())
+
+
+def guard_bench(preset: str, args, device_kind: str) -> list[dict]:
+    """``--guards``: the skip guards of the fused sparse step (at each density) and of
+    :func:`sparsejax.dense_adamw.dense_adamw`, plus the trainers' step."""
+    shapes = param_shapes(preset, jnp.dtype(args.dtype))
+    n = sum(math.prod(s.shape) for s in jax.tree.leaves(shapes))
+    params = random_tree(shapes, 0)
+    grads = jax.tree.map(lambda g: g.astype(jnp.float32), random_tree(shapes, 1))
+    rows = []
+    for density in args.densities:
+        mask = jax.tree.map(jnp.asarray, sj.random_mask(shapes, 1.0 - density, seed=0,
+                                                        strategy=args.strategy))
+        compressed = jax.tree.map(gather, grads, mask)
+        make = lambda **kw: sj.fused_sparse_adamw(mask, 1e-4, master_weights=True,
+                                                  backend=args.backends[0], **kw)
+        for r in guard_rows("fused sparse", params, compressed, make, args):
+            rows.append(dict(preset=preset, params=n, density=density,
+                             k=sj.num_active(mask), backend=args.backends[0], **r))
+        trainer = trainer_step_row(shapes, params, compressed, density, args,
+                                   rows[-1]["k"], n, rows[-3]["ms"])
+        trainer["ms_vs_no_guard"] = trainer["ms"] / rows[-3]["ms"]
+        rows.append({**trainer, "preset": preset})
+    if args.guards_dense_preset != "none":
+        from sparsejax.dense_adamw import dense_adamw  # pylint: disable=g-import-not-at-top
+        dense_preset = args.guards_dense_preset or preset
+        if dense_preset != preset:
+            del params, grads, compressed
+            shapes = param_shapes(dense_preset, jnp.dtype(args.dtype))
+            n = sum(math.prod(s.shape) for s in jax.tree.leaves(shapes))
+            params = random_tree(shapes, 0)
+            grads = jax.tree.map(lambda g: g.astype(jnp.float32), random_tree(shapes, 1))
+        make = lambda **kw: dense_adamw(1e-4, master_weights=True, **kw)
+        for r in guard_rows("dense_adamw", params, grads, make, args, interleave=False):
+            rows.append(dict(preset=dense_preset, params=n, density=1.0, k=n, backend="xla",
+                             **r))
+    for r in rows:
+        r["device"] = device_kind
+    return rows
+
+
+def format_guard_table(rows: list[dict]) -> str:
+    head = (f"{'preset':<14}{'density':>9}  {'method':<40}{'ms/step':>9}{'vs none':>9}"
+            f"{'compile s':>10}{'cpu s':>8}{'in place':>9}{'skip exact':>11}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['preset']:<14}{r['density']:>9.2%}  {r['method']:<40}{r['ms']:>9.1f}"
+            f"{r.get('ms_vs_no_guard', math.nan):>8.2f}x{r['compile_s']:>10.1f}"
+            f"{r['compile_cpu_s']:>8.1f}{r.get('in_place_fraction', math.nan):>9.2f}"
+            f"{str(r.get('skip_bit_exact', '-')):>11}")
+    return "\n".join(lines)
+
+
 def transform_step(tx):
     """One jitted ``optax`` step over ``(params, state)``, donated so it runs in place."""
 
@@ -246,6 +383,14 @@ def main(argv=None) -> int:
     parser.add_argument("--trainer-step", action=argparse.BooleanOptionalAction, default=True,
                         help="also time (and compile) the trainers' optimizer step: clipping, "
                              "skip-on-non-finite, master values")
+    parser.add_argument("--guards", action="store_true",
+                        help="instead of the method table: the skip guards side by side (no "
+                             "guard, the old lax.cond guard, the library's guard) and the "
+                             "trainers' step; default JSON bench_optimizer_guards_<device>.json")
+    parser.add_argument("--guards-dense-preset", default=None,
+                        help="with --guards, the tree for dense_adamw's guards (float32 "
+                             "master values and moments: about 20 bytes per parameter, "
+                             "12 GB for Qwen2.5-0.5B); default the --preset, 'none' to skip")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps (compile)")
     parser.add_argument("--out", default=None,
@@ -259,19 +404,21 @@ def main(argv=None) -> int:
 
     device = jax.devices()[0]
     device_kind = f"{device.platform}:{device.device_kind}"
+    load_at_start = os.getloadavg()
     rows = []
     for preset in tqdm(args.preset, desc="presets", file=sys.stderr):
         try:
-            rows += bench_preset(preset, args, device_kind)
+            rows += (guard_bench if args.guards else bench_preset)(preset, args, device_kind)
         except KeyError as e:
             parser.error(str(e))
-    print(format_table(rows))
+    print((format_guard_table if args.guards else format_table)(rows))
     record = {
         "benchmark": "bench_optimizer",
         "device": device_kind,
         "device_count": jax.device_count(),
         "host": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
+        "load_average_at_start": load_at_start,
         "load_average": os.getloadavg(),
         "jax": jax.__version__,
         "jaxlib": getattr(jax.lib, "__version__", None) or jax.__version__,
@@ -285,7 +432,7 @@ def main(argv=None) -> int:
     }
     slug = device.device_kind.lower().replace(" ", "_") if device.platform != "cpu" else "cpu"
     out = Path(args.out or Path(__file__).resolve().parent / "results"
-               / f"bench_optimizer_{slug}.json")
+               / f"bench_optimizer_{'guards_' if args.guards else ''}{slug}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")

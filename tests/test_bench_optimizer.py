@@ -39,3 +39,24 @@ def test_bench_optimizer_rejects_bad_density():
     run = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_optimizer.py"),
                           "--densities", "1.5"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "densities" in run.stderr
+
+
+def test_bench_optimizer_guards_smoke(tmp_path):
+    """--guards: the three skip guards side by side, each skip bit-exact, the library's
+    guard in place."""
+    out = tmp_path / "guards.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "bench_optimizer.py"), "--guards",
+         "--preset", "synthetic-tiny", "--densities", "0.5", "--dtype", "bfloat16",
+         "--steps", "2", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads(out.read_text())
+    rows = {r["method"]: r for r in record["results"]}
+    for kind in ("fused sparse", "dense_adamw"):
+        assert rows[f"{kind}: no guard"]["ms_vs_no_guard"] == 1.0
+        for guard in ("cond guard (old)", "select guard"):
+            r = rows[f"{kind}: {guard}"]
+            assert r["skip_bit_exact"] and r["skipped_counted"] and r["compile_s"] > 0
+        assert rows[f"{kind}: select guard"]["in_place_fraction"] == 1.0
+    assert any(m.startswith("trainer step") for m in rows)
+    assert "select guard" in run.stdout
