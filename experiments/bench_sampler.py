@@ -19,10 +19,12 @@ Side by side in one process, on the same model and the same batch:
   and rows, ``do_sample=True, top_k=0``).
 
 Reported per sampler: useful tokens/s (tokens up to and including the stop token,
-compilation excluded), decode steps, slot occupancy (useful tokens / (steps x rows)),
-and the mean decode step against its floor: the bytes a step must read (all params
-plus the keys/values of the filled part of every active sequence's cache) over the
-memory bandwidth measured here (a jitted sum over a 512 MB array). JSON goes under
+compilation excluded), decode steps, slot occupancy (useful tokens / rows computed),
+and the mean decode step against its floor, the larger of two: the bytes a step must
+read (all params plus the keys/values each active sequence holds: its prompt's tokens
+and those generated) over the memory bandwidth measured here (a jitted sum over a
+512 MB array), and its weight matmuls (2 x params FLOPs per row computed, the mean
+width of the step) at the float32 throughput of a jitted 1024^3 matmul. JSON goes under
 ``experiments/results/`` with device, versions, date, commit, command and CPU load.
 
 Example::
@@ -84,6 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="comma-separated decode slot counts of the slot sampler")
     parser.add_argument("--chunk-size", type=int, default=64,
                         help="cache slots per decode-attention chunk")
+    parser.add_argument("--width-buckets", type=int, default=3,
+                        help="loop widths of the slot sampler (slots, slots/2, ...)")
     parser.add_argument("--batch-rows", default="64",
                         help="comma-separated rows per call of the batch sampler "
                              "(default all P x G rows at once, as the trainer did)")
@@ -94,7 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="JSON path (default "
                         "experiments/results/bench_sampler_<model>_<time>.json)")
     args = parser.parse_args(argv)
-    for name in ("prompts", "samples", "new_tokens", "chunk_size"):
+    for name in ("prompts", "samples", "new_tokens", "chunk_size", "width_buckets"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.mean_length < 1:
@@ -148,6 +152,15 @@ def measure_bandwidth_gbps() -> float:
     return x.nbytes / best / 1e9
 
 
+def measure_gemm_gflops() -> float:
+    """float32 matmul throughput of a jitted 1024^3 product (best of 5), GFLOP/s."""
+    a = jnp.ones((1024, 1024), jnp.float32)
+    f = jax.jit(jnp.matmul)
+    f(a, a).block_until_ready()
+    best = min(_timed(lambda: f(a, a).block_until_ready()) for _ in range(5))
+    return 2 * 1024 ** 3 / best / 1e9
+
+
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -171,6 +184,12 @@ def floor_ms(config: DecoderConfig, steps: int, context_sum: float, gbps: float)
     param_bytes = config.num_params() * jnp.dtype(config.param_dtype).itemsize
     total = steps * param_bytes + context_sum * kv_bytes_per_token(config)
     return 1e3 * total / max(steps, 1) / (gbps * 1e9)
+
+
+def compute_floor_ms(config: DecoderConfig, rows: float, gflops: float) -> float:
+    """Mean time a decode step of ``rows`` rows needs for its weight matmuls
+    (2 x params FLOPs per row) at the measured large-matmul throughput."""
+    return 1e3 * 2 * config.num_params() * rows / (gflops * 1e9)
 
 
 def run_batch(graphdef, params, config, work, sp, rows, key) -> dict:
@@ -216,20 +235,21 @@ def time_prefill(graphdef, params, config, tokens, mask) -> float:
     return min(_timed(lambda: fn(params, tokens, mask).block_until_ready()) for _ in range(2))
 
 
-def run_slots(graphdef, params, config, work, sp, slots, chunk, key) -> dict:
+def run_slots(graphdef, params, config, work, sp, slots, chunk, width_buckets, key) -> dict:
     tokens, mask = sampling.left_pad(work["prompts"], work["pad_id"])
     out = rollouts.rollout(graphdef, params, tokens, mask, key, sp,
                            num_samples=work["samples"], num_slots=slots, chunk_size=chunk,
-                           pad_id=work["pad_id"])
+                           pad_id=work["pad_id"], width_buckets=width_buckets)
     st = out.stats
-    lp = out.prompt_tokens.shape[1]
     prefill_s = time_prefill(graphdef, params, config, *rollouts.rebucket(
         tokens, mask, work["pad_id"]))
     # a step reads the chunks up to the longest active filled length; the ideal floor
-    # counts each active sequence's own filled length (prompt bucket + generated)
-    ctx = float(sum(sum(lp + t + 1 for t in range(n)) for n in out.lengths))
+    # counts each active sequence's own keys (its prompt's tokens + those generated)
+    plen = out.prompt_mask.sum(axis=1)
+    ctx = float(sum(sum(int(p) + t + 1 for t in range(n)) for p, n in zip(plen, out.lengths)))
     return dict(compile_s=st.compile_s, run_s=st.run_s, prefill_s=prefill_s,
-                decode_steps=st.decode_steps, rows=min(slots, len(out.lengths)),
+                decode_steps=st.decode_steps, slot_steps=st.slot_steps,
+                rows=st.slot_steps / max(st.decode_steps, 1),
                 useful_tokens=st.useful_tokens, occupancy=st.occupancy,
                 kv_context_sum=ctx, lengths=out.lengths)
 
@@ -286,10 +306,11 @@ def main(argv=None) -> dict:
     graphdef, params = nnx.split(init_model(config, seed=args.seed))
     key = jax.random.key(args.seed)
     gbps = args.bandwidth_gbps or measure_bandwidth_gbps()
+    gflops = measure_gemm_gflops()
     print(f"{name}: {config.num_params() / 1e6:.1f}M params {config.param_dtype}, "
           f"{args.prompts} prompts x {args.samples} samples, <= {args.new_tokens} new "
           f"tokens, stop p = {len(work['stop_ids']) / config.vocab_size:.4f}/token, "
-          f"bandwidth {gbps:.1f} GB/s, load {load['start'][0]:.2f}", flush=True)
+          f"bandwidth {gbps:.1f} GB/s, matmul {gflops:.0f} GFLOP/s, load {load['start'][0]:.2f}", flush=True)
 
     out = args.out or os.path.join(ROOT, "experiments", "results", "bench_sampler_"
                                    f"{name}_{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
@@ -303,7 +324,8 @@ def main(argv=None) -> dict:
 
     results = []
     for slots in slot_counts:
-        r = run_slots(graphdef, params, config, work, sp, slots, args.chunk_size, key)
+        r = run_slots(graphdef, params, config, work, sp, slots, args.chunk_size,
+                      args.width_buckets, key)
         results.append({"sampler": "slots", "label": f"slots ({slots} slots)", **r})
         print(f"  done {results[-1]['label']}: {r['run_s']:.1f} s", flush=True)
         partial(results)
@@ -325,17 +347,21 @@ def main(argv=None) -> dict:
         r["speedup_vs_batch"] = r["tokens_per_s"] / (base["useful_tokens"] / base["run_s"])
         decode_s = r["run_s"] - (r["prefill_s"] or 0.0)
         r["decode_step_ms"] = 1e3 * decode_s / max(r["decode_steps"], 1)
-        r["floor_step_ms"] = floor_ms(config, r["decode_steps"], r["kv_context_sum"], gbps)
+        r["bandwidth_floor_ms"] = floor_ms(config, r["decode_steps"], r["kv_context_sum"],
+                                           gbps)
+        r["compute_floor_ms"] = compute_floor_ms(config, r["rows"], gflops)
+        r["floor_step_ms"] = max(r["bandwidth_floor_ms"], r["compute_floor_ms"])
         lengths = np.asarray(r.pop("lengths"))
         r["length_stats"] = {"mean": float(lengths.mean()), "p10": float(np.percentile(
             lengths, 10)), "p50": float(np.median(lengths)), "p90": float(
                 np.percentile(lengths, 90)), "max": int(lengths.max())}
 
     print(f"\n{'sampler':<34} {'useful tok/s':>12} {'x batch':>8} {'steps':>6} "
-          f"{'occupancy':>9} {'step ms':>8} {'floor ms':>8} {'compile s':>9} {'mean len':>8}")
+          f"{'occupancy':>9} {'rows':>5} {'step ms':>8} {'floor ms':>8} {'compile s':>9} "
+          f"{'mean len':>8}")
     for r in results:
         print(f"{r['label']:<34} {r['tokens_per_s']:>12.1f} {r['speedup_vs_batch']:>7.2f}x "
-              f"{r['decode_steps']:>6} {100 * r['occupancy']:>8.1f}% "
+              f"{r['decode_steps']:>6} {100 * r['occupancy']:>8.1f}% {r['rows']:>5.1f} "
               f"{r['decode_step_ms']:>8.1f} {r['floor_step_ms']:>8.1f} "
               f"{r['compile_s']:>9.1f} {r['length_stats']['mean']:>8.1f}")
 
@@ -352,7 +378,7 @@ def main(argv=None) -> dict:
                      "chunk_size": args.chunk_size},
         "device": jax.devices()[0].device_kind, "platform": jax.default_backend(),
         "cpu_count": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
-        "load_average": load, "bandwidth_gbps": gbps,
+        "load_average": load, "bandwidth_gbps": gbps, "matmul_gflops": gflops,
         "versions": {"jax": jax.__version__, "flax": flax.__version__,
                      "transformers": transformers.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sparsejax import sparse_grads
 from sparsejax.sampling import (SamplingParams, bucket_length, filter_logits, init_cache,
                                 prefill)
 
@@ -221,6 +222,18 @@ def phase_widths(num_slots: int, width_buckets: int, multiple: int = 1) -> list[
     return widths
 
 
+def _logits_fn(model):
+    """``model.logits``; on CPU with tied embeddings, a dot with a ``[hidden, vocab]``
+    copy of the embedding made once before the loop (XLA's CPU dot with the transposed
+    ``[vocab, hidden]`` operand takes ~1.6x as long; the copy costs one embedding's memory)."""
+    head = model.output_matrix()
+    if not (model.config.tie_word_embeddings and jax.default_backend() == "cpu"
+            and isinstance(head, jax.Array)):
+        return model.logits
+    head = jnp.copy(head)
+    return lambda h: sparse_grads.matmul(h, head, preferred_element_type=jnp.float32)
+
+
 def _rollout_program(graphdef, params, prompt_tokens, prompt_mask, key, *, sampling,
                      num_samples, num_slots, chunk, pad_id, batch_sharding=None,
                      width_buckets=1, shard_multiple=1):
@@ -237,6 +250,7 @@ def _rollout_program(graphdef, params, prompt_tokens, prompt_mask, key, *, sampl
     def shard(st):
         return dict(st, **_constrain({f: st[f] for f in _SLOT_FIELDS}, batch_sharding))
 
+    logits_of = _logits_fn(model)
     pre_logits, pre_cache = prefill(graphdef, params, prompt_tokens, prompt_mask,
                                     init_cache(config, num_prompts, lp))
     prompt_len = jnp.sum(prompt_mask.astype(jnp.int32), axis=1)
@@ -310,7 +324,7 @@ def _rollout_program(graphdef, params, prompt_tokens, prompt_mask, key, *, sampl
         caches = tuple(SlotCache(k, v, write, fill, -(-jnp.max(fill) // chunk), chunk)
                        for k, v in st["kv"])
         h, caches = model.hidden(token[:, None], (base + pos)[:, None], None, caches, 0)
-        logits = model.logits(h[:, 0])
+        logits = logits_of(h[:, 0])
         return shard(dict(st, kv=[(c.k, c.v) for c in caches], logits=logits,
                           seq=jnp.where(done, -1, seq), pos=pos + active.astype(jnp.int32),
                           tokens=tokens, logps=logps, steps=st["steps"] + 1,
