@@ -180,7 +180,8 @@ def plot(out_dir: str, res: dict[str, Any]) -> list[str]:
     colors = plt.get_cmap("tab20").colors
     dashes = {"full": "-", "random": "--", "diff_mask": "-.", "entropy": ":",
               "lora": (0, (5, 1, 1, 1)), "masked_lora": (0, (3, 1, 1, 1, 1, 1)),
-              "partial_lora": (0, (1, 2)), "targeted_lora": (0, (4, 2, 1, 2))}
+              "uniform_lora": (0, (2, 2)), "partial_lora": (0, (1, 2)),
+              "targeted_lora": (0, (4, 2, 1, 2))}
     for i, r in enumerate(res["runs"]):
         xs, ys = zip(*r["curve"])
         ax.plot(xs, ys, marker="o", ls=dashes.get(r["kind"], "-"), ms=3,
@@ -199,7 +200,8 @@ def plot(out_dir: str, res: dict[str, Any]) -> list[str]:
     positive = [r["trainable_fraction"] for r in res["runs"] if r["trainable_fraction"] > 0]
     floor = min(positive) / 10 if positive else 1e-6
     styles = {"full": "s", "random": "o", "diff_mask": "D", "entropy": "^", "lora": "v",
-              "masked_lora": "P", "partial_lora": "*", "targeted_lora": "X"}
+              "masked_lora": "P", "uniform_lora": "d", "partial_lora": "*",
+              "targeted_lora": "X"}
     for kind, marker in styles.items():
         rs = [r for r in res["runs"] if r["kind"] == kind]
         if rs:
