@@ -454,7 +454,10 @@ def fused_sparse_adamw(mask: PyTree, learning_rate: ScalarOrSchedule, b1: float 
         it, writing its rounding into the params (for bf16 params).
       skip_nonfinite: if any active gradient value is not finite, return the params
         and state exactly as they came in, bit for bit (but for ``state.skipped``), and
-        report ``info.skipped``.
+        report ``info.skipped``. On the ``xla`` backend the guard is selects on the
+        ``k``-vectors and a scatter that writes nothing when skipping (about the
+        unguarded step's time, params still written in place); the Pallas backends
+        skip with a ``lax.cond`` around the step.
       max_grad_norm: clip the active gradient to this global norm first (the norm of
         ``mask * g``; None: no clipping). ``info.grad_norm`` is the norm before it.
       backend: ``"auto"``, ``"xla"``, ``"pallas"`` or ``"interpret"``
