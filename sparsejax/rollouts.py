@@ -103,9 +103,12 @@ def chunked_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, fill: jax
 
     def body(c, carry):
         m, l, acc = carry
+        # A barrier with the loop index, so that XLA:CPU cannot hoist a float32 copy
+        # of the whole bf16 cache out of the loop (only a chunk is converted).
+        k_, v_, c = jax.lax.optimization_barrier((k, v, c))
         start = c * chunk
-        kc = jax.lax.dynamic_slice_in_dim(k, start, chunk, axis=3)
-        vc = jax.lax.dynamic_slice_in_dim(v, start, chunk, axis=2)
+        kc = jax.lax.dynamic_slice_in_dim(k_, start, chunk, axis=3)
+        vc = jax.lax.dynamic_slice_in_dim(v_, start, chunk, axis=2)
         ok = (start + jnp.arange(chunk))[None, None, None, :] < fill[:, None, None, None]
         scores = jnp.einsum("skgd,skdc->skgc", qg, kc,
                             preferred_element_type=jnp.float32) * scale

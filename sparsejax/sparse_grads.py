@@ -306,8 +306,11 @@ def matmul(x: jax.Array, w: jax.Array | SparseWeight | Transposed, *,
 def _rows(weight, tokens):
     """``weight[tokens]``; a 16-bit weight's rows move as 16-bit integers (the same
     values, bit for bit): XLA:CPU converts a whole bf16 tensor to float32 around a
-    gather, a float32 copy of the embedding per lookup."""
+    gather, a float32 copy of the embedding per lookup. The barrier ties the weight to
+    the tokens, so that inside a decode loop XLA cannot hoist the bitcast out of the
+    loop (where it would become a copy of the whole embedding)."""
     if jnp.dtype(weight.dtype) in _LOW_PRECISION:
+        weight, tokens = jax.lax.optimization_barrier((weight, tokens))
         bits = jax.lax.bitcast_convert_type(weight, jnp.uint16)
         return jax.lax.bitcast_convert_type(bits[tokens], weight.dtype)
     return weight[tokens]
