@@ -228,7 +228,7 @@ def warn_if_step_communicates(mask: PyTree, param_sh: PyTree) -> list[str]:
     bad = step_communicates(mask, param_sh)
     if bad:
         print(f"warning: {len(bad)} sharded tensors have a mask that does not follow "
-              f"their rows (e.g. {bad[0]}): their optimizer step all-gathers across "
+              f"their rows (e.g. {bad[0]}): their optimizer step communicates across "
               "fsdp; use --mask-strategy row_balanced", file=sys.stderr, flush=True)
     return bad
 
