@@ -209,6 +209,12 @@ def _process_local(x: Any) -> bool:
             and getattr(x, "sharding", None) is not None and x.sharding.is_fully_addressable)
 
 
+def _uncommitted(x: Any) -> bool:
+    """A jax array not committed to a device (e.g. ``jax.random.key(0)``): restored
+    uncommitted too, so it still meets arrays on any mesh in one jitted call."""
+    return isinstance(x, jax.Array) and not getattr(x, "committed", True)
+
+
 def _to_storable(tree: PyTree) -> PyTree:
     return jax.tree.map(lambda x: np.asarray(x) if _process_local(x) else x, tree)
 
@@ -216,7 +222,7 @@ def _to_storable(tree: PyTree) -> PyTree:
 def _target(like: PyTree) -> PyTree:
     """What orbax restores into: shape, dtype and (for jax arrays) sharding of ``like``."""
     def one(x):
-        if _process_local(x):
+        if _process_local(x) or _uncommitted(x):
             return jax.ShapeDtypeStruct(x.shape, x.dtype)
         if isinstance(x, jax.ShapeDtypeStruct):
             return x
@@ -225,10 +231,17 @@ def _target(like: PyTree) -> PyTree:
 
 
 def _placed(restored: PyTree, like: PyTree) -> PyTree:
-    """Process-local leaves (see :func:`_process_local`) put back on their device."""
-    return jax.tree.map(lambda ref, got: jax.device_put(got, ref.sharding)
-                        if got is not None and _process_local(ref) else got,
-                        like, restored, is_leaf=lambda x: x is None)
+    """Leaves restored on the host put back where ``like``'s are: uncommitted arrays
+    uncommitted, process-local ones on their device (see :func:`_process_local`)."""
+    def one(ref, got):
+        if got is None:
+            return got
+        if _uncommitted(ref):
+            return jnp.asarray(np.asarray(got))
+        if _process_local(ref):
+            return jax.device_put(got, ref.sharding)
+        return got
+    return jax.tree.map(one, like, restored, is_leaf=lambda x: x is None)
 
 
 def check_reshardable(saved: Mapping[str, list], target: PyTree, where: str) -> None:
