@@ -32,8 +32,9 @@ the SFT base, one GRPO run), ``toy_sparse.py`` ((a)-(g)), ``toy_lora.py`` ((h)),
 ``toy_report.py`` (verdicts, ``results.md``, plots).
 
     python experiments/toy_rlvr.py              # the default run (~8-10 min, 2 CPU cores)
-    python experiments/toy_rlvr.py --sections lora   # only (h): the LoRA reproduction
-    python experiments/toy_rlvr.py --quick --out-dir /tmp/toy   # CI smoke run (~1 min)
+    python experiments/toy_rlvr.py --sections lora --steps 60 --lora-seeds 3 \\
+        --out-dir experiments/results/toy_rlvr_lora   # the README's LoRA table (h only)
+    python experiments/toy_rlvr.py --quick --out-dir /tmp/toy   # CI smoke run (~2 min)
 """
 
 from __future__ import annotations
