@@ -6,21 +6,28 @@ sample ``i % G`` of prompt ``i // G``) in one compiled program:
 1. **Shared prefill.** The ``P`` distinct prompts are prefilled once (left padded to a
    bucket ``Lp``); their keys/values and last-position logits are kept on device and
    shared by their ``G`` samples: a sequence's first token is drawn from its prompt's
-   logits, and its slot receives a copy of the prompt's keys/values.
+   logits, and its slot receives a copy of the prompt's keys/values (moved to start
+   at slot 0; one ``dynamic_update_slice`` per refilled slot and layer).
 2. **Continuous batching.** A fixed number of decode slots (``num_slots``) step
    together; when a sequence stops (stop token or ``max_new_tokens``), its slot takes
    the next pending sequence at the next step. No slot idles while sequences are
    pending, so the work is the tokens actually generated, not ``batch x longest``.
-3. **Attention over the filled cache.** Each slot's cache is ``[kv_heads, Lp + N, D]``
-   (head-major, which XLA's CPU dot handles several times faster than
-   ``[S, kv_heads, D]``); a decode step attends chunk by chunk (``chunk_size`` slots,
-   online softmax) over the chunks that hold tokens of some active slot only.
+   In the tail (every sequence has a slot), once at most half the slots are live they
+   move into a loop of half the width (``width_buckets`` widths at most).
+3. **Attention over the filled cache.** Each slot's cache holds keys ``[kv_heads, D,
+   Lp + N]`` (transposed) and values ``[kv_heads, Lp + N, D]``; a slot's keys are its
+   first ``prompt length + generated`` positions, and a decode step attends chunk by
+   chunk (``chunk_size`` positions, online softmax) over the chunks some live slot
+   fills only.
 
 Guarantees:
     * determinism: the tokens of sequence ``i`` are a function of ``(key, i)`` and the
       model, whatever ``num_slots`` is: the uniform that draws token ``t`` of sequence
       ``i`` is ``uniform(fold_in(fold_in(key, i), t))``, every slot's computation is its
-      own row, and chunks past a row's filled length add exact zeros;
+      own row, and chunks past a row's filled length add exact zeros. Bitwise as far
+      as the backend's dot gives a row the same bits at every batch width: XLA:CPU
+      does for widths 4 to 32, not 1, 2 or 64 (there a near-tie can then draw another
+      token); the loop never shrinks below 4;
     * ``temperature=0`` is greedy (argmax, ties to the lowest id): the same tokens as
       :func:`sparsejax.sampling.generate` and transformers' ``generate``;
     * sampling draws from the same distribution as :func:`sparsejax.sampling.sample_token`
@@ -30,7 +37,9 @@ Guarantees:
     * ``logprobs``, ``mask`` and ``lengths`` mean what they mean in
       :class:`~sparsejax.sampling.SampleOutput`: ``logprobs`` equal
       :func:`~sparsejax.models.logprobs.completion_logprobs` of the same tokens;
-    * one compiled program per ``(P, Lp, G, num_slots, N, sampling, chunk_size)``;
+    * one compiled program per ``(P, Lp, G, num_slots, N, sampling, chunk_size,
+      width_buckets)``, holding one ``while_loop`` per width (``num_slots``, halved
+      ``width_buckets - 1`` times at most, see :func:`phase_widths`);
       :class:`RolloutStats` reports its compile time apart from the run time.
 """
 
@@ -215,12 +224,18 @@ def _constrain(tree, sharding):
 _SLOT_FIELDS = ("kv", "logits", "seq", "pos", "base")
 
 
+#: The narrowest width the loop shrinks to: XLA:CPU's float32 dot gives a row the same
+#: bits at every batch width from 4 to 32 (measured for SmolLM2's weight shapes), but
+#: not at 1, 2 (a matrix-vector path) or 64, so shrinking stops at 4.
+_MIN_WIDTH = 4
+
+
 def phase_widths(num_slots: int, width_buckets: int, multiple: int = 1) -> list[int]:
-    """The loop's widths: ``num_slots``, then halvings (each a multiple of ``multiple``),
-    ``width_buckets`` of them at most."""
+    """The loop's widths: ``num_slots``, then halvings (each a multiple of ``multiple``
+    and at least ``_MIN_WIDTH``), ``width_buckets`` of them at most."""
     widths = [num_slots]
     while (len(widths) < width_buckets and widths[-1] % 2 == 0
-           and (widths[-1] // 2) % multiple == 0 and widths[-1] // 2 >= 1):
+           and (widths[-1] // 2) % multiple == 0 and widths[-1] // 2 >= _MIN_WIDTH):
         widths.append(widths[-1] // 2)
     return widths
 
