@@ -1,7 +1,9 @@
 """Many devices and many processes: sharded checkpoints restored onto other meshes,
-layout-independent checksums, two processes x 4 host CPU devices with jax.distributed
-(one checkpoint written by both, process 0 alone writing the run's outputs, a final
-model gathered to process 0), and the launch settings of sparsejax.distributed.
+layout-independent checksums, a GRPO run checkpointed on (2 x 4) and resumed on
+(1 x 8) and on one device equal to the uninterrupted run, two processes x 4 host CPU
+devices with jax.distributed (one checkpoint written by both, process 0 alone writing
+the run's outputs, a final model gathered to process 0), and the launch settings of
+sparsejax.distributed.
 
 The device cases run in subprocesses (tests/distributed_worker.py): each pays JAX's
 start and its compiles once for all its cases.
@@ -29,7 +31,8 @@ SINGLE_CASES = ["fingerprints_do_not_depend_on_layout", "fingerprints_see_one_bi
                 "checkpoint_on_2x4_restores_on_1x8_and_one_device_bit_exact",
                 "corrupted_sharded_checkpoint_is_detected_and_skipped",
                 "unreshardable_checkpoint_names_the_tensor",
-                "checkpoint_of_two_processes_restores_in_one"]
+                "checkpoint_of_two_processes_restores_in_one",
+                "grpo_checkpoint_on_2x4_resumes_on_1x8_and_one_device"]
 
 
 def free_port() -> int:
@@ -64,7 +67,7 @@ def results(tmp_path_factory):
     outs = []
     for p in procs:
         try:
-            outs.append(p.communicate(timeout=240))
+            outs.append(p.communicate(timeout=600))
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
@@ -74,7 +77,7 @@ def results(tmp_path_factory):
         multi[case] = {**r, "error": f"process 1: {r['error']}"}
     multi_log = "\n".join(err[-3000:] for _, err in outs)
     single = subprocess.run([sys.executable, str(WORKER), "single", str(out)], env=env,
-                            capture_output=True, text=True, timeout=240)
+                            capture_output=True, text=True, timeout=900)
     return {"multi": (multi, multi_log), "single": (cases_of(single.stdout), single.stderr)}
 
 
