@@ -1,6 +1,6 @@
 """Cases of tests/test_distributed.py, run in subprocesses with host CPU devices.
 
-``python tests/distributed_worker.py single OUT`` (8 host devices) and
+``python tests/distributed_worker.py single|trainer OUT`` (8 host devices) and
 ``python tests/distributed_worker.py multi OUT PROCESS_ID PORT`` (2 processes x 4
 devices, ``jax.distributed`` on localhost) run every case of their group and print one
 JSON line per case: ``{"case": name, "ok": bool, "error": first line}``. One process pays
@@ -377,7 +377,7 @@ def assert_close(got, want, rtol=1e-5, atol=1e-5):
     assert len(a) == len(b) and diff <= rtol * norm and worst <= atol, (diff / norm, worst)
 
 
-@case("single")
+@case("trainer")
 def grpo_checkpoint_on_2x4_resumes_on_1x8_and_one_device():
     """3 uninterrupted steps on (2 x 4) == 1 step on (2 x 4), then 2 more after a
     resume on (1 x 8), or on one device (float32, 1e-5 relative)."""
@@ -394,7 +394,7 @@ def grpo_checkpoint_on_2x4_resumes_on_1x8_and_one_device():
         assert_close(resumed.params, ref.params)
 
 
-@case("single", pending=True)
+@case("trainer", pending=True)
 def grpo_two_processes_equal_one():
     """The final model of the "multi" group's 2-process run equals this process's."""
     from safetensors.numpy import load_file

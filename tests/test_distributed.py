@@ -31,8 +31,8 @@ SINGLE_CASES = ["fingerprints_do_not_depend_on_layout", "fingerprints_see_one_bi
                 "checkpoint_on_2x4_restores_on_1x8_and_one_device_bit_exact",
                 "corrupted_sharded_checkpoint_is_detected_and_skipped",
                 "unreshardable_checkpoint_names_the_tensor",
-                "checkpoint_of_two_processes_restores_in_one",
-                "grpo_checkpoint_on_2x4_resumes_on_1x8_and_one_device"]
+                "checkpoint_of_two_processes_restores_in_one"]
+TRAINER_CASES = ["grpo_checkpoint_on_2x4_resumes_on_1x8_and_one_device"]
 
 
 def free_port() -> int:
@@ -92,6 +92,22 @@ def test_two_processes(results, case):
 def test_one_process_eight_devices(results, case):
     got, log = results["single"]
     assert case in got, f"the 8-device worker did not report {case}:\n{log[-3000:]}"
+    assert got[case]["ok"], got[case]["error"]
+
+
+@pytest.fixture(scope="module")
+def trainer_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("distributed_trainer")
+    proc = subprocess.run([sys.executable, str(WORKER), "trainer", str(out)], env=worker_env(),
+                          capture_output=True, text=True, timeout=900)
+    return cases_of(proc.stdout), proc.stderr
+
+
+@pytest.mark.slow  # ~110 CPU s: GRPO compiled for three meshes
+@pytest.mark.parametrize("case", TRAINER_CASES)
+def test_grpo_trainer_across_meshes(trainer_results, case):
+    got, log = trainer_results
+    assert case in got, f"the trainer worker did not report {case}:\n{log[-3000:]}"
     assert got[case]["ok"], got[case]["error"]
 
 
