@@ -55,10 +55,11 @@ __all__ = ["SparseWeight", "Transposed", "transpose", "attach", "matmul", "take_
 AUTO_MAX_DENSITY = {"cpu": 0.01, "gpu": 0.01}
 """Largest mask density (active / all entries) at which ``sparse_grads="auto"`` uses
 the sparse backward, per platform. CPU: ``experiments/bench_train_step.py`` measured
-the sparse backward step 1.24x faster than dense-gradient-and-gather at 1% and 0.1%
-(2 layers of Qwen2.5-0.5B, 4 x 512 tokens); 1% is the largest density measured. GPU:
-not yet measured; 1% is the working figure until the benchmark runs on one (there the
-dense weight-gradient matmul runs on tensor cores)."""
+the sparse backward step faster than dense-gradient-and-gather at 1% and 0.1% (2 layers
+of Qwen2.5-0.5B, 4 x 512 tokens: 1.26x / 1.41x on the quiet machine before the sorted
+sampled product, 1.32x / 1.29x after it on a loaded one); 1% is the largest density
+measured. GPU: not yet measured; 1% is the working figure until the benchmark runs on
+one (there the dense weight-gradient matmul runs on tensor cores)."""
 
 
 def use_sparse_grads(setting: str, density: float, backend: str = "auto") -> bool:
