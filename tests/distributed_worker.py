@@ -432,7 +432,7 @@ def main() -> None:
             ours = [l.strip() for l in lines if "/sparsejax/" in l or "/tests/" in l][-4:]
             result = {"case": fn.__name__, "ok": False,
                       "error": f"{type(e).__name__}: {str(e)[:300]} | at {' / '.join(ours)}"}
-        if MODE == "single" or PROCESS_ID == 0 or not result["ok"]:
+        if MODE != "multi" or PROCESS_ID == 0 or not result["ok"]:
             print("CASE " + json.dumps(result), flush=True)
         distributed.barrier(f"case-{fn.__name__}")
 
