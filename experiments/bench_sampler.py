@@ -82,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--mean-length", type=float, default=124.0,
                         help="1 / per-token stop probability (GSM8K solutions: 124)")
-    parser.add_argument("--slots", default="16",
+    parser.add_argument("--slots", default="16,32",
                         help="comma-separated decode slot counts of the slot sampler")
     parser.add_argument("--chunk-size", type=int, default=64,
                         help="cache slots per decode-attention chunk")
