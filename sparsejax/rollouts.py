@@ -55,6 +55,7 @@ import numpy as np
 from flax import nnx
 
 from sparsejax import sparse_grads
+from sparsejax.distributed import to_host
 from sparsejax.sampling import (SamplingParams, bucket_length, filter_logits, init_cache,
                                 prefill)
 
@@ -466,7 +467,8 @@ def rollout(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Any, promp
         compile_s = time.perf_counter() - t0
         _COMPILED[sig] = compiled
     t0 = time.perf_counter()
-    out_tokens, logps, steps, slot_steps = jax.device_get(compiled(params, tokens, mask, key))
+    # to_host: on several processes a batch-sharded output is gathered on every process.
+    out_tokens, logps, steps, slot_steps = to_host(compiled(params, tokens, mask, key))
     run_s = time.perf_counter() - t0
     out_tokens, logps = np.asarray(out_tokens), np.asarray(logps)
     out_mask = _completion_mask(out_tokens, sampling)

@@ -394,7 +394,7 @@ def grpo_checkpoint_on_2x4_resumes_on_1x8_and_one_device():
         assert_close(resumed.params, ref.params)
 
 
-@case("trainer", pending=True)
+@case("single")
 def grpo_two_processes_equal_one():
     """The final model of the "multi" group's 2-process run equals this process's."""
     from safetensors.numpy import load_file
@@ -405,7 +405,7 @@ def grpo_two_processes_equal_one():
     assert_close([two[k] for k in sorted(two)], [one[k] for k in sorted(one)])
 
 
-@case("multi", pending=True)
+@case("multi")
 def grpo_runs_on_two_processes():
     out = multi_dir("grpo_mp")
     trainer = grpo_run(out, 2, mesh((2, 4)), final_model=True)

@@ -26,12 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed_worker.py"
 MULTI_CASES = ["processes_see_one_global_mesh",
                "two_processes_write_and_verify_one_sharded_checkpoint",
-               "process_zero_alone_writes_run_outputs", "final_model_is_gathered_to_process_zero"]
+               "process_zero_alone_writes_run_outputs", "final_model_is_gathered_to_process_zero",
+               "grpo_runs_on_two_processes"]
 SINGLE_CASES = ["fingerprints_do_not_depend_on_layout", "fingerprints_see_one_bit_and_a_swap",
                 "checkpoint_on_2x4_restores_on_1x8_and_one_device_bit_exact",
                 "corrupted_sharded_checkpoint_is_detected_and_skipped",
                 "unreshardable_checkpoint_names_the_tensor",
-                "checkpoint_of_two_processes_restores_in_one"]
+                "checkpoint_of_two_processes_restores_in_one", "grpo_two_processes_equal_one"]
 TRAINER_CASES = ["grpo_checkpoint_on_2x4_resumes_on_1x8_and_one_device"]
 
 

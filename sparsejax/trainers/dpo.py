@@ -47,6 +47,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from sparsejax import checkpoint as ckpt_lib
+from sparsejax.distributed import host_array, to_host
 from sparsejax.losses.dpo import dpo_loss
 from sparsejax.models.decoder import reconfigure
 from sparsejax.models.logprobs import completion_logprobs
@@ -176,8 +177,8 @@ class DPOTrainer(PolicyRun):
             padded = np.concatenate([idx, np.full(mb - len(idx), idx[-1])])
             chosen, rejected = self._logps_fn(
                 params, sharding_lib.put_batch(enc.take(padded)._asdict(), self.mesh))
-            out[idx, 0] = np.asarray(chosen)[:len(idx)]
-            out[idx, 1] = np.asarray(rejected)[:len(idx)]
+            out[idx, 0] = host_array(chosen)[:len(idx)]
+            out[idx, 1] = host_array(rejected)[:len(idx)]
         return out
 
     def _keep_base(self) -> None:
@@ -242,7 +243,7 @@ class DPOTrainer(PolicyRun):
             metrics, acc = self._grad_fn(self.params, self.opt_state, batch, acc,
                                          np.float32(1.0 / num_micro))
             micro_metrics.append(metrics)
-        micro_metrics = jax.device_get(micro_metrics)
+        micro_metrics = to_host(micro_metrics)
         self._keep_base()
         lr = float(self.updater.schedule(self.step))
         self.params, self.opt_state, report = self.updater.apply(self.params, acc,

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from sparsejax import checkpoint as ckpt_lib
 from sparsejax import losses
+from sparsejax.distributed import host_array
 from sparsejax import sharding as sharding_lib
 from sparsejax.models.decoder import reconfigure
 from sparsejax.models.logprobs import completion_logprobs
@@ -199,7 +200,7 @@ class GRPOTrainer(PolicyRun):
         out = []
         mb = self.cfg.micro_batch_size
         for s in range(0, len(samples["tokens"]), mb):
-            out.append(np.asarray(self._logps_fn(params, *sharding_lib.put_batch(
+            out.append(host_array(self._logps_fn(params, *sharding_lib.put_batch(
                 [samples[k][s:s + mb] for k in ("prompt_tokens", "prompt_mask", "tokens",
                                                 "mask")], self.mesh))))
         if self.updater.sparse:
