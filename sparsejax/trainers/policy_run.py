@@ -95,11 +95,21 @@ class PolicyRun:
                "model_shapes": hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16],
                "trainable": self.updater.num_trainable(self.params),
                "mask": tree_digest(self.updater.mask) if self.updater.sparse else None,
-               "config": _config_dict(self.cfg), "sparse": _config_dict(self.sparse_cfg),
+               "config": _config_dict(self.cfg), "sparse": self._sparse_identity(),
                "run": dict(self.run_info or {})}
         if data is not None:
             out["data"] = data
         return json.loads(json.dumps(out, default=str))
+
+    def _sparse_identity(self) -> dict[str, Any]:
+        """The sparse settings with ``mask_strategy="auto"`` resolved to the strategy the
+        run draws with, so a run from before ``auto`` existed resumes under it."""
+        from sparsejax.trainers.updater import mask_strategy  # pylint: disable=g-import-not-at-top
+        out = _config_dict(self.sparse_cfg)
+        if out.get("mask_strategy") == "auto":
+            out["mask_strategy"] = mask_strategy(self.sparse_cfg,
+                                                 getattr(self.updater, "mesh", None))
+        return out
 
     # ------------------------------------------------------------------ checkpoints
 
