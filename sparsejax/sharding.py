@@ -278,6 +278,14 @@ def bytes_per_device(tree: PyTree) -> int:
     return int(max(per.values(), default=0) + unplaced)
 
 
+def memory_per_device(params: Any, opt_state: Any, grads: Any) -> dict[str, int]:
+    """The first metrics record's memory fields: :func:`bytes_per_device` of the params,
+    the optimizer state and the gradient accumulator (arrays or abstract values)."""
+    return {"params_bytes_per_device": bytes_per_device(params),
+            "optimizer_state_bytes_per_device": bytes_per_device(opt_state),
+            "grad_accumulator_bytes_per_device": bytes_per_device(grads)}
+
+
 def abstract(tree: PyTree, shardings: PyTree | None) -> PyTree:
     """``jax.ShapeDtypeStruct`` leaves of ``tree`` carrying ``shardings`` (None: none)."""
     if shardings is None:

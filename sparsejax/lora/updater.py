@@ -143,9 +143,7 @@ class LoraUpdater:
             lambda i: jnp.zeros(i.shape, jnp.float32), s.indices), opt_state)
         if self.shardings is not None:
             grads = sharding_lib.abstract(grads, self.shardings["mask"])
-        return {"params_bytes_per_device": sharding_lib.bytes_per_device(params),
-                "optimizer_state_bytes_per_device": sharding_lib.bytes_per_device(opt_state),
-                "grad_accumulator_bytes_per_device": sharding_lib.bytes_per_device(grads)}
+        return sharding_lib.memory_per_device(params, opt_state, grads)
 
     def num_trainable(self, params: PyTree) -> int:
         del params

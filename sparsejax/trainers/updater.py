@@ -158,9 +158,7 @@ class Updater:
         grads = jax.eval_shape(self.compress, params, opt_state)
         if self.shardings is not None:
             grads = sharding_lib.abstract(grads, self.shardings["grads"])
-        return {"params_bytes_per_device": sharding_lib.bytes_per_device(params),
-                "optimizer_state_bytes_per_device": sharding_lib.bytes_per_device(opt_state),
-                "grad_accumulator_bytes_per_device": sharding_lib.bytes_per_device(grads)}
+        return sharding_lib.memory_per_device(params, opt_state, grads)
 
     # ------------------------------------------------------------------ state
 
