@@ -175,8 +175,9 @@ chunk this still bounds any gathered operand XLA might materialize to
 
 
 class SampledProduct(Protocol):
+    """``f(x [T, in], dy [T, out], a, b) -> (k,)`` float32: ``sum_t x[t, a[j]] * dy[t, b[j]]``."""
 
-    def __call__(self, xt: jax.Array, dyt: jax.Array, a: jax.Array, b: jax.Array
+    def __call__(self, x: jax.Array, dy: jax.Array, a: jax.Array, b: jax.Array
                  ) -> jax.Array:
         ...
 
@@ -240,12 +241,33 @@ def xla_sampled_product(xt, dyt, a, b, *, entry_chunk: int = SAMPLED_ENTRY_CHUNK
         out.reshape(-1)[:k], unique_indices=True)
 
 
+def _xla_token_major(x, dy, a, b):
+    return xla_sampled_product(x.T, dy.T, a, b)
+
+
+def _xla_or_cpu_kernel(x, dy, a, b):
+    """The C++ kernel where XLA runs on the CPU and the kernel builds, else XLA's gather."""
+    from sparsejax.kernels import cpu_sampled_product  # pylint: disable=g-import-not-at-top
+    if not cpu_sampled_product.available():
+        return _xla_token_major(x, dy, a, b)
+    return jax.lax.platform_dependent(x, dy, a, b, cpu=cpu_sampled_product.sampled_product,
+                                      default=_xla_token_major)
+
+
 def sampled_product_fn(backend: str) -> SampledProduct:
-    """The sampled dense-dense product (:func:`xla_sampled_product`'s contract) for ``backend``."""
+    """The sampled dense-dense product for ``backend``, on token-major operands.
+
+    ``f(x [T, in], dy [T, out], a, b)[j] = sum_t x[t, a[j]] * dy[t, b[j]]`` in float32
+    (:func:`xla_sampled_product`'s result, whose operands are the transposes). ``"xla"``
+    runs on the CPU as the C++ kernel of :mod:`sparsejax.kernels.cpu_sampled_product`
+    (an XLA custom call, several times faster than XLA's gather there) when it builds,
+    else, and on other platforms, as :func:`xla_sampled_product`; ``"pallas"`` /
+    ``"interpret"``: the Triton kernel.
+    """
     backend = resolve_backend(backend)
     if backend == "xla":
-        return xla_sampled_product
+        return _xla_or_cpu_kernel
     from sparsejax.kernels import sampled_matmul  # pylint: disable=g-import-not-at-top
     interpret = backend == "interpret"
-    return lambda xt, dyt, a, b: sampled_matmul.sampled_product(xt, dyt, a, b,
-                                                                interpret=interpret)
+    return lambda x, dy, a, b: sampled_matmul.sampled_product(x.T, dy.T, a, b,
+                                                              interpret=interpret)

@@ -270,9 +270,7 @@ def _sparse_matmul_bwd(transposed, preferred_element_type, backend, res, dy):
             lambda x_: _dense_matmul(x_, weight, transposed, preferred_element_type), x)
         (dx,) = vjp_x(dy)
     a, b = _coords(SparseWeight(weight, indices, values, transposed))
-    xt = _flat_tokens(x).T
-    dyt = _flat_tokens(dy).T
-    dv = backends.sampled_product_fn(backend)(xt, dyt, a, b)
+    dv = backends.sampled_product_fn(backend)(_flat_tokens(x), _flat_tokens(dy), a, b)
     return dx, None, None, dv.reshape(values.shape).astype(values.dtype)
 
 
