@@ -28,6 +28,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -85,18 +89,80 @@ struct Problem {
 };
 
 constexpr int64_t kBlockCols = 16;  // one 64-byte line of float32 columns
+constexpr int64_t kPrefetchCols = 2 * kBlockCols;
+
+#if defined(__AVX512F__)
+inline __m512 Load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 Load16(const uint16_t* p) {  // bfloat16 bits -> float32
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+// In place: r[j] lane i becomes r[i] lane j (a 16 x 16 float32 transpose in registers).
+inline void Transpose16x16(__m512 r[16]) {
+  __m512 t[16], u[16], v[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int h = 0; h < 2; ++h) {
+    for (int i = 0; i < 4; ++i) {
+      v[8 * h + i] = _mm512_shuffle_f32x4(u[8 * h + i], u[8 * h + 4 + i], 0x88);
+      v[8 * h + 4 + i] = _mm512_shuffle_f32x4(u[8 * h + i], u[8 * h + 4 + i], 0xDD);
+    }
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(v[i], v[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_f32x4(v[i], v[8 + i], 0xDD);
+  }
+}
+#endif
 
 // dst[c * tile + t] = src[t * ld + c0 + c] for c < cols, t < n; zeros for n <= t < padded.
-// Row by row, each read is one contiguous run of `cols` values.
+// With AVX-512, a full block of 16 columns moves 16 rows at a time through a register
+// transpose; otherwise (and for the ragged rest) four rows at a time.
 template <typename T>
 void TransposeColumns(const T* src, int64_t ld, int64_t c0, int64_t cols, int64_t n,
                       int64_t padded, int64_t tile, float* dst) {
-  for (int64_t t = 0; t < n; ++t) {
-    const T* row = src + t * ld + c0;
-    for (int64_t c = 0; c < cols; ++c) dst[c * tile + t] = ToF32(row[c]);
+  int64_t t = 0;
+#if defined(__AVX512F__)
+  if (cols == kBlockCols) {
+    __m512 r[16];
+    // The rows are far apart (no hardware prefetcher follows them); the caller walks
+    // the blocks left to right, so ask for the block after next now.
+    const bool ahead = c0 + kPrefetchCols < ld;
+    for (; t + 16 <= n; t += 16) {
+      for (int i = 0; i < 16; ++i) {
+        const T* row = src + (t + i) * ld + c0;
+        r[i] = Load16(row);
+        if (ahead) __builtin_prefetch(row + kPrefetchCols);
+      }
+      Transpose16x16(r);
+      for (int c = 0; c < 16; ++c) _mm512_storeu_ps(dst + c * tile + t, r[c]);
+    }
+  }
+#endif
+  for (; t + 4 <= n; t += 4) {
+    const T* r0 = src + t * ld + c0;
+    for (int64_t c = 0; c < cols; ++c) {
+      float* d = dst + c * tile + t;
+      d[0] = ToF32(r0[c]);
+      d[1] = ToF32(r0[ld + c]);
+      d[2] = ToF32(r0[2 * ld + c]);
+      d[3] = ToF32(r0[3 * ld + c]);
+    }
+  }
+  for (; t < n; ++t) {
+    for (int64_t c = 0; c < cols; ++c) dst[c * tile + t] = ToF32(src[t * ld + c0 + c]);
   }
   for (int64_t c = 0; c < cols; ++c) {
-    for (int64_t t = n; t < padded; ++t) dst[c * tile + t] = 0.0f;
+    for (int64_t u = n; u < padded; ++u) dst[c * tile + u] = 0.0f;
   }
 }
 
