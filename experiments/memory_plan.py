@@ -23,6 +23,8 @@ cse_barrier_expander`` (``--cpu-barrier-expansion`` restores the CPU default), s
 the plan shows what remat saves on a GPU. The figures are XLA's CPU buffer assignment,
 not a GPU measurement: a GPU's schedule and fusions differ somewhat, and the CUDA
 context and allocator take their own share (the fit verdict keeps 5% headroom).
+The sparse weight gradient is planned with its XLA implementation (its bounded chunks
+are counted), not the CPU kernel.
 
 Example::
 
@@ -40,6 +42,10 @@ if __name__ == "__main__" and "--cpu-barrier-expansion" not in sys.argv:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_disable_hlo_passes=cse_barrier_expander").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The sampled product is planned in its XLA form, whose chunks XLA's buffer assignment
+# counts; the CPU kernel's working buffers live outside XLA (and a GPU runs the Pallas
+# kernel, which has none).
+os.environ.setdefault("SPARSEJAX_CPU_KERNELS", "0")
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402

@@ -185,6 +185,7 @@ SCRIPT = textwrap.dedent(r"""
             # (op, result shape) of every collective; "f32[]" is a scalar (the norm)
             "collectives": sorted({(op, shape) for shape, op in COLLECTIVE.findall(hlo)}),
             "communicating": sh.step_communicates(u.mask, u.shardings["params"]),
+            "grad_backend": u.grad_backend, "grad_backend_1": u1.grad_backend,
             "state_spec": sorted({str(x.sharding.spec) for x in jax.tree.leaves(s8.mu)})})
     print("RESULT" + json.dumps(result))
 """)
@@ -232,6 +233,15 @@ def test_row_balanced_step_gathers_no_parameter(result, backend):
                for op, shape in r["collectives"]), r
     assert r["communicating"] == [], r
     assert any("fsdp" in s for s in r["state_spec"]), r  # moments split with their rows
+
+
+def test_sparse_backward_on_a_mesh_uses_xla_ops(result):
+    # The CPU and Pallas sampled-product kernels are opaque to XLA's partitioner (it
+    # would gather their operands whole); on a mesh the product runs as XLA ops.
+    for backend in ("xla", "interpret"):
+        r = result[f"step/row_balanced/{backend}"]
+        assert r["grad_backend"] == "xla_ops", r
+        assert r["grad_backend_1"] == "xla", r  # one device: the kernels as usual
 
 
 def test_flat_mask_step_communicates(result):

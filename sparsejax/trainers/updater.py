@@ -37,7 +37,7 @@ from sparsejax import masks as masks_lib
 from sparsejax import sharding as sharding_lib
 from sparsejax import sparse_grads as sparse_grads_lib
 from sparsejax.dense_adamw import dense_adamw
-from sparsejax.backends import resolve_backend
+from sparsejax.backends import XLA_OPS, resolve_backend
 from sparsejax.optim import (SparseAdamWState, fused_sparse_adamw, gather, gather_bits,
                              global_norm, scatter_bits)
 from sparsejax.trainers.config import SparseConfig
@@ -108,14 +108,17 @@ class Updater:
                 cfg.sparse_grads, masks_lib.num_active(self.mask)
                 / max(1, sum(x.size for x in jax.tree.leaves(params))), cfg.backend)
             self._local_opt = None
+            if self.mesh is not None:
+                # Kernels are opaque to the partitioner: the sampled product of the
+                # sparse backward runs as XLA ops (partitioned by XLA), not as the CPU
+                # or Pallas kernel.
+                self.grad_backend = XLA_OPS
             if self.mesh is not None and resolve_backend(cfg.backend) != "xla":
-                # The kernel is opaque to the partitioner: step per shard; the sampled
-                # product of the sparse backward runs on XLA ops (partitioned by XLA).
+                # The same for the fused step's kernel: it steps per shard.
                 self._local_opt = fused_sparse_adamw(
                     self.mask, self.schedule, b1=cfg.b1, b2=cfg.b2,
                     weight_decay=cfg.weight_decay, master_weights=master,
                     skip_nonfinite=False, max_grad_norm=None, backend=cfg.backend)
-                self.grad_backend = "xla"
         else:
             self.mask = None
             self.sparse_grads = False
