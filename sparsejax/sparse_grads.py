@@ -52,14 +52,15 @@ PyTree = Any
 __all__ = ["SparseWeight", "Transposed", "transpose", "attach", "matmul", "take_rows",
            "value_and_grad", "compressed_values", "use_sparse_grads", "AUTO_MAX_DENSITY"]
 
-AUTO_MAX_DENSITY = {"cpu": 0.01, "gpu": 0.01}
+AUTO_MAX_DENSITY = {"cpu": 0.1, "cpu_xla": 0.01, "gpu": 0.01}
 """Largest mask density (active / all entries) at which ``sparse_grads="auto"`` uses
-the sparse backward, per platform. CPU: ``experiments/bench_train_step.py`` measured
-the sparse backward step faster than dense-gradient-and-gather at 1% and 0.1% (2 layers
-of Qwen2.5-0.5B, 4 x 512 tokens: 1.26x / 1.41x on the quiet machine before the sorted
-sampled product, 1.32x / 1.29x after it on a loaded one); 1% is the largest density
-measured. GPU: not yet measured; 1% is the working figure until the benchmark runs on
-one (there the dense weight-gradient matmul runs on tensor cores)."""
+the sparse backward, per platform; measured by ``experiments/bench_train_step.py`` (2
+layers of Qwen2.5-0.5B, 4 x 512 tokens, float32, side by side with the dense gradient +
+gather). ``"cpu"``, with the C++ sampled-product kernel: 1.52x at 1%, 1.48x at 3%, 1.27x
+at 10%, 0.88x at 30%. ``"cpu_xla"``, XLA's gather where the kernel cannot be built:
+1.27x at 1%, the largest density measured. ``"gpu"``: not yet measured; 1% is the
+working figure until the benchmark runs on one (there the dense weight-gradient matmul
+runs on tensor cores)."""
 
 
 def use_sparse_grads(setting: str, density: float, backend: str = "auto") -> bool:
@@ -70,7 +71,10 @@ def use_sparse_grads(setting: str, density: float, backend: str = "auto") -> boo
     if setting != "auto":
         return setting == "on"
     on_gpu = backends.resolve_backend(backend) == "pallas" or jax.default_backend() == "gpu"
-    return density <= AUTO_MAX_DENSITY["gpu" if on_gpu else "cpu"]
+    if on_gpu:
+        return density <= AUTO_MAX_DENSITY["gpu"]
+    from sparsejax.kernels import cpu_sampled_product  # pylint: disable=g-import-not-at-top
+    return density <= AUTO_MAX_DENSITY["cpu" if cpu_sampled_product.available() else "cpu_xla"]
 
 
 @jax.tree_util.register_pytree_node_class

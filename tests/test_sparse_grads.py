@@ -211,12 +211,17 @@ def test_sparse_weight_misuse_is_one_line_error():
         SparseConfig(sparse_grads="maybe")
 
 
-def test_auto_setting_by_density():
+def test_auto_setting_by_density(monkeypatch):
+    from sparsejax.kernels import cpu_sampled_product  # pylint: disable=import-outside-toplevel
     assert sparse_grads.use_sparse_grads("on", 0.5) and not sparse_grads.use_sparse_grads(
         "off", 1e-4)
-    limit = sparse_grads.AUTO_MAX_DENSITY["cpu"]
-    assert sparse_grads.use_sparse_grads("auto", limit / 2, "xla")
-    assert not sparse_grads.use_sparse_grads("auto", min(1.0, limit * 2), "xla")
+    for kernel, key in ((True, "cpu"), (False, "cpu_xla")):
+        monkeypatch.setattr(cpu_sampled_product, "available", lambda k=kernel: k)
+        limit = sparse_grads.AUTO_MAX_DENSITY[key]
+        assert sparse_grads.use_sparse_grads("auto", limit / 2, "xla")
+        assert not sparse_grads.use_sparse_grads("auto", min(1.0, limit * 2), "xla")
+    # XLA's gather is slower than the kernel: its sparse backward stops at a lower density.
+    assert sparse_grads.AUTO_MAX_DENSITY["cpu_xla"] < sparse_grads.AUTO_MAX_DENSITY["cpu"]
 
 
 # ----------------------------------------------------------------------------- trainers
