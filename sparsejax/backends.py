@@ -121,11 +121,11 @@ def xla_indexed_adamw_step(param, grad, indices, mu, nu, master, scalars, *,
     g = grad.reshape(-1) if grad_is_compressed else grad.reshape(-1)[indices]
     p = master if master is not None else flat[indices].astype(jnp.float32)
     new_p, new_mu, new_nu = adamw_math(
-            p, g.astype(jnp.float32), mu.astype(jnp.float32), nu, scalars)
+        p, g.astype(jnp.float32), mu.astype(jnp.float32), nu, scalars)
     flat = flat.at[indices].set(new_p.astype(param.dtype),
-                                                            indices_are_sorted=True, unique_indices=True)
+                                indices_are_sorted=True, unique_indices=True)
     return (flat.reshape(param.shape), new_mu.astype(mu.dtype),
-                    new_nu.astype(nu.dtype), None if master is None else new_p)
+            new_nu.astype(nu.dtype), None if master is None else new_p)
 
 
 def on_nvidia_gpu() -> bool:

@@ -65,16 +65,20 @@ runs on tensor cores)."""
 
 def use_sparse_grads(setting: str, density: float, backend: str = "auto") -> bool:
     """Whether a sparse run uses the sparse backward: ``"on"``, ``"off"``, or ``"auto"``
-    (on iff ``density <= AUTO_MAX_DENSITY`` of the platform the backend runs on)."""
+    (on iff ``density <= AUTO_MAX_DENSITY`` of the platform the backend runs on, and of
+    the product it runs: :data:`backends.XLA_OPS` on a CPU is XLA's gather)."""
     if setting not in ("auto", "on", "off"):
         raise ValueError(f"sparse_grads must be auto, on or off, got {setting!r}")
     if setting != "auto":
         return setting == "on"
-    on_gpu = backends.resolve_backend(backend) == "pallas" or jax.default_backend() == "gpu"
+    xla_ops = backend == backends.XLA_OPS
+    on_gpu = jax.default_backend() == "gpu" or (
+        not xla_ops and backends.resolve_backend(backend) == "pallas")
     if on_gpu:
         return density <= AUTO_MAX_DENSITY["gpu"]
     from sparsejax.kernels import cpu_sampled_product  # pylint: disable=g-import-not-at-top
-    return density <= AUTO_MAX_DENSITY["cpu" if cpu_sampled_product.available() else "cpu_xla"]
+    kernel = not xla_ops and cpu_sampled_product.available()
+    return density <= AUTO_MAX_DENSITY["cpu" if kernel else "cpu_xla"]
 
 
 @jax.tree_util.register_pytree_node_class

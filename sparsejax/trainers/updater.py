@@ -104,15 +104,15 @@ class Updater:
                 self.mask, self.schedule, b1=cfg.b1, b2=cfg.b2,
                 weight_decay=cfg.weight_decay, master_weights=master,
                 skip_nonfinite=True, max_grad_norm=cfg.max_grad_norm, backend=cfg.backend)
-            self.sparse_grads = sparse_grads_lib.use_sparse_grads(
-                cfg.sparse_grads, masks_lib.num_active(self.mask)
-                / max(1, sum(x.size for x in jax.tree.leaves(params))), cfg.backend)
-            self._local_opt = None
             if self.mesh is not None:
                 # Kernels are opaque to the partitioner: the sampled product of the
                 # sparse backward runs as XLA ops (partitioned by XLA), not as the CPU
                 # or Pallas kernel.
                 self.grad_backend = XLA_OPS
+            self.sparse_grads = sparse_grads_lib.use_sparse_grads(
+                cfg.sparse_grads, masks_lib.num_active(self.mask)
+                / max(1, sum(x.size for x in jax.tree.leaves(params))), self.grad_backend)
+            self._local_opt = None
             if self.mesh is not None and resolve_backend(cfg.backend) != "xla":
                 # The same for the fused step's kernel: it steps per shard.
                 self._local_opt = fused_sparse_adamw(
