@@ -359,8 +359,9 @@ def script_flags(script: Path) -> set[str]:
 def run_script(ctx, name: str, wanted: list[tuple[tuple[str, ...], str | None]]) -> dict:
     """Runs ``experiments/<name>.py`` with those of ``wanted`` its --help lists.
 
-    ``wanted`` holds ``((flag, alias, ...), value or None)``; flags the script does not
-    list are left out and named in the notes. Returns its JSON record (``--out``).
+    ``wanted`` holds ``((flag, alias, ...), value or None)``; a value with spaces is
+    several arguments (an ``nargs`` flag); flags the script does not list are left out
+    and named in the notes. Returns its JSON record (``--out``).
     """
     script = EXPERIMENTS / f"{name}.py"
     flags = script_flags(script)
@@ -373,7 +374,7 @@ def run_script(ctx, name: str, wanted: list[tuple[tuple[str, ...], str | None]])
         if flag is None:
             ctx.result["notes"].append(f"{script.name} has no {names[0]}: left out")
             continue
-        argv += [flag] + ([value] if value is not None else [])
+        argv += [flag] + (value.split() if value is not None else [])  # "a b": nargs
     cmd = [sys.executable, str(script.relative_to(ROOT)), *argv]
     ctx.result["command"] = "python " + " ".join(cmd[1:])
     ctx.flush()
@@ -439,16 +440,18 @@ def run_train_step(ctx) -> None:
     else:
         wanted = [(("--preset",), "Qwen2.5-0.5B"), (("--num-layers",), "4"),
                   (("--vocab",), "0"), (("--batch",), "8"), (("--length",), "512"),
-                  (("--densities",), "0.01"), (("--dtype",), "bfloat16"),
+                  # 10% / 1% / 0.1%: where the sampled product starts to beat the
+                  # tensor-core GEMM (sets sparse_grads.AUTO_MAX_DENSITY["gpu"]).
+                  (("--densities",), "0.1 0.01 0.001"), (("--dtype",), "bfloat16"),
                   (("--steps",), "3"), (("--warmup",), "1")]
     record = run_script(ctx, "bench_train_step", wanted)
     for r in record.get("results", []):
         ctx.result["rows"].append({k: r.get(k) for k in (
             "method", "density", "k", "ms", "speedup_vs_dense", "speedup_vs_gather",
             "peak_bytes", "temp_bytes", "loss")})
-    by = {r["method"]: r for r in ctx.result["rows"]}
     ctx.result["summary"] = ", ".join(
-        f"{m} {by[m]['ms']:.1f} ms" for m in ("dense", "gather", "sparse") if m in by)
+        f"{r['method']}" + ("" if r["method"] == "dense" else f" {r['density']:.1%}")
+        + f" {r['ms']:.1f} ms" for r in ctx.result["rows"] if r.get("ms") is not None)
 
 
 from gpu_check_grpo import run_grpo  # noqa: E402,F401  pylint: disable=wrong-import-position
