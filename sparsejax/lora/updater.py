@@ -41,6 +41,7 @@ from sparsejax.lora.adapters import (Adapters, LoraConfig, LoraWeight, attach, c
 from sparsejax.lora.masked import apply_mask, full_masks
 from sparsejax.lora.peft_io import save_merged_hf, save_peft
 from sparsejax.optim import fused_sparse_adamw, gather, scatter
+from sparsejax.trainers import reference as reference_lib
 from sparsejax.trainers.config import SparseConfig
 from sparsejax.trainers.updater import StepReport, learning_rate_schedule
 
@@ -86,7 +87,6 @@ class LoraUpdater:
         self.mask = mask
         masks_lib.validate_mask(self.mask, adapters)
         self.initial_adapters = apply_mask(adapters, self.mask)
-        self.sparse = True
         self.sparse_grads = False
         master = any(jnp.dtype(x.dtype) != jnp.float32 for x in jax.tree.leaves(adapters))
         self._opt = fused_sparse_adamw(
@@ -215,6 +215,13 @@ class LoraUpdater:
         opt_state = tree["opt_state"]
         params, _ = self.swap_active(params, opt_state.indices, tree["active_values"])
         return params, opt_state
+
+    def base_policy(self, params: PyTree, opt_state: PyTree, *, on_host: bool = False
+                    ) -> reference_lib.BasePolicy:
+        """The base policy: the initial factor values swapped in (adapter off when fresh)."""
+        del on_host
+        return reference_lib.SwappedValues(params, opt_state, self.active_values,
+                                           self.swap_active)
 
     def active_values(self, params: PyTree, opt_state: PyTree) -> PyTree:
         """The trained values (the factor entries on the mask)."""

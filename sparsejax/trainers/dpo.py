@@ -56,6 +56,7 @@ from sparsejax.trainers.config import SparseConfig
 from sparsejax.trainers.dpo_config import DPOConfig
 from sparsejax.trainers.dpo_data import (EncodedPairs, Pair, completion_text,  # noqa: F401
                                          encode_pairs, right_pad, split_pair, visited_pairs)
+from sparsejax.trainers import reference as reference_lib
 from sparsejax.trainers.policy_run import PolicyRun
 from sparsejax.trainers.grpo import prompt_order
 from sparsejax.trainers.reporting import compile_seconds, peak_memory_bytes, plot_curves
@@ -102,13 +103,11 @@ class DPOTrainer(PolicyRun):
                         else updater)
         self.params = params = self.updater.policy_params(params)
         self.opt_state = self.updater.init(params)
-        # The reference: the base values of the k trained entries (sparse); for a dense
-        # run the params themselves until they first change, then a host copy.
-        self.ref_values = None
-        if self.updater.sparse and not config.reference_free:
-            self.ref_values = self.updater.active_values(params, self.opt_state)
-        self._base_host: PyTree | None = None
-        self._pristine = True  # self.params are the base params
+        # The reference, kept as the variant keeps it: the base values of the k trained
+        # entries, or (full finetuning) the params themselves until they first change,
+        # then a host copy.
+        self.base_policy = (None if config.reference_free else
+                            self.updater.base_policy(params, self.opt_state, on_host=True))
         self.step = 0
         self.checkpoints = ckpt_lib.CheckpointManager(
             os.path.join(self.out_dir, "checkpoints"), keep=config.keep_checkpoints)
@@ -182,10 +181,9 @@ class DPOTrainer(PolicyRun):
         return out
 
     def _keep_base(self) -> None:
-        """Before a dense run's params first change: a host copy of the base params."""
-        if (self._pristine and not self.updater.sparse and not self.cfg.reference_free):
-            self._base_host = jax.tree.map(lambda x: np.array(x, copy=True), self.params)
-        self._pristine = False
+        """Before the params first change (the base policy keeps what it needs)."""
+        if self.base_policy is not None:
+            self.base_policy.before_change(self.params)
 
     def _as_encoded(self, pairs: Sequence[Pair] | EncodedPairs) -> EncodedPairs:
         return pairs if isinstance(pairs, EncodedPairs) else self.encode(pairs)
@@ -200,7 +198,8 @@ class DPOTrainer(PolicyRun):
                            needed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Summed completion log-probs ``([N] chosen, [N] rejected)`` under the base model.
 
-        Sparse runs swap the base values of the active entries in and back out (in
+        As the variant keeps the base policy (:mod:`sparsejax.trainers.reference`):
+        sparse runs swap the base values of the active entries in and back out (in
         place); dense runs use the params while untouched, else the host copy. Zeros
         for ``reference_free``. With ``needed``, only chunks holding needed pairs are
         scored (the rest are NaN).
@@ -209,19 +208,8 @@ class DPOTrainer(PolicyRun):
         if self.cfg.reference_free:
             zeros = np.zeros(enc.num_pairs, np.float32)
             return zeros, zeros.copy()
-        if self.updater.sparse:
-            self.params, current = self.updater.swap_active(
-                self.params, self.opt_state.indices, self.ref_values)
-            try:
-                out = self._score(self.params, enc, needed)
-            finally:
-                self.params, _ = self.updater.swap_active(self.params, self.opt_state.indices,
-                                                          current)
-        elif self._pristine:
-            out = self._score(self.params, enc, needed)
-        else:
-            shardings = jax.tree.map(lambda x: x.sharding, self.params)
-            out = self._score(jax.device_put(self._base_host, shardings), enc, needed)
+        with reference_lib.scoring(self, self.base_policy) as params:
+            out = self._score(params, enc, needed)
         return out[:, 0], out[:, 1]
 
     # ------------------------------------------------------------------ steps

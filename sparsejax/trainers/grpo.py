@@ -35,6 +35,7 @@ from sparsejax.models.logprobs import completion_logprobs
 from sparsejax.rollouts import rollout
 from sparsejax.sampling import SamplingParams, bucket_length, left_pad
 from sparsejax.trainers.config import GRPOConfig, SparseConfig
+from sparsejax.trainers import reference as reference_lib
 from sparsejax.trainers.policy_run import PolicyRun
 from sparsejax.trainers.reporting import compile_seconds, peak_memory_bytes, plot_curves
 from sparsejax.trainers.updater import Updater, tree_bytes
@@ -101,12 +102,10 @@ class GRPOTrainer(PolicyRun):
                         else updater)
         self.params = params = self.updater.policy_params(params)
         self.opt_state = self.updater.init(params)
-        # The reference model of the KL term: the base values of the trained entries
-        # (sparse), or a full copy of the base params (dense; only when beta > 0).
-        self.ref_values = None
-        if config.beta > 0:
-            self.ref_values = (self.updater.active_values(params, self.opt_state)
-                               if self.updater.sparse else jax.tree.map(jnp.copy, params))
+        # The reference model of the KL term (only when beta > 0), kept as the variant
+        # keeps it: the base values of the trained entries, or a device copy of the params.
+        self.base_policy = (self.updater.base_policy(params, self.opt_state)
+                            if config.beta > 0 else None)
         self.step = 0
         self.base_key = jax.random.key(config.seed)
         self.checkpoints = ckpt_lib.CheckpointManager(
@@ -190,22 +189,13 @@ class GRPOTrainer(PolicyRun):
 
     def _reference_logprobs(self, samples: dict[str, np.ndarray]) -> np.ndarray:
         """Per-token log-probs under the base model, micro-batch by micro-batch."""
-        if self.updater.sparse:
-            # Swap the base values into the k trained entries (in place), score, swap back.
-            self.params, current = self.updater.swap_active(
-                self.params, self.opt_state.indices, self.ref_values)
-            params = self.params
-        else:
-            params = self.ref_values
         out = []
         mb = self.cfg.micro_batch_size
-        for s in range(0, len(samples["tokens"]), mb):
-            out.append(host_array(self._logps_fn(params, *sharding_lib.put_batch(
-                [samples[k][s:s + mb] for k in ("prompt_tokens", "prompt_mask", "tokens",
-                                                "mask")], self.mesh))))
-        if self.updater.sparse:
-            self.params, _ = self.updater.swap_active(self.params, self.opt_state.indices,
-                                                      current)
+        with reference_lib.scoring(self, self.base_policy) as params:
+            for s in range(0, len(samples["tokens"]), mb):
+                out.append(host_array(self._logps_fn(params, *sharding_lib.put_batch(
+                    [samples[k][s:s + mb] for k in ("prompt_tokens", "prompt_mask",
+                                                    "tokens", "mask")], self.mesh))))
         return np.concatenate(out)
 
     # ------------------------------------------------------------------ steps

@@ -94,7 +94,8 @@ class PolicyRun:
                "dtype": sorted({str(x.dtype) for _, x in leaves}),
                "model_shapes": hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16],
                "trainable": self.updater.num_trainable(self.params),
-               "mask": tree_digest(self.updater.mask) if self.updater.sparse else None,
+               "mask": (None if self.updater.mask is None
+                        else tree_digest(self.updater.mask)),
                "config": _config_dict(self.cfg), "sparse": self._sparse_identity(),
                "run": dict(self.run_info or {})}
         if data is not None:

@@ -40,6 +40,7 @@ from sparsejax.dense_adamw import dense_adamw
 from sparsejax.backends import XLA_OPS, resolve_backend
 from sparsejax.optim import (SparseAdamWState, fused_sparse_adamw, gather, gather_bits,
                              global_norm, scatter_bits)
+from sparsejax.trainers import reference as reference_lib
 from sparsejax.trainers.config import SparseConfig
 
 PyTree = Any
@@ -263,6 +264,16 @@ class Updater:
             return tree["params"], opt_state
         params, _ = self.swap_active(params, opt_state.indices, tree["active_values"])
         return params, opt_state
+
+    def base_policy(self, params: PyTree, opt_state: PyTree, *, on_host: bool = False
+                    ) -> reference_lib.BasePolicy:
+        """How this variant keeps the base policy (:mod:`sparsejax.trainers.reference`):
+        the base values of the active entries (sparse), else a copy of ``params`` (on
+        the device, or ``on_host`` when they first change)."""
+        if self.sparse:
+            return reference_lib.SwappedValues(params, opt_state, self.active_values,
+                                               self.swap_active)
+        return reference_lib.ParamsCopy(params, on_host=on_host)
 
     # ------------------------------------------------------------------ sparse extras
 
