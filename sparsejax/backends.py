@@ -254,11 +254,6 @@ def _xla_or_cpu_kernel(x, dy, a, b):
                                       default=_xla_token_major)
 
 
-XLA_OPS = "xla_ops"
-"""A sampled-product setting beside :data:`BACKENDS`: XLA's own ops only, never a kernel
-(on a mesh, where XLA's partitioner splits ops but not custom calls)."""
-
-
 def sampled_product_fn(backend: str) -> SampledProduct:
     """The sampled dense-dense product for ``backend``, on token-major operands.
 
@@ -267,10 +262,8 @@ def sampled_product_fn(backend: str) -> SampledProduct:
     runs on the CPU as the C++ kernel of :mod:`sparsejax.kernels.cpu_sampled_product`
     (an XLA custom call, several times faster than XLA's gather there) when it builds,
     else, and on other platforms, as :func:`xla_sampled_product`; ``"pallas"`` /
-    ``"interpret"``: the Triton kernel; :data:`XLA_OPS`: :func:`xla_sampled_product`.
+    ``"interpret"``: the Triton kernel.
     """
-    if backend == XLA_OPS:
-        return _xla_token_major
     backend = resolve_backend(backend)
     if backend == "xla":
         return _xla_or_cpu_kernel

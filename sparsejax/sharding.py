@@ -138,6 +138,28 @@ def batch_size_of(mesh: Mesh | None) -> int:
     return 1 if mesh is None else int(mesh.shape["data"] * mesh.shape["fsdp"])
 
 
+def per_shard_product(product: Callable, mesh: Mesh) -> Callable:
+    """A sampled product (``f(x [N, in], dy [N, out], a, b) -> (k,)``, a sum over the
+    ``N`` tokens) run where the tokens live: in :func:`jax.shard_map`, each device sums
+    over its own block of tokens (split over ``("data", "fsdp")``, as a batch is) for all
+    ``k`` entries, and the blocks' sums are added up across devices (``psum``). An opaque
+    kernel (the CPU or Pallas one) runs per device this way; XLA's partitioner would
+    instead gather its operands whole. A token count that the batch axis does not divide
+    runs ``product`` on the whole (gathered) operands."""
+    n = batch_size_of(mesh)
+
+    def local(x, dy, a, b):
+        return jax.lax.psum(product(x, dy, a, b), BATCH_AXES)
+
+    mapped = jax.shard_map(local, mesh=mesh, in_specs=(P(BATCH_AXES), P(BATCH_AXES), P(), P()),
+                           out_specs=P(), check_vma=False)
+
+    def run(x, dy, a, b):
+        return mapped(x, dy, a, b) if x.shape[0] % n == 0 else product(x, dy, a, b)
+
+    return run
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

@@ -44,7 +44,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from sparsejax import backends
+from sparsejax import backends, sharding
 from sparsejax.optim import gather_bits, scatter
 
 PyTree = Any
@@ -65,20 +65,17 @@ runs on tensor cores)."""
 
 def use_sparse_grads(setting: str, density: float, backend: str = "auto") -> bool:
     """Whether a sparse run uses the sparse backward: ``"on"``, ``"off"``, or ``"auto"``
-    (on iff ``density <= AUTO_MAX_DENSITY`` of the platform the backend runs on, and of
-    the product it runs: :data:`backends.XLA_OPS` on a CPU is XLA's gather)."""
+    (on iff ``density <= AUTO_MAX_DENSITY`` of the platform the backend runs on, and on
+    a CPU of whether the C++ kernel is there)."""
     if setting not in ("auto", "on", "off"):
         raise ValueError(f"sparse_grads must be auto, on or off, got {setting!r}")
     if setting != "auto":
         return setting == "on"
-    xla_ops = backend == backends.XLA_OPS
-    on_gpu = jax.default_backend() == "gpu" or (
-        not xla_ops and backends.resolve_backend(backend) == "pallas")
+    on_gpu = backends.resolve_backend(backend) == "pallas" or jax.default_backend() == "gpu"
     if on_gpu:
         return density <= AUTO_MAX_DENSITY["gpu"]
     from sparsejax.kernels import cpu_sampled_product  # pylint: disable=g-import-not-at-top
-    kernel = not xla_ops and cpu_sampled_product.available()
-    return density <= AUTO_MAX_DENSITY["cpu" if kernel else "cpu_xla"]
+    return density <= AUTO_MAX_DENSITY["cpu" if cpu_sampled_product.available() else "cpu_xla"]
 
 
 @jax.tree_util.register_pytree_node_class
@@ -88,16 +85,20 @@ class SparseWeight:
     ``weight`` is the stored tensor (``[rows, cols]``, already holding ``values`` at
     ``indices``; no gradient flows into it), ``indices`` its mask leaf and ``values``
     the differentiable active values (shaped like ``indices``). ``transposed`` views
-    the matrix as ``weight.T`` (a tied output matrix). ``w[...]`` is ``w`` itself, as
-    for an ``nnx.Param``'s value; any other use as an array raises.
+    the matrix as ``weight.T`` (a tied output matrix). With a ``mesh``, the sampled
+    product runs per device on its tokens (:func:`sparsejax.sharding.per_shard_product`).
+    ``w[...]`` is ``w`` itself, as for an ``nnx.Param``'s value; any other use as an
+    array raises.
     """
 
-    def __init__(self, weight, indices, values, transposed: bool = False, backend="auto"):
+    def __init__(self, weight, indices, values, transposed: bool = False, backend="auto",
+                 mesh=None):
         self.weight, self.indices, self.values = weight, indices, values
-        self.transposed, self.backend = transposed, backend
+        self.transposed, self.backend, self.mesh = transposed, backend, mesh
 
     def tree_flatten(self):
-        return (self.weight, self.indices, self.values), (self.transposed, self.backend)
+        return ((self.weight, self.indices, self.values),
+                (self.transposed, self.backend, self.mesh))
 
     @classmethod
     def tree_unflatten(cls, aux, children):
@@ -115,7 +116,7 @@ class SparseWeight:
     @property
     def T(self) -> SparseWeight:  # pylint: disable=invalid-name
         return SparseWeight(self.weight, self.indices, self.values, not self.transposed,
-                            self.backend)
+                            self.backend, self.mesh)
 
     def __getitem__(self, key):
         if key is Ellipsis:
@@ -256,19 +257,20 @@ def _dense_matmul(x, weight, transposed, preferred_element_type):
                       preferred_element_type=preferred_element_type)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _sparse_matmul(x, weight, indices, values, transposed, preferred_element_type, backend):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _sparse_matmul(x, weight, indices, values, transposed, preferred_element_type, backend,
+                   mesh):
     return _dense_matmul(x, weight, transposed, preferred_element_type)
 
 
 def _sparse_matmul_fwd(x, weight, indices, values, transposed, preferred_element_type,
-                       backend):
+                       backend, mesh):
     y = _sparse_matmul(x, weight, indices, values, transposed, preferred_element_type,
-                       backend)
+                       backend, mesh)
     return y, (x, weight, indices, values)
 
 
-def _sparse_matmul_bwd(transposed, preferred_element_type, backend, res, dy):
+def _sparse_matmul_bwd(transposed, preferred_element_type, backend, mesh, res, dy):
     x, weight, indices, values = res
     if _is_low_precision(x, weight):
         dx = _low_precision_dx(dy, weight, transposed).astype(x.dtype)
@@ -278,7 +280,10 @@ def _sparse_matmul_bwd(transposed, preferred_element_type, backend, res, dy):
             lambda x_: _dense_matmul(x_, weight, transposed, preferred_element_type), x)
         (dx,) = vjp_x(dy)
     a, b = _coords(SparseWeight(weight, indices, values, transposed))
-    dv = backends.sampled_product_fn(backend)(_flat_tokens(x), _flat_tokens(dy), a, b)
+    product = backends.sampled_product_fn(backend)
+    if mesh is not None:
+        product = sharding.per_shard_product(product, mesh)
+    dv = product(_flat_tokens(x), _flat_tokens(dy), a, b)
     return dx, None, None, dv.reshape(values.shape).astype(values.dtype)
 
 
@@ -304,7 +309,7 @@ def matmul(x: jax.Array, w: jax.Array | SparseWeight | Transposed, *,
     if not isinstance(w, SparseWeight):
         return _dense_matmul(x, w, False, preferred_element_type)
     return _sparse_matmul(x, w.weight, w.indices, w.values, w.transposed,
-                          preferred_element_type, w.backend)
+                          preferred_element_type, w.backend, w.mesh)
 
 
 # ----------------------------------------------------------------------------- lookup
@@ -389,27 +394,31 @@ def compressed_values(params: PyTree, mask: PyTree) -> PyTree:
     return jax.tree.map(lambda p, i: gather_bits(p, i).astype(jnp.float32), params, mask)
 
 
-def _attach_leaf(p, idx, v, backend):
+def _attach_leaf(p, idx, v, backend, mesh):
     p = jax.lax.stop_gradient(p)
     if idx.size == 0:
         return p  # a constant: no weight-gradient work at all
     if p.ndim == 2:
-        return SparseWeight(p, idx, v, False, backend)
+        return SparseWeight(p, idx, v, False, backend, mesh)
     # Small tensors (norm weights, biases): the dense gradient of the leaf, gathered.
     return scatter(p, idx, v.astype(p.dtype))
 
 
-def attach(params: PyTree, mask: PyTree, values: PyTree, backend: str = "auto") -> PyTree:
+def attach(params: PyTree, mask: PyTree, values: PyTree, backend: str = "auto",
+           mesh=None) -> PyTree:
     """The params the model sees: masked matrices as :class:`SparseWeight` (see module doc).
 
     ``params`` must already hold ``values`` at the mask (the forward pass reads the
-    tensors); gradients with respect to ``values`` are the compressed gradient.
+    tensors); gradients with respect to ``values`` are the compressed gradient. With a
+    ``mesh`` (batches split over its ``("data", "fsdp")`` axes), the sampled products
+    run per device.
     """
-    return jax.tree.map(lambda p, i, v: _attach_leaf(p, i, v, backend), params, mask, values)
+    return jax.tree.map(lambda p, i, v: _attach_leaf(p, i, v, backend, mesh), params, mask,
+                        values)
 
 
 def value_and_grad(loss_fn: Callable[[PyTree], Any], params: PyTree, mask: PyTree, *,
-                   has_aux: bool = False, backend: str = "auto"):
+                   has_aux: bool = False, backend: str = "auto", mesh=None):
     """``jax.value_and_grad(loss_fn)`` with the gradient only at the mask's entries.
 
     Returns ``(value, grads)`` where ``grads`` holds float32 gradients shaped like the
@@ -417,5 +426,5 @@ def value_and_grad(loss_fn: Callable[[PyTree], Any], params: PyTree, mask: PyTre
     rounding, computed without any dense ``[in, out]`` weight gradient.
     """
     values = compressed_values(params, mask)
-    f = lambda v: loss_fn(attach(params, mask, v, backend))
+    f = lambda v: loss_fn(attach(params, mask, v, backend, mesh))
     return jax.value_and_grad(f, has_aux=has_aux)(values)

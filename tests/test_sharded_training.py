@@ -80,7 +80,7 @@ SCRIPT = textwrap.dedent(r"""
                             beta=0.05 if sparsity else 0.0, mesh=mesh, eval_batch_size=8,
                             remat="none")
         sparse = SparseConfig(sparsity=sparsity, learning_rate=1e-2 if sparsity else 1e-3,
-                              mask_strategy=strategy)
+                              mask_strategy=strategy, sparse_grads="on")
         t = GRPOTrainer(graphdef, params, tok, reward, config, sparse, tempfile.mkdtemp())
         t.records = [t.train_step(prompts, answers) for _ in range(3)]
         return t
@@ -95,7 +95,7 @@ SCRIPT = textwrap.dedent(r"""
         config = DPOConfig(steps=3, batch_size=8, micro_batch_size=8, mesh=mesh,
                            max_prompt_length=8, max_completion_length=8, remat="none")
         sparse = SparseConfig(sparsity=sparsity, learning_rate=1e-2 if sparsity else 1e-3,
-                              mask_strategy=strategy)
+                              mask_strategy=strategy, sparse_grads="on")
         t = DPOTrainer(graphdef, params, tok, config, sparse, tempfile.mkdtemp(),
                        updater=updater)
         enc = t.encode(pairs)
@@ -185,8 +185,32 @@ SCRIPT = textwrap.dedent(r"""
             # (op, result shape) of every collective; "f32[]" is a scalar (the norm)
             "collectives": sorted({(op, shape) for shape, op in COLLECTIVE.findall(hlo)}),
             "communicating": sh.step_communicates(u.mask, u.shardings["params"]),
-            "grad_backend": u.grad_backend, "grad_backend_1": u1.grad_backend,
             "state_spec": sorted({str(x.sharding.spec) for x in jax.tree.leaves(s8.mu)})})
+
+    # The sparse backward's sampled product per device (the CPU kernel in shard_map):
+    # the same gradient as on one device, no token block leaves its device.
+    from sparsejax import sparse_grads
+    from sparsejax.kernels import cpu_sampled_product
+    from sparsejax.optim import gather
+    if CASES is None or "per_shard_product" in CASES:
+        mesh = sh.as_mesh("data=2,fsdp=4")
+        rng = np.random.default_rng(3)
+        w = jnp.asarray(rng.normal(size=(24, 40)), jnp.float32)
+        x = jnp.asarray(rng.normal(size=(16, 5, 24)), jnp.float32)
+        idx = jnp.asarray(np.sort(rng.choice(960, 97, replace=False)), jnp.int32)
+        v = gather(w, idx)
+        def grad(m):
+            loss = lambda v_, x_: jnp.sum(jnp.sin(sparse_grads.matmul(
+                x_, sparse_grads.SparseWeight(w, idx, v_, False, "xla", m))))
+            return jax.jit(jax.grad(loss))
+        g1 = grad(None)(v, x)
+        x8 = jax.device_put(x, sh.batch_sharding(mesh))
+        f8 = grad(mesh)
+        hlo = f8.lower(v, x8).compile().as_text()
+        report("per_shard_product", {
+            "rel": rel(host(f8(v, x8)), host(g1)),
+            "kernel": (cpu_sampled_product.TARGET in hlo) == cpu_sampled_product.available(),
+            "collectives": sorted({(op, shape) for shape, op in COLLECTIVE.findall(hlo)})})
     print("RESULT" + json.dumps(result))
 """)
 
@@ -235,13 +259,14 @@ def test_row_balanced_step_gathers_no_parameter(result, backend):
     assert any("fsdp" in s for s in r["state_spec"]), r  # moments split with their rows
 
 
-def test_sparse_backward_on_a_mesh_uses_xla_ops(result):
-    # The CPU and Pallas sampled-product kernels are opaque to XLA's partitioner (it
-    # would gather their operands whole); on a mesh the product runs as XLA ops.
-    for backend in ("xla", "interpret"):
-        r = result[f"step/row_balanced/{backend}"]
-        assert r["grad_backend"] == "xla_ops", r
-        assert r["grad_backend_1"] == "xla", r  # one device: the kernels as usual
+def test_sampled_product_runs_per_device(result):
+    r = result["per_shard_product"]
+    assert r["rel"] <= 1e-5, r  # the devices' partial sums add up in another order
+    assert r["kernel"], r  # the CPU kernel, where it builds
+    # The only collective sums the 97 entries' partial gradients; no token block (a
+    # [tokens, 24] or [tokens, 40] array) is gathered.
+    assert [op for op, _ in r["collectives"]] == ["all-reduce"], r
+    assert r["collectives"][0][1].startswith("f32[97]"), r
 
 
 def test_flat_mask_step_communicates(result):

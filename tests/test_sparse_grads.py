@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparsejax import backends, masks, sparse_grads
+from sparsejax import masks, sparse_grads
 from sparsejax.backends import xla_sampled_product
 from sparsejax.models.config import DecoderConfig
 from sparsejax.models.decoder import init_model
@@ -222,11 +222,6 @@ def test_auto_setting_by_density(monkeypatch):
         assert not sparse_grads.use_sparse_grads("auto", min(1.0, limit * 2), "xla")
     # XLA's gather is slower than the kernel: its sparse backward stops at a lower density.
     assert sparse_grads.AUTO_MAX_DENSITY["cpu_xla"] < sparse_grads.AUTO_MAX_DENSITY["cpu"]
-    # On a mesh the product runs as XLA ops, so the gather's limit applies.
-    monkeypatch.setattr(cpu_sampled_product, "available", lambda: True)
-    between = (sparse_grads.AUTO_MAX_DENSITY["cpu_xla"] + sparse_grads.AUTO_MAX_DENSITY["cpu"]) / 2
-    assert sparse_grads.use_sparse_grads("auto", between, "xla")
-    assert not sparse_grads.use_sparse_grads("auto", between, backends.XLA_OPS)
 
 
 # ----------------------------------------------------------------------------- trainers

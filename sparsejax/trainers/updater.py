@@ -37,7 +37,7 @@ from sparsejax import masks as masks_lib
 from sparsejax import sharding as sharding_lib
 from sparsejax import sparse_grads as sparse_grads_lib
 from sparsejax.dense_adamw import dense_adamw
-from sparsejax.backends import XLA_OPS, resolve_backend
+from sparsejax.backends import resolve_backend
 from sparsejax.optim import (SparseAdamWState, fused_sparse_adamw, gather, gather_bits,
                              global_norm, scatter_bits)
 from sparsejax.trainers import reference as reference_lib
@@ -95,7 +95,6 @@ class Updater:
         self.schedule = learning_rate_schedule(cfg)
         self.sparse = not cfg.dense
         self._update = None
-        self.grad_backend = cfg.backend
         if self.sparse:
             self.mask = build_mask(cfg, params, self.mesh) if mask is None else mask
             master = cfg.master_weights
@@ -105,17 +104,13 @@ class Updater:
                 self.mask, self.schedule, b1=cfg.b1, b2=cfg.b2,
                 weight_decay=cfg.weight_decay, master_weights=master,
                 skip_nonfinite=True, max_grad_norm=cfg.max_grad_norm, backend=cfg.backend)
-            if self.mesh is not None:
-                # Kernels are opaque to the partitioner: the sampled product of the
-                # sparse backward runs as XLA ops (partitioned by XLA), not as the CPU
-                # or Pallas kernel.
-                self.grad_backend = XLA_OPS
             self.sparse_grads = sparse_grads_lib.use_sparse_grads(
                 cfg.sparse_grads, masks_lib.num_active(self.mask)
-                / max(1, sum(x.size for x in jax.tree.leaves(params))), self.grad_backend)
+                / max(1, sum(x.size for x in jax.tree.leaves(params))), cfg.backend)
             self._local_opt = None
             if self.mesh is not None and resolve_backend(cfg.backend) != "xla":
-                # The same for the fused step's kernel: it steps per shard.
+                # The kernel is opaque to the partitioner: step per shard (the sparse
+                # backward's sampled product runs per shard too, on each device's tokens).
                 self._local_opt = fused_sparse_adamw(
                     self.mask, self.schedule, b1=cfg.b1, b2=cfg.b2,
                     weight_decay=cfg.weight_decay, master_weights=master,
@@ -221,7 +216,8 @@ class Updater:
         """
         if self.sparse_grads:
             out, grads = sparse_grads_lib.value_and_grad(
-                loss_fn, params, opt_state.indices, has_aux=True, backend=self.grad_backend)
+                loss_fn, params, opt_state.indices, has_aux=True, backend=self.cfg.backend,
+                mesh=self.mesh)
             return out, self._constrain_grads(grads)
         out, grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return out, self.compress(grads, opt_state)
