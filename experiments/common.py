@@ -277,7 +277,8 @@ def add_sparse_args(parser: argparse.ArgumentParser, *, default_lr: float | None
                        help="sparse step implementation")
     group.add_argument("--sparse-grads", default="auto", choices=["auto", "on", "off"],
                        help="sparse runs: weight gradients only at the active entries "
-                       "(auto: on where bench_train_step.py measured it faster)")
+                       "(auto: on where bench_train_step.py measured it faster: up to 10%% "
+                       "density on CPU with the C++ kernel, 1%% otherwise)")
 
 
 def add_run_args(parser: argparse.ArgumentParser, default_out: str) -> None:
