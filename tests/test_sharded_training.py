@@ -199,18 +199,20 @@ SCRIPT = textwrap.dedent(r"""
         x = jnp.asarray(rng.normal(size=(16, 5, 24)), jnp.float32)
         idx = jnp.asarray(np.sort(rng.choice(960, 97, replace=False)), jnp.int32)
         v = gather(w, idx)
-        def grad(m):
+        def grad(m, backend):
             loss = lambda v_, x_: jnp.sum(jnp.sin(sparse_grads.matmul(
-                x_, sparse_grads.SparseWeight(w, idx, v_, False, "xla", m))))
+                x_, sparse_grads.SparseWeight(w, idx, v_, False, backend, m))))
             return jax.jit(jax.grad(loss))
-        g1 = grad(None)(v, x)
+        g1 = grad(None, "xla")(v, x)
         x8 = jax.device_put(x, sh.batch_sharding(mesh))
-        f8 = grad(mesh)
-        hlo = f8.lower(v, x8).compile().as_text()
-        report("per_shard_product", {
-            "rel": rel(host(f8(v, x8)), host(g1)),
-            "kernel": (cpu_sampled_product.TARGET in hlo) == cpu_sampled_product.available(),
-            "collectives": sorted({(op, shape) for shape, op in COLLECTIVE.findall(hlo)})})
+        for backend in ("xla", "interpret"):  # the CPU kernel; the Pallas one, interpreted
+            f8 = grad(mesh, backend)
+            hlo = f8.lower(v, x8).compile().as_text()
+            report(f"per_shard_product/{backend}", {
+                "rel": rel(host(f8(v, x8)), host(g1)),
+                "kernel": (cpu_sampled_product.TARGET in hlo) == (
+                    backend == "xla" and cpu_sampled_product.available()),
+                "collectives": sorted({(op, shape) for shape, op in COLLECTIVE.findall(hlo)})})
     print("RESULT" + json.dumps(result))
 """)
 
@@ -259,10 +261,11 @@ def test_row_balanced_step_gathers_no_parameter(result, backend):
     assert any("fsdp" in s for s in r["state_spec"]), r  # moments split with their rows
 
 
-def test_sampled_product_runs_per_device(result):
-    r = result["per_shard_product"]
+@pytest.mark.parametrize("backend", ["xla", "interpret"])
+def test_sampled_product_runs_per_device(result, backend):
+    r = result[f"per_shard_product/{backend}"]
     assert r["rel"] <= 1e-5, r  # the devices' partial sums add up in another order
-    assert r["kernel"], r  # the CPU kernel, where it builds
+    assert r["kernel"], r  # the CPU kernel where it builds (xla), else no custom call
     # The only collective sums the 97 entries' partial gradients; no token block (a
     # [tokens, 24] or [tokens, 40] array) is gathered.
     assert [op for op, _ in r["collectives"]] == ["all-reduce"], r
