@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 #: (name, timeout on a GPU in s, timeout with --tiny in s). ``grpo`` runs as two
 #: processes (``grpo:sparse``, ``grpo:full``), each with this timeout.
 PARTS = (("env", 60, 120), ("tests", 150, 240), ("optimizer", 170, 240),
-         ("sampler", 110, 240), ("grpo", 110, 240), ("train_step", 80, 240))
+         ("sampler", 110, 240), ("grpo", 110, 240), ("train_step", 110, 240))
 PART_NAMES = tuple(p[0] for p in PARTS)
 MIN_PART_S = 15  # a part is not started with less time than this left
 #: importable name -> what to install. Checked by name before anything starts.
