@@ -345,6 +345,19 @@ def git_commit() -> str:
         return "unknown"
 
 
+def write_result(record: dict, out: str | None, stem: str) -> Path:
+    """Writes a benchmark's JSON ``record`` to ``out``, by default
+    ``experiments/results/<stem>_<device>.json`` (``cpu`` or the GPU's kind); prints and
+    returns the path."""
+    device = jax.devices()[0]
+    slug = device.device_kind.lower().replace(" ", "_") if device.platform != "cpu" else "cpu"
+    path = Path(out or Path(__file__).resolve().parent / "results" / f"{stem}_{slug}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
 def format_table(rows: list[dict]) -> str:
     head = (f"{'preset':<16}{'params':>13}{'density':>10}{'k':>12}  {'method':<34}"
             f"{'backend':<10}{'ms/step':>10}{'speedup':>9}{'compile s':>10}{'cpu s':>9}"
@@ -430,12 +443,7 @@ def main(argv=None) -> int:
         "args": vars(args),
         "results": rows,
     }
-    slug = device.device_kind.lower().replace(" ", "_") if device.platform != "cpu" else "cpu"
-    out = Path(args.out or Path(__file__).resolve().parent / "results"
-               / f"bench_optimizer_{'guards_' if args.guards else ''}{slug}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(record, args.out, f"bench_optimizer{'_guards' if args.guards else ''}")
     return 0
 
 

@@ -20,19 +20,17 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from bench_optimizer import git_commit  # pylint: disable=wrong-import-order
+from bench_optimizer import git_commit, write_result  # pylint: disable=wrong-import-order
 from sparsejax import backends
 from sparsejax.kernels import cpu_sampled_product
 
@@ -121,12 +119,7 @@ def main(argv=None) -> int:
         "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
         "load_average": os.getloadavg(), "args": vars(args), "results": rows,
     }
-    slug = device.device_kind.lower().replace(" ", "_") if device.platform != "cpu" else "cpu"
-    out = Path(args.out or Path(__file__).resolve().parent / "results"
-               / f"bench_sampled_product_{slug}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(record, args.out, "bench_sampled_product")
     return 0
 
 

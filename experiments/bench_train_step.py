@@ -24,12 +24,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import platform
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +36,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from bench_optimizer import git_commit  # pylint: disable=wrong-import-order
+from bench_optimizer import git_commit, write_result  # pylint: disable=wrong-import-order
 from sparsejax import backends, masks, sparse_grads
 from sparsejax.models import config as model_config
 from sparsejax.models.decoder import init_model
@@ -237,12 +235,7 @@ def main(argv=None) -> int:
         "load_average": {"before": load_before, "after": load_after},
         "args": vars(args), "model": dataclasses.asdict(cfg), "results": rows,
     }
-    slug = device.device_kind.lower().replace(" ", "_") if device.platform != "cpu" else "cpu"
-    out = Path(args.out or Path(__file__).resolve().parent / "results"
-               / f"bench_train_step_{slug}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    print(f"wrote {out}")
+    write_result(record, args.out, "bench_train_step")
     return 0
 
 
