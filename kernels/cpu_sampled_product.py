@@ -39,7 +39,7 @@ __all__ = ["TARGET", "available", "sampled_product"]
 
 TARGET = "sparsejax_sampled_product"
 _SOURCE = Path(__file__).with_name("sampled_product_cpu.cc")
-_FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC")
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 _BUILD_TIMEOUT_S = 300
 _log = logging.getLogger(__name__)
 

@@ -10,9 +10,10 @@
 // counting-sorted by their major column, so that consecutive entries share it. The
 // tokens are walked in tiles of `tile` tokens, small enough that the tile of the
 // "minor" operand, transposed into a [minor_cols, tile] buffer, stays in L2. Per
-// tile, each entry costs one vectorized dot of `tile` products: its major column is
-// read (strided, once per distinct column) into a [tile] buffer, its minor column is
-// a contiguous row of the transposed buffer. The sorted entries are split into
+// tile, each entry costs one vectorized dot of `tile` products: its major column is a
+// row of a [16, tile] buffer into which the block of 16 major columns holding it was
+// transposed (once per block, as the sorted entries reach it), its minor column a row
+// of the transposed minor tile. The sorted entries are split into
 // contiguous parts, run on XLA's intra-op thread pool; the calling thread works too.
 //
 // Each entry's sum is formed by one thread in a fixed order (tiles in order, a dot per
