@@ -9,10 +9,6 @@ Tests marked ``gpu`` run the compiled kernel and are skipped without an NVIDIA G
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import subprocess
-import sys
 from collections.abc import Callable
 
 import jax
@@ -29,7 +25,6 @@ from sparsejax.backends import (
 )
 from sparsejax.kernels import indexed_adamw as K
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 B1, B2, EPS, EPS_ROOT, WD = 0.9, 0.999, 1e-8, 0.0, 0.01
 LRS = (3e-2, 1e-2, 5e-3, 2e-2, 1e-3, 7e-3)  # one per step: the learning rate changes
 START_COUNT = 3  # moments are random, as after 3 earlier steps
@@ -500,31 +495,3 @@ def test_pallas_multi_step_on_gpu():
                          c["master"], s, grad_is_compressed=c["compressed"])
         rel = BF16_REL if c["param"].dtype == jnp.bfloat16 else F32_REL
         assert_close_elementwise(out[0][i], want[0], rel, f"tensor {i}")
-
-
-# ----------------------------------------------------------------------------- packaging
-
-
-def test_installed_import_is_namespaced(tmp_path):
-    """``sparsejax.kernels`` comes from this repo's kernels/; no top-level ``kernels`` of ours.
-
-    Checked in a fresh interpreter outside the repository, since ``python -m pytest``
-    puts the working directory (the repo root) on ``sys.path``.
-    """
-    import sparsejax.kernels
-
-    assert pathlib.Path(sparsejax.kernels.__file__).resolve() == REPO / "kernels" / "__init__.py"
-    code = (
-        "import importlib.util, sys\n"
-        "import sparsejax.kernels.indexed_adamw as m\n"
-        "print(m.__file__)\n"
-        "spec = importlib.util.find_spec('kernels')\n"
-        "print(spec.origin if spec else 'NONE')\n"
-    )
-    out = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, check=True,
-                         capture_output=True, text=True).stdout.splitlines()
-    assert pathlib.Path(out[0]).resolve() == REPO / "kernels" / "indexed_adamw.py"
-    assert out[1] == "NONE" or REPO not in pathlib.Path(out[1]).resolve().parents
-    spec = importlib.util.find_spec("sparsejax.kernels")
-    assert spec is not None and REPO / "kernels" in [
-        pathlib.Path(p).resolve() for p in spec.submodule_search_locations]
