@@ -315,8 +315,8 @@ def sparse_adamw(mask: PyTree, learning_rate: ScalarOrSchedule, b1: float = 0.9,
 
     The update rule and defaults are those of ``optax.adamw`` (Loshchilov & Hutter's
     decoupled weight decay, multiplied by the learning rate), applied only at the
-    active entries; off the mask the updates are exactly zero, whatever the
-    gradient holds there. ``learning_rate`` may be a schedule of the step count. Works
+    active entries; off the mask the updates are exactly zero (``-0.0``, the zero that
+    leaves every param bit for bit under addition), whatever the gradient holds there. ``learning_rate`` may be a schedule of the step count. Works
     under ``optax.inject_hyperparams`` and after ``optax.clip_by_global_norm``.
 
     Moments are kept in float32 (``mu`` in ``mu_dtype`` if given), even for bf16
@@ -327,7 +327,8 @@ def sparse_adamw(mask: PyTree, learning_rate: ScalarOrSchedule, b1: float = 0.9,
       learning_rate, b1, b2, eps, eps_root, weight_decay: as in ``optax.adamw``.
       mu_dtype: storage dtype of the first moment (default float32).
       skip_nonfinite: if a gradient value at an active entry is not finite, return zero
-        updates and leave the state unchanged but for ``state.skipped``.
+        updates (``-0.0``, so ``optax.apply_updates`` leaves every param bit for bit) and
+        leave the state unchanged but for ``state.skipped``.
       backend: see :mod:`sparsejax.backends`; the transform computes the update values
         with ``xla`` ops whatever the backend, since it must build dense updates.
     """
@@ -354,10 +355,11 @@ def sparse_adamw(mask: PyTree, learning_rate: ScalarOrSchedule, b1: float = 0.9,
             params, g, idx, state.mu, state.nu)
         delta, mu, nu = _unzip(out, 3)
         mu = jax.tree.map(lambda m, old: m.astype(old.dtype), mu, state.mu)
-        # A skipped step: exact zero updates (+0.0) and the state as it was, bit for bit.
+        # Off the mask, and everywhere on a skipped step, the update is -0.0: x + -0.0 == x
+        # bit for bit for every x (+0.0 would turn a -0.0 param into +0.0).
         dense = jax.tree.map(
-            lambda u, i, d: scatter(jnp.zeros_like(u), i,
-                                    jnp.where(ok, d, 0.0).astype(u.dtype)),
+            lambda u, i, d: scatter(jnp.full_like(u, -0.0), i,
+                                    jnp.where(ok, d, -0.0).astype(u.dtype)),
             updates, idx, delta)
         taken = _advance(state, mu, nu, None)
         new_state = _select(ok, taken, state)._replace(

@@ -310,6 +310,30 @@ def test_on_policy_default_and_gradient_is_policy_gradient():
     assert float(metrics["clip_ratio/region_mean"]) == 0.0
 
 
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("poison", [np.nan, np.inf, -np.inf])
+def test_non_finite_values_at_padding_do_not_reach_loss_or_gradient(level, poison):
+    """Padding (mask 0) is selected away, not multiplied by 0 (NaN * 0 is NaN)."""
+    logps, old, ref, adv, mask, ent = _random_batch(11)
+    pad = mask == 0
+    assert pad.any()
+    poisoned = [np.where(pad, poison, x) for x in (logps, old, ref, ent)]
+    kw = dict(beta=0.04, importance_sampling_level=level, top_entropy_quantile=0.5)
+
+    def run(lp, o, r, e):
+        def f(x):
+            return grpo_loss(x, o, adv, mask, ref_logps=r, entropies=e, **kw)
+        with jax.enable_x64(True):
+            (loss, metrics), grad = jax.value_and_grad(f, has_aux=True)(jnp.asarray(lp))
+        return float(loss), {k: float(v) for k, v in metrics.items()}, np.asarray(grad)
+
+    clean, dirty = run(logps, old, ref, ent), run(*poisoned)
+    assert np.isfinite(dirty[0]) and dirty[0] == clean[0]
+    assert dirty[1] == clean[1]
+    np.testing.assert_array_equal(dirty[2], clean[2])
+    assert (dirty[2][pad] == 0).all()
+
+
 def test_grpo_loss_validates_arguments():
     logps = jnp.zeros((2, 3))
     adv = jnp.zeros(2)

@@ -302,3 +302,19 @@ def test_missing_local_folder_is_an_error_not_a_hub_lookup(monkeypatch, path):
                         lambda **kw: pytest.fail(f"hub lookup of {kw}"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_hf(path)
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_name_found_neither_locally_nor_on_the_hub_is_named(monkeypatch, tmp_path, offline):
+    """A bare name with no folder goes to the hub; when that fails the error names the
+    argument and both places it was looked for (not only the hub client's message)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1" if offline else "0")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: fails fast
+    import huggingface_hub.constants  # pylint: disable=import-outside-toplevel
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(FileNotFoundError,
+                       match=r"model 'no_such_folder' not found: no local folder .*Hub"):
+        load_hf("no_such_folder")

@@ -83,6 +83,11 @@ def _special_params(dtype):
     return {"w": jnp.asarray(w, dtype), "b": jnp.asarray(b, dtype)}
 
 
+def _subnormal(x) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return (x != 0) & (np.abs(x) < np.finfo(np.float32).tiny)
+
+
 @pytest.mark.parametrize("dtype,master,strategy,mu_dtype", [
     (jnp.float32, False, "per_tensor", None), (jnp.float32, True, "per_tensor", None),
     (jnp.bfloat16, False, "per_tensor", None), (jnp.bfloat16, True, "per_tensor", None),
@@ -122,12 +127,35 @@ def test_skipped_transform_step_gives_exact_zero_updates_and_same_state():
     _, state = tx.update(g, state, params)
     bad = {**g, "w": g["w"].at[0, 0].set(jnp.inf)}
     updates, new_state = tx.update(bad, state, params)
-    for u in jax.tree.leaves(updates):
-        np.testing.assert_array_equal(_bits(u), np.zeros(u.shape, np.uint32))  # +0.0 only
+    for u in jax.tree.leaves(updates):  # -0.0 only: x + -0.0 is x for every x
+        np.testing.assert_array_equal(_bits(u), np.full(u.shape, 0x80000000, np.uint32))
+    applied = optax.apply_updates(params, updates)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(applied)):
+        assert (np.signbit(np.asarray(a)) & (np.asarray(a) == 0)).any()  # -0.0 params kept
+        normal = ~_subnormal(a)  # XLA's CPU add flushes subnormals to zero, whatever we add
+        np.testing.assert_array_equal(_bits(a)[normal], _bits(b)[normal])
     assert int(new_state.skipped) == 1 and int(new_state.count) == int(state.count)
     for a, b in zip(jax.tree.leaves((state.mu, state.nu)),
                     jax.tree.leaves((new_state.mu, new_state.nu))):
         np.testing.assert_array_equal(_bits(a), _bits(b))
+
+
+def test_transform_leaves_off_mask_params_bit_for_bit():
+    """A taken step moves the active entries; every other param, -0.0 included, stays."""
+    params = _special_params(jnp.float32)
+    mask = sj.random_mask(params, 0.5, seed=5)
+    tx = sj.sparse_adamw(mask, 1e-2, weight_decay=0.1)
+    rng = np.random.default_rng(6)
+    g = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+    updates, _ = tx.update(g, tx.init(params), params)
+    applied = optax.apply_updates(params, updates)
+    for p, a, m in zip(jax.tree.leaves(params), jax.tree.leaves(applied),
+                       jax.tree.leaves(sj.to_dense(mask, params))):
+        off = ~np.asarray(m, bool) & ~_subnormal(p)  # XLA's CPU add flushes subnormals
+        assert (np.signbit(np.asarray(p)) & (np.asarray(p) == 0) & off).any()
+        np.testing.assert_array_equal(_bits(p)[off], _bits(a)[off])
+        on = np.asarray(m, bool)
+        assert (_bits(p)[on] != _bits(a)[on]).any()
 
 
 @pytest.mark.parametrize("dtype,master", [(jnp.bfloat16, None), (jnp.float32, None),

@@ -210,10 +210,17 @@ def grpo_loss(
 
     # Low-precision log-probs (bf16) are aggregated in float32; the gradient comes back in their dtype.
     dtype = jnp.promote_types(logps.dtype, jnp.float32)
-    logps = logps.astype(dtype)
     mask = jnp.asarray(completion_mask).astype(dtype)
     valid = mask > 0
-    old = jax.lax.stop_gradient(logps if old_logps is None else jnp.asarray(old_logps, dtype))
+
+    def at_valid(x: jax.Array | None) -> jax.Array | None:
+        # Selected, not multiplied: a NaN or inf at padding never reaches the loss or its
+        # gradient (NaN * 0 is NaN).
+        return None if x is None else jnp.where(valid, jnp.asarray(x, dtype), 0.0)
+
+    logps = at_valid(logps.astype(dtype))
+    old_logps, ref_logps, entropies = at_valid(old_logps), at_valid(ref_logps), at_valid(entropies)
+    old = jax.lax.stop_gradient(logps if old_logps is None else old_logps)
     adv = jax.lax.stop_gradient(advantages.astype(dtype))
     if adv.ndim == 1:
         adv = adv[:, None]

@@ -160,10 +160,17 @@ def resolve_checkpoint_dir(source: str | os.PathLike, revision: str | None = Non
             raise FileNotFoundError(f"{path!r} is not a model folder")
         raise FileNotFoundError(f"model folder {path!r} does not exist")
     from huggingface_hub import snapshot_download  # pylint: disable=g-import-not-at-top
-    return snapshot_download(
-        repo_id=path, revision=revision,
-        allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model",
-                        "*.jinja"])
+    try:
+        return snapshot_download(
+            repo_id=path, revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model",
+                            "*.jinja"])
+    except OSError as e:  # every hub client error: offline, not found, gated, HTTP
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise FileNotFoundError(
+            f"model {path!r} not found: no local folder of that name, and the Hugging Face "
+            f"Hub gave no snapshot{'' if revision is None else f' at revision {revision!r}'}"
+            f" ({type(e).__name__}: {reason})") from e
 
 
 def looks_like_hub_id(path: str) -> bool:
