@@ -3,7 +3,7 @@
 For a tree of parameter shapes (a model preset, random values) and a list of
 densities, times one optimizer step of each method side by side in one process on
 the same data, and prints a table of ms/step, speedup over dense AdamW and state
-bytes. Results go to a JSON file under ``experiments/results/`` with the device,
+bytes. Results go to a JSON file (``--out``, default under ``runs/benchmarks/``) with the device,
 versions, date, commit and command.
 
     python experiments/bench_optimizer.py                       # CPU-sized default
@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import sparsejax as sj
 from sparsejax import backends
-from sparsejax.optim import gather
+from sparsejax.optim.sparse import gather
 
 SYNTHETIC = {
     # 10 matrices of 3200 x 3125 = 1e8 parameters: the CPU target's tree.
@@ -96,23 +96,23 @@ def trainer_step_row(shapes, params, compressed, density, args, k, n, dense_ms):
     """The trainers' optimizer step (``Updater.apply``: clipping, skip-on-non-finite and
     master values for bf16 params) on compressed float32 gradients: compile seconds and
     ms/step, and its distance to the same step taken without the skip guard."""
-    from sparsejax.trainers.config import SparseConfig  # pylint: disable=g-import-not-at-top
-    from sparsejax.trainers.updater import Updater  # pylint: disable=g-import-not-at-top
-    cfg = SparseConfig(sparsity=1.0 - density, mask_strategy=args.strategy, max_grad_norm=1.0,
+    from sparsejax.config import TrainableConfig  # pylint: disable=g-import-not-at-top
+    from sparsejax.trainable import build_trainable  # pylint: disable=g-import-not-at-top
+    cfg = TrainableConfig(sparsity=1.0 - density, mask_strategy=args.strategy, max_grad_norm=1.0,
                        backend=args.backends[0])
-    updater = Updater(cfg, shapes)
-    state = updater.init(params)
+    trainable = build_trainable(cfg, shapes)
+    state = trainable.init(params)
     grads = jax.tree.map(lambda g: g.astype(jnp.float32), compressed)
-    compile_s = compile_seconds(Updater.apply, updater, params, grads, state)
-    run = lambda carry, g_: Updater.apply(updater, carry[0], g_, carry[1])[:2]
+    compile_s = compile_seconds(type(trainable).apply, trainable, params, grads, state)
+    run = lambda carry, g_: type(trainable).apply(trainable, carry[0], g_, carry[1])[:2]
     copy = lambda t: jax.tree.map(jnp.copy, t)
     ms = time_steps(run, (copy(params), copy(state)), grads, args.steps, args.warmup)
     # The same numbers as the plain fused step after clipping (the skip guard changes
     # nothing on a finite gradient).
-    got, _, _ = Updater.apply(updater, copy(params), grads, copy(state))
+    got, _, _ = type(trainable).apply(trainable, copy(params), grads, copy(state))
     norm = optax.global_norm(grads)
     clipped = jax.tree.map(lambda g: g * jnp.minimum(1.0, 1.0 / norm), grads)
-    plain = sj.fused_sparse_adamw(updater.mask, updater.schedule, weight_decay=cfg.weight_decay,
+    plain = sj.fused_sparse_adamw(trainable.mask, trainable.schedule, weight_decay=cfg.weight_decay,
                                   master_weights=state.master is not None,
                                   backend=cfg.backend)
     ref, _, _ = plain.step(copy(params), clipped, plain.init(params))
@@ -127,12 +127,12 @@ def trainer_step_row(shapes, params, compressed, density, args, k, n, dense_ms):
 def cond_guarded(inner, max_grad_norm):
     """The skip guard of earlier releases, for comparison: clipping, then one
     ``lax.cond`` around ``inner``'s unguarded, unclipped step (jitted, donated)."""
-    from sparsejax.optim import _all_finite, clip_compressed  # pylint: disable=g-import-not-at-top
+    from sparsejax.optim.sparse import all_finite, clip_compressed  # pylint: disable=g-import-not-at-top
 
     def update(params, grads, state):
         g, _ = clip_compressed(grads, max_grad_norm)
         skip = lambda p, g_, st: (p, st._replace(skipped=st.skipped + 1))
-        return jax.lax.cond(_all_finite(g), lambda p, g_, st: inner.update(p, g_, st)[:2],
+        return jax.lax.cond(all_finite(g), lambda p, g_, st: inner.update(p, g_, st)[:2],
                             skip, params, g, state)
 
     return jax.jit(update, donate_argnums=(0, 2))
@@ -211,7 +211,7 @@ def guard_rows(kind, params, grads, make, args, interleave: bool = True):
 
 def guard_bench(preset: str, args, device_kind: str) -> list[dict]:
     """``--guards``: the skip guards of the fused sparse step (at each density) and of
-    :func:`sparsejax.dense_adamw.dense_adamw`, plus the trainers' step."""
+    :func:`sparsejax.optim.dense.dense_adamw`, plus the trainers' step."""
     shapes = param_shapes(preset, jnp.dtype(args.dtype))
     n = sum(math.prod(s.shape) for s in jax.tree.leaves(shapes))
     params = random_tree(shapes, 0)
@@ -231,7 +231,7 @@ def guard_bench(preset: str, args, device_kind: str) -> list[dict]:
         trainer["ms_vs_no_guard"] = trainer["ms"] / rows[-3]["ms"]
         rows.append({**trainer, "preset": preset})
     if args.guards_dense_preset != "none":
-        from sparsejax.dense_adamw import dense_adamw  # pylint: disable=g-import-not-at-top
+        from sparsejax.optim.dense import dense_adamw  # pylint: disable=g-import-not-at-top
         dense_preset = args.guards_dense_preset or preset
         if dense_preset != preset:
             del params, grads, compressed
@@ -347,11 +347,12 @@ def git_commit() -> str:
 
 def write_result(record: dict, out: str | None, stem: str) -> Path:
     """Writes a benchmark's JSON ``record`` to ``out``, by default
-    ``experiments/results/<stem>_<device>.json`` (``cpu`` or the GPU's kind); prints and
-    returns the path."""
+    ``runs/benchmarks/<stem>_<device>.json`` (``cpu`` or the GPU's kind; the committed
+    results in ``experiments/results/`` are written only when asked); prints and returns
+    the path."""
     device = jax.devices()[0]
     slug = device.device_kind.lower().replace(" ", "_") if device.platform != "cpu" else "cpu"
-    path = Path(out or Path(__file__).resolve().parent / "results" / f"{stem}_{slug}.json")
+    path = Path(out or Path("runs") / "benchmarks" / f"{stem}_{slug}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2, default=str) + "\n")
     print(f"wrote {path}")
@@ -407,7 +408,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps (compile)")
     parser.add_argument("--out", default=None,
-                        help="JSON path (default experiments/results/bench_optimizer_<device>.json)")
+                        help="JSON path (default runs/benchmarks/bench_optimizer_<device>.json)")
     args = parser.parse_args(argv)
     for d in args.densities:
         if not 0.0 < d <= 1.0:

@@ -10,7 +10,8 @@ process times (median of ``--repeats`` after a warm-up, each jitted):
 * ``pallas``: the Triton kernel, on an NVIDIA GPU.
 
 Checks every result against the XLA one (max relative error) and writes JSON with
-device, versions, date, commit and command under ``experiments/results/``.
+device, versions, date, commit and command to ``--out`` (default under
+``runs/benchmarks/``).
 
     python experiments/bench_sampled_product.py                    # 1%, 2048 tokens
     python experiments/bench_sampled_product.py --density 0.001 --tokens 4096
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls (median)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="JSON path (default "
-                        "experiments/results/bench_sampled_product_<device>.json)")
+                        "runs/benchmarks/bench_sampled_product_<device>.json)")
     args = parser.parse_args(argv)
     if not 0.0 < args.density <= 1.0:
         parser.error(f"--density must be in (0, 1], got {args.density}")

@@ -11,9 +11,9 @@ length of GSM8K's reference solutions).
 
 Side by side in one process, on the same model and the same batch:
 
-* ``batch``: :func:`sparsejax.sampling.generate` on all ``P x G`` rows (each row
+* ``batch``: :func:`sparsejax.generation.sampler.generate` on all ``P x G`` rows (each row
   prefills its prompt; the batch decodes until its longest completion ends);
-* ``slots``: :func:`sparsejax.rollouts.rollout` (shared prefill, continuous batching
+* ``slots``: :func:`sparsejax.generation.rollouts.rollout` (shared prefill, continuous batching
   over ``--slots`` decode slots, attention over the filled chunks);
 * ``hf``: transformers' batched ``generate`` (PyTorch, left padded, the same weights
   and rows, ``do_sample=True, top_k=0``).
@@ -25,7 +25,8 @@ read (all params plus the keys/values each active sequence holds: its prompt's t
 and those generated) over the memory bandwidth measured here (a jitted sum over a
 512 MB array), and its weight matmuls (2 x params FLOPs per row computed, the mean
 width of the step) at the float32 throughput of a jitted 1024^3 matmul. JSON goes under
-``experiments/results/`` with device, versions, date, commit, command and CPU load.
+``--out`` (default under ``runs/benchmarks/``) with device, versions, date, commit,
+command and CPU load.
 
 Example::
 
@@ -51,7 +52,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparsejax import rollouts, sampling
+from sparsejax.generation import rollouts
+from sparsejax.generation import sampler as sampling
 from sparsejax.models import PRESETS, DecoderConfig, init_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,7 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="memory bandwidth for the floor (default: measured)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="JSON path (default "
-                        "experiments/results/bench_sampler_<model>_<time>.json)")
+                        "runs/benchmarks/bench_sampler_<model>_<time>.json)")
     args = parser.parse_args(argv)
     for name in ("prompts", "samples", "new_tokens", "chunk_size", "width_buckets"):
         if getattr(args, name) < 1:
@@ -312,7 +314,7 @@ def main(argv=None) -> dict:
           f"tokens, stop p = {len(work['stop_ids']) / config.vocab_size:.4f}/token, "
           f"bandwidth {gbps:.1f} GB/s, matmul {gflops:.0f} GFLOP/s, load {load['start'][0]:.2f}", flush=True)
 
-    out = args.out or os.path.join(ROOT, "experiments", "results", "bench_sampler_"
+    out = args.out or os.path.join("runs", "benchmarks", "bench_sampler_"
                                    f"{name}_{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
 

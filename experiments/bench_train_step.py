@@ -13,7 +13,7 @@ All methods are compiled first and then timed round-robin (one step of each per
 round), so the machine's load changes hit them alike. Prints ms/step (median), ratios and the compiled memory of each
 (``compiled.memory_analysis()``: temporaries and peak), one row per density, and
 writes JSON with device, versions, date, commit and command under
-``experiments/results/``.
+``--out`` (default under ``runs/benchmarks/``).
 
     python experiments/bench_train_step.py                   # CPU: 2 layers of Qwen2.5-0.5B
     python experiments/bench_train_step.py --preset tiny --steps 1 --warmup 1   # smoke
@@ -37,11 +37,12 @@ from flax import nnx
 from tqdm import tqdm
 
 from bench_optimizer import git_commit, write_result  # pylint: disable=wrong-import-order
-from sparsejax import backends, masks, sparse_grads
+from sparsejax import backends, masks
+from sparsejax import sparse_backward as sparse_grads
 from sparsejax.models import config as model_config
 from sparsejax.models.decoder import init_model
 from sparsejax.models.logprobs import token_logprobs
-from sparsejax.optim import fused_sparse_adamw, gather
+from sparsejax.optim.sparse import fused_sparse_adamw, gather
 
 TINY = model_config.DecoderConfig(model_type="qwen2", vocab_size=256, hidden_size=32,
                                   intermediate_size=64, num_layers=1, num_heads=2,
@@ -190,7 +191,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="JSON path (default "
-                        "experiments/results/bench_train_step_<device>.json)")
+                        "runs/benchmarks/bench_train_step_<device>.json)")
     args = parser.parse_args(argv)
     for d in args.densities:
         if not 0.0 < d < 1.0:

@@ -86,7 +86,7 @@ def check_sparsejax_import() -> tuple[str | None, str | None]:
     Run in a child process on the CPU platform, so this process never touches the GPU.
     """
     code = ("import sparsejax, sparsejax.kernels.indexed_adamw, sparsejax.trainers, "
-            "sparsejax.rollouts; print(sparsejax.__file__); "
+            "sparsejax.generation.rollouts; print(sparsejax.__file__); "
             "print(sparsejax.kernels.indexed_adamw.__file__)")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -48,9 +48,9 @@ def run_grpo(ctx, variant: str) -> None:
     from flax import nnx  # pylint: disable=import-outside-toplevel
     from sparsejax.models import config as model_config  # pylint: disable=import-outside-toplevel
     from sparsejax.models.decoder import init_model  # pylint: disable=import-outside-toplevel
-    from sparsejax.trainers import GRPOConfig, GRPOTrainer, SparseConfig  # pylint: disable=import-outside-toplevel
-    from sparsejax.trainers.reporting import peak_memory_bytes  # pylint: disable=import-outside-toplevel
-    from sparsejax.trainers.updater import tree_bytes  # pylint: disable=import-outside-toplevel
+    from sparsejax.trainers import GRPOConfig, GRPOTrainer, TrainableConfig  # pylint: disable=import-outside-toplevel
+    from sparsejax.runs.reporting import peak_memory_bytes  # pylint: disable=import-outside-toplevel
+    from sparsejax.trainable.base import tree_bytes  # pylint: disable=import-outside-toplevel
 
     if ctx.tiny:
         cfg = model_config.DecoderConfig(
@@ -69,7 +69,7 @@ def run_grpo(ctx, variant: str) -> None:
     # beta > 0, so that the reference phase runs; remat as the trainer's default on a GPU
     gcfg = GRPOConfig(steps=steps, beta=0.04, seed=0, remat="none" if ctx.tiny else "layer",
                       **shape)
-    scfg = SparseConfig(sparsity=sparsity, learning_rate=1e-4 if sparsity else 1e-6)
+    scfg = TrainableConfig(sparsity=sparsity, learning_rate=1e-4 if sparsity else 1e-6)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1, cfg.vocab_size, rng.integers(*lengths)).tolist()
                for _ in range(shape["prompts_per_step"])]
@@ -78,7 +78,7 @@ def run_grpo(ctx, variant: str) -> None:
                           distinct_chars_reward, gcfg, scfg, ctx.out / f"grpo_{variant}")
     ctx.result.update(model="tiny" if ctx.tiny else "Qwen2.5-0.5B", variant=variant,
                       sparsity=sparsity, param_dtype=cfg.param_dtype,
-                      trainable=int(trainer.updater.num_trainable(trainer.params)),
+                      trainable=int(trainer.trainable.num_trainable(trainer.params)),
                       optimizer_state_bytes=int(tree_bytes(trainer.opt_state)),
                       shape=shape, beta=gcfg.beta)
     ctx.flush()
@@ -98,7 +98,7 @@ def run_grpo(ctx, variant: str) -> None:
     for obj, attr, phase, block in ((trainer, "_sample", "generation", False),
                                     (trainer, "_reference_logprobs", "reference", False),
                                     (trainer, "_grad_fn", "backward", True),
-                                    (trainer.updater, "apply", "optimizer", True)):
+                                    (trainer.trainable, "apply", "optimizer", True)):
         try:
             setattr(obj, attr, timed(phase, getattr(obj, attr), block))
         except AttributeError:

@@ -253,7 +253,7 @@ def run_optimizer(ctx) -> None:
     sys.path.insert(0, str(EXPERIMENTS))
     import bench_optimizer as bo  # pylint: disable=import-outside-toplevel
     import sparsejax as sj  # pylint: disable=import-outside-toplevel
-    from sparsejax.optim import gather  # pylint: disable=import-outside-toplevel
+    from sparsejax.optim.sparse import gather  # pylint: disable=import-outside-toplevel
 
     gpu = jax.devices()[0].platform == "gpu"
     presets = (["synthetic-tiny"] if ctx.tiny else

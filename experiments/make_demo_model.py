@@ -1,6 +1,6 @@
 """Regenerates the demo model and task that ship in ``sparsejax/demo/`` (``grpo.py --demo``).
 
-The demo is the toy addition task of :mod:`sparsejax.toy_task` (``"12+34="`` -> ``"46"``,
+The demo is the toy addition task of :mod:`sparsejax.data.toy_task` (``"12+34="`` -> ``"46"``,
 2-digit operands): a tiny Qwen2-architecture decoder (hidden 64, 2 layers, ~75k parameters,
 float32) trained from scratch with supervised steps until its greedy accuracy on held-out
 problems is between 30% and 70%, so GRPO has room to raise it. Written to ``--out``:
@@ -32,7 +32,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import check_number, check_out_dir_path, fail  # noqa: E402
+from sparsejax.cli.checks import check_number, check_out_dir_path  # noqa: E402
+from sparsejax.cli.exits import fail  # noqa: E402
 
 DEFAULT_OUT = os.path.join(os.path.dirname(HERE), "sparsejax", "demo")
 # Renders the conversation as the toy prompt: <bos>, then the user turns' text (no
@@ -74,8 +75,8 @@ def main(argv=None) -> dict:
     import jax  # pylint: disable=g-import-not-at-top
     from flax import nnx  # pylint: disable=g-import-not-at-top
 
-    from sparsejax import run_dir  # pylint: disable=g-import-not-at-top
-    from sparsejax import toy_task as tt  # pylint: disable=g-import-not-at-top
+    from sparsejax.runs import run_dir  # pylint: disable=g-import-not-at-top
+    from sparsejax.data import toy_task as tt  # pylint: disable=g-import-not-at-top
     from sparsejax.models import init_model, save_hf  # pylint: disable=g-import-not-at-top
 
     t0 = time.perf_counter()
@@ -97,7 +98,7 @@ def main(argv=None) -> dict:
     test_acc = tt.greedy_accuracy(graphdef, params, tok, test, digits=args.digits)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     info = {
-        "task": f"{args.digits}-digit addition (sparsejax.toy_task)",
+        "task": f"{args.digits}-digit addition (sparsejax.data.toy_task)",
         "command": "python experiments/make_demo_model.py"
                    + (" " + " ".join(sys.argv[1:]) if argv is None and sys.argv[1:] else ""),
         "seed": args.seed, "digits": args.digits,

@@ -3,12 +3,12 @@
 Compiles, with abstract shapes only (``jax.eval_shape``: no weights allocated) and for
 XLA's CPU backend, the trainer's own functions at the run's real shapes:
 
-* the micro-batch gradient of the GRPO loss (``GRPOTrainer._micro_batch_grads``, which
-  goes through ``Updater``'s gradient path: the sparse backward or dense grad + gather),
+* the micro-batch gradient of the GRPO loss (:func:`sparsejax.trainers.grpo_step.micro_batch_grads`, which
+  goes through the trainable's gradient path: the sparse backward or dense grad + gather),
 * the accumulation of a micro-batch gradient into the accumulator,
-* the optimizer step (``Updater.apply``: the fused sparse AdamW, or ``optax.adamw``),
-* the sampler's program (``sparsejax.rollouts``: shared prefill and the decode slots,
-  what the GRPO trainer runs), and one step of ``sparsejax.sampling.decode_step`` (the
+* the optimizer step (``Trainable.apply``: the fused sparse AdamW, or ``optax.adamw``),
+* the sampler's program (``sparsejax.generation.rollouts``: shared prefill and the decode slots,
+  what the GRPO trainer runs), and one step of ``sparsejax.generation.sampler.decode_step`` (the
   plain KV-cache sampler) for comparison,
 
 and reads ``compiled.memory_analysis()`` of each. The peak of a step is the largest of
@@ -48,13 +48,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("SPARSEJAX_CPU_KERNELS", "0")
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import datetime  # noqa: E402
 import platform  # noqa: E402
 import subprocess  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import fail  # noqa: E402
+from sparsejax.cli.exits import fail  # noqa: E402
 
 GIB = 2**30
 HEADROOM = 0.95  # a "B GB" card is taken to fit a plan of at most 0.95 * B GiB
@@ -76,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--mask-strategy", default="per_tensor",
                         choices=["per_tensor", "global", "row_balanced"])
     parser.add_argument("--sparse-grads", default="auto", choices=["auto", "on", "off"],
-                        help="the sparse run's gradient path (SparseConfig.sparse_grads)")
+                        help="the sparse run's gradient path (TrainableConfig.sparse_grads)")
     parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--prompt-length", type=int, default=256)
     parser.add_argument("--completion-length", type=int, default=1024)
@@ -97,7 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="keep XLA CPU's early removal of optimization barriers "
                              "(remat then saves nothing in the plan)")
     parser.add_argument("--out", default=None,
-                        help="JSON file (default experiments/results/memory_plan_<...>.json)")
+                        help="JSON file (default runs/memory_plans/memory_plan_<...>.json)")
     args = parser.parse_args(argv)
     for name in ("micro_batch_size", "prompt_length", "completion_length",
                  "generation_batch_size", "prompts_per_step", "num_generations"):
@@ -147,30 +148,26 @@ def plan_training(graphdef, params, sparse_cfg, grpo_cfg, mask, args) -> dict:
     """Per-part bytes and per-phase peaks of one training step (see the module docstring)."""
     import jax
     import jax.numpy as jnp
-    from sparsejax.trainers.grpo import GRPOTrainer
-    from sparsejax.trainers.updater import Updater
+    from sparsejax.trainable import build_trainable
+    from sparsejax.trainers.grpo_step import micro_batch_grads
 
-    updater = Updater(sparse_cfg, params, mask)
-    opt_state = jax.eval_shape(updater.init, params)
-    # The trainer's own gradient function, on a trainer without weights.
-    trainer = object.__new__(GRPOTrainer)
-    trainer.graphdef, trainer.cfg, trainer.sparse_cfg, trainer.updater = (
-        graphdef, grpo_cfg, sparse_cfg, updater)
+    trainable = build_trainable(sparse_cfg, params, mask=mask)
+    opt_state = jax.eval_shape(trainable.init, params)
+    # The trainer's own micro-batch function, on abstract shapes.
+    grad_step = functools.partial(micro_batch_grads, graphdef, trainable, grpo_cfg)
     sds = jax.ShapeDtypeStruct
     b, p, c = args.micro_batch_size, args.prompt_length, args.completion_length
     batch = {"prompt_tokens": sds((b, p), jnp.int32), "prompt_mask": sds((b, p), jnp.int32),
              "tokens": sds((b, c), jnp.int32), "mask": sds((b, c), jnp.int32),
              "advantages": sds((b,), jnp.float32)}
     num_items = sds((), jnp.float32)
-    grad_fn = jax.jit(trainer._micro_batch_grads)  # pylint: disable=protected-access
-    grad = memory(grad_fn.lower(params, opt_state, batch, num_items).compile())
-    grads = jax.eval_shape(trainer._micro_batch_grads, params, opt_state, batch,  # pylint: disable=protected-access
-                           num_items)[2]
+    grad = memory(jax.jit(grad_step).lower(params, opt_state, batch, num_items).compile())
+    grads = jax.eval_shape(grad_step, params, opt_state, batch, num_items)[2]
     acc = memory(jax.jit(lambda a, g: jax.tree.map(jnp.add, a, g)).lower(grads, grads).compile())
-    step = memory(Updater.apply.lower(updater, params, grads, opt_state).compile())
+    step = memory(type(trainable).apply.lower(trainable, params, grads, opt_state).compile())
 
     p_bytes, acc_bytes = tree_bytes(params), tree_bytes(grads)
-    if updater.sparse:
+    if trainable.mask is not None:
         opt_parts = {"moments": tree_bytes((opt_state.mu, opt_state.nu)),
                      "master_values": tree_bytes(opt_state.master),
                      "mask_indices": tree_bytes(opt_state.indices)}
@@ -185,8 +182,8 @@ def plan_training(graphdef, params, sparse_cfg, grpo_cfg, mask, args) -> dict:
         "optimizer_step": resident + step["argument"] - p_bytes - opt_bytes + step["output"]
         - step["alias"] + step["temp"],
     }
-    return {"trainable": updater.num_trainable(params),
-            "sparse_grads": bool(getattr(updater, "sparse_grads", False)),
+    return {"trainable": trainable.num_trainable(params),
+            "sparse_grads": bool(trainable.sparse_grads),
             "params": p_bytes, "optimizer_state": opt_bytes, **opt_parts,
             "gradient_accumulator": acc_bytes, "activations_temporaries": grad["temp"],
             "step_temporaries": step["temp"], "phases": phases,
@@ -199,8 +196,8 @@ def plan_sampler(graphdef, params, config, args) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from sparsejax import rollouts
-    from sparsejax.sampling import SamplingParams, bucket_length
+    from sparsejax.generation import rollouts
+    from sparsejax.generation.sampler import SamplingParams, bucket_length
 
     lp = bucket_length(args.prompt_length)
     n = args.completion_length
@@ -225,12 +222,12 @@ def plan_sampler(graphdef, params, config, args) -> dict:
 
 
 def plan_decode_step(graphdef, params, config, args) -> dict:
-    """One step of :func:`sparsejax.sampling.decode_step` (the plain KV-cache sampler) for
+    """One step of :func:`sparsejax.generation.sampler.decode_step` (the plain KV-cache sampler) for
     ``generation_batch_size`` sequences over a full ``prompt + completion`` cache (donated,
     updated in place)."""
     import jax
     import jax.numpy as jnp
-    from sparsejax import sampling
+    from sparsejax.generation import sampler as sampling
 
     b, length = args.generation_batch_size, args.prompt_length + args.completion_length
     cache = jax.eval_shape(lambda: sampling.init_cache(config, b, length))
@@ -318,8 +315,8 @@ def main(argv=None) -> int:
     from flax import nnx
     from sparsejax import masks as masks_lib
     from sparsejax.models.decoder import Decoder
-    from sparsejax.trainers.config import GRPOConfig, SparseConfig
-    from sparsejax.trainers.reporting import write_json
+    from sparsejax.config import GRPOConfig, TrainableConfig
+    from sparsejax.runs.reporting import write_json
 
     t0 = time.perf_counter()
     config = model_config(args)
@@ -332,8 +329,8 @@ def main(argv=None) -> int:
                               num_generations=args.num_generations,
                               logprob_chunk_size=args.logprob_chunk_size, remat=args.remat)
         extra = {"sparse_grads": args.sparse_grads} if "sparse_grads" in {
-            f.name for f in __import__("dataclasses").fields(SparseConfig)} else {}
-        sparse_cfg = SparseConfig(sparsity=args.sparsity, mask_strategy=args.mask_strategy,
+            f.name for f in __import__("dataclasses").fields(TrainableConfig)} else {}
+        sparse_cfg = TrainableConfig(sparsity=args.sparsity, mask_strategy=args.mask_strategy,
                                   **extra)
     except ValueError as e:
         fail(str(e))
@@ -364,7 +361,7 @@ def main(argv=None) -> int:
     if not args.no_dense and not args.sampler_only:
         print("compiling the dense AdamW training step...", file=sys.stderr)
         plans["dense AdamW"] = finish(plan_training(
-            graphdef, params, SparseConfig(sparsity=0.0), grpo_cfg, None, args), sampler,
+            graphdef, params, TrainableConfig(sparsity=0.0), grpo_cfg, None, args), sampler,
             decode)
     table = format_table(plans, args.budget_list)
     print(f"\n{args.preset}, {args.dtype}, micro-batch {args.micro_batch_size} x "
@@ -388,7 +385,7 @@ def main(argv=None) -> int:
         "plans": plans, "wall_s": time.perf_counter() - t0,
     }
     out = args.out or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results",
+        "runs", "memory_plans",
         f"memory_plan_{args.preset}_mb{args.micro_batch_size}_gen"
         f"{args.generation_batch_size}_{args.remat}{'_sampler' if args.sampler_only else ''}"
         ".json")

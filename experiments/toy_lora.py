@@ -9,7 +9,8 @@ random mask, all from the same SFT base and with the same GRPO settings:
    prompts); written to ``<out-dir>/lora_ratios.json`` (the ``--lora-ratios FILE``
    format the trainers take);
 2. **arms** (:func:`arm_updater`), each built by the trainers' own flag path
-   (``experiments/lora_flags.py``: ``build_updater`` -> :class:`sparsejax.lora.LoraUpdater`
+   (an :class:`~sparsejax.config.AdapterConfig`, checked as the ``--adapter`` flags are, and
+   ``sparsejax.trainable.build_trainable`` -> :class:`sparsejax.trainable.LoraAdapter`
    with a :mod:`sparsejax.lora` mask), so the toy runs exactly what
    ``grpo.py --adapter ...`` runs: dense LoRA; masked LoRA (random factor masks at
    one fixed density); masked LoRA at one uniform density with Partial-LoRA's
@@ -26,7 +27,6 @@ steps' train reward (mean, sample std over seeds).
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from collections.abc import Callable
@@ -35,9 +35,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from lora_flags import build_updater, check_adapter_args
 from sparsejax import lora
-from sparsejax import toy_task as tt
+from sparsejax.cli.checks import check_ratios_file
+from sparsejax.config import AdapterConfig
+from sparsejax.data import toy_task as tt
+from sparsejax.trainable.lora import LoraAdapter
 from toy_runs import Experiment, RunResult, device_copy, fmt_pct
 
 # (arm key, --adapter value, label) in the order of the table.
@@ -74,21 +76,23 @@ def derive_toy_ratios(exp: Experiment, path: str, *, progress: bool = False) -> 
     ratios = lora.derive_ratios(
         base, metric, paths, importance="leverage", svd_rank=p.lora_svd_rank,
         threshold=p.lora_threshold, step=p.lora_ratio_step, max_sparsity=p.lora_max_sparsity,
-        model=f"sparsejax.toy_task seed {exp.seed}", progress=lambda _: bar.update(1))
+        model=f"sparsejax.data.toy_task seed {exp.seed}", progress=lambda _: bar.update(1))
     bar.close()
     lora.save_ratios(path, ratios)
     return ratios
 
 
-def adapter_args(exp: Experiment, adapter: str, *, seed: int, density: float = 1.0,
-                 ratios_path: str | None = None) -> argparse.Namespace:
-    """The ``--adapter`` / ``--lora-*`` flags of an arm, checked as the scripts check them."""
+def adapter_config(exp: Experiment, adapter: str, *, seed: int, density: float = 1.0,
+                   ratios_path: str | None = None) -> AdapterConfig:
+    """The adapter settings of an arm (what ``--adapter`` / ``--lora-*`` give), checked as
+    the scripts check them."""
     p = exp.p
-    args = argparse.Namespace(adapter=adapter, lora_rank=p.lora_rank, lora_alpha=p.lora_alpha,
-                              lora_rslora=False, lora_targets=",".join(p.lora_targets),
-                              lora_density=density, lora_ratios=ratios_path, lora_seed=seed)
-    check_adapter_args(args)
-    return args
+    config = AdapterConfig(kind=adapter, lora_rank=p.lora_rank, lora_alpha=p.lora_alpha,
+                           lora_rslora=False, lora_targets=",".join(p.lora_targets),
+                           lora_density=density, lora_ratios=ratios_path, lora_seed=seed)
+    if adapter != "lora":
+        check_ratios_file(ratios_path)
+    return config
 
 
 def matched_density(ratios: lora.Ratios) -> float:
@@ -99,17 +103,18 @@ def matched_density(ratios: lora.Ratios) -> float:
 
 
 def arm_updater(exp: Experiment, arm: str, lr: float, *, seed: int,
-                ratios_path: str | None) -> lora.LoraUpdater:
-    """The :class:`~sparsejax.lora.LoraUpdater` of a LoRA arm (the scripts' own path)."""
+                ratios_path: str | None) -> LoraAdapter:
+    """The :class:`~sparsejax.trainable.LoraAdapter` of a LoRA arm (the scripts' own path)."""
     adapter = dict((k, a) for k, a, _ in ARMS)[arm]
     density = 1.0
     if arm == "masked_lora":
         density = exp.p.lora_density
     elif arm == "uniform_lora":
         density = matched_density(lora.load_ratios(ratios_path, exp.base))
-    args = adapter_args(exp, adapter, seed=seed, density=density,
-                        ratios_path=None if adapter == "lora" else ratios_path)
-    return build_updater(args, exp.sparse_config(0.0, lr), device_copy(exp.base))
+    from sparsejax.trainable import build_trainable  # pylint: disable=import-outside-toplevel
+    config = adapter_config(exp, adapter, seed=seed, density=density,
+                            ratios_path=None if adapter == "lora" else ratios_path)
+    return build_trainable(exp.sparse_config(0.0, lr), device_copy(exp.base), adapter=config)
 
 
 def run_lora_section(exp: Experiment, lrs: dict[float, float], lora_lr: float,
@@ -150,11 +155,11 @@ def run_lora_section(exp: Experiment, lrs: dict[float, float], lora_lr: float,
                 r = exp.run(name, "random", 0.99, lrs[0.99], mask_seed=s,
                             sampling_seed=sampling)[0]
             else:
-                updater = arm_updater(exp, arm, lora_lr, seed=s, ratios_path=ratios_path)
-                n_lora = updater.num_trainable(None)
-                full_lora = lora.num_parameters(updater.initial_adapters)
+                trainable = arm_updater(exp, arm, lora_lr, seed=s, ratios_path=ratios_path)
+                n_lora = trainable.num_trainable(None)
+                full_lora = lora.num_parameters(trainable.initial_adapters)
                 r = exp.run(name, arm, 1.0 - n_lora / full_lora, lora_lr, mask_seed=s,
-                            updater=updater, sampling_seed=sampling)[0]
+                            trainable=trainable, sampling_seed=sampling)[0]
             done(r)
             per_arm[arm].append(r)
     return lora_measurement(exp, per_arm, ratios, ratios_path, derive_seconds, derive_error)

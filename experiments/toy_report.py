@@ -100,7 +100,7 @@ def write_markdown(path: str, res: dict[str, Any]) -> None:
         from toy_lora import lora_markdown  # pylint: disable=import-outside-toplevel
         lines += lora_markdown(m["h"], v["h"])
     lines += ["Plots: `accuracy_vs_step.png`, `accuracy_vs_trainable.png`.", ""]
-    from sparsejax import run_dir  # pylint: disable=g-import-not-at-top
+    from sparsejax.runs import run_dir  # pylint: disable=g-import-not-at-top
     run_dir.atomic_write_text(path, "\n".join(lines))
 
 

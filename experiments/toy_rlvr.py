@@ -1,7 +1,7 @@
 """The papers' findings at toy scale on CPU: sparse vs full GRPO on synthetic addition.
 
 Nothing is downloaded. A tiny Qwen2-architecture decoder is trained from scratch
-with supervised steps on ``"a+b="`` -> ``"a+b"`` (:mod:`sparsejax.toy_task`) until
+with supervised steps on ``"a+b="`` -> ``"a+b"`` (:mod:`sparsejax.data.toy_task`) until
 it is right part of the time, then finetuned with GRPO (reward 1 iff the answer is
 exactly right) in several ways, and the script measures:
 
@@ -50,7 +50,8 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import check_number, check_out_dir_path, check_report_to_flag, fail  # noqa: E402
+from sparsejax.cli.checks import check_number, check_out_dir_path, check_report_to_flag  # noqa: E402
+from sparsejax.cli.exits import fail  # noqa: E402
 
 SECTIONS = ("all", "sparse", "lora")
 # LoRA arms (h): one LR for dense, masked, Partial- and Targeted-LoRA. Chosen by a 60-step
@@ -108,8 +109,8 @@ if __name__ == "__main__":
 import jax  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from sparsejax import toy_task as tt  # noqa: E402
-from sparsejax.trainers.reporting import to_python  # noqa: E402
+from sparsejax.data import toy_task as tt  # noqa: E402
+from sparsejax.runs.reporting import to_python  # noqa: E402
 from toy_lora import run_lora_section  # noqa: E402
 from toy_report import plot, verdicts, write_markdown  # noqa: E402
 from toy_runs import Experiment, RunResult, sparsity_name  # noqa: E402
@@ -202,8 +203,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # One run per folder at a time; Ctrl-C / SIGTERM stop it with one line. The run keeps
     # no checkpoints (it is a few minutes and deterministic: rerun it), and its result
     # files are each written whole, so a stop leaves the previous results or the new ones.
-    from sparsejax import run_dir  # pylint: disable=g-import-not-at-top
-    from sparsejax.trainers import signals  # pylint: disable=g-import-not-at-top
+    from sparsejax.runs import run_dir  # pylint: disable=g-import-not-at-top
+    from sparsejax.runs import signals  # pylint: disable=g-import-not-at-top
     signals.install()
     run_dir.lock(out_dir)
     progress = not args.no_progress
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sparse_on, lora_on = args.sections in ("all", "sparse"), args.sections in ("all", "lora")
     t_start = time.perf_counter()
 
-    from sparsejax.metric_writers import create_writer  # pylint: disable=g-import-not-at-top
+    from sparsejax.runs.metric_writers import create_writer  # pylint: disable=g-import-not-at-top
     stale = os.path.join(out_dir, "metrics.jsonl")  # the writer appends: start afresh
     if os.path.exists(stale):
         os.remove(stale)
@@ -285,14 +286,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 if __name__ == "__main__":
     try:
         main()
-    except KeyboardInterrupt as stop:  # also sparsejax.trainers.signals.Interrupted
+    except KeyboardInterrupt as stop:  # also sparsejax.runs.signals.Interrupted
         print("interrupted (this run keeps no checkpoints: rerun the command)",
               file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(getattr(stop, "exit_code", 130))
     except Exception as e:  # pylint: disable=broad-except
-        run_dir_mod = sys.modules.get("sparsejax.run_dir")
+        run_dir_mod = sys.modules.get("sparsejax.runs.run_dir")
         if run_dir_mod is None or not isinstance(e, run_dir_mod.RunError):
             raise
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)

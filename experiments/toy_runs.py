@@ -2,8 +2,8 @@
 
 :class:`Experiment` holds what every run shares (splits, tokenizer, the SFT base
 params, the GRPO settings); :meth:`Experiment.run` is one GRPO run from that base
-through the trainers' own seam: full finetuning, a mask (``SparseConfig`` /
-``mask=``), or any ``updater=`` (e.g. :class:`sparsejax.lora.LoraUpdater`), and
+through the trainers' own seam: full finetuning, a mask (``TrainableConfig`` /
+``mask=``), or any ``trainable=`` (e.g. :class:`sparsejax.trainable.LoraAdapter`), and
 returns its curve and final accuracy (greedy exact match on the held-out test split).
 """
 
@@ -21,9 +21,9 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from sparsejax import toy_task as tt
+from sparsejax.data import toy_task as tt
 from sparsejax.models import init_model
-from sparsejax.trainers import GRPOConfig, GRPOTrainer, SparseConfig
+from sparsejax.trainers import GRPOConfig, GRPOTrainer, TrainableConfig
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -86,7 +86,7 @@ class Experiment:
 
     def __init__(self, preset: Any, seed: int, progress: bool, workdir: str):
         self.p, self.seed, self.progress, self.workdir = preset, seed, progress, workdir
-        self.writer = None  # a sparsejax.metric_writers writer (--report-to), or None
+        self.writer = None  # a sparsejax.runs.metric_writers writer (--report-to), or None
         self.tokenizer = tt.build_tokenizer()
         self.sft_dev = tt.make_problems(preset.sft_dev, seed=seed * 1000 + 1,
                                         digits=preset.digits)
@@ -155,19 +155,19 @@ class Experiment:
 
     @staticmethod
     def sparse_config(sparsity: float, lr: float, *, mask_seed: int = 0,
-                      strategy: str = "per_tensor") -> SparseConfig:
-        """The optimizer settings of every run (an updater is built with these too)."""
-        return SparseConfig(sparsity=sparsity, mask_seed=mask_seed, mask_strategy=strategy,
+                      strategy: str = "per_tensor") -> TrainableConfig:
+        """The optimizer settings of every run (an trainable is built with these too)."""
+        return TrainableConfig(sparsity=sparsity, mask_seed=mask_seed, mask_strategy=strategy,
                             learning_rate=lr, weight_decay=0.0, max_grad_norm=1.0,
                             backend="xla")
 
     def run(self, name: str, kind: str, sparsity: float, lr: float, *, mask_seed: int = 0,
             mask: Any = None, top_entropy_quantile: float = 1.0, strategy: str = "per_tensor",
-            snapshot_steps: int = 0, updater: Any = None, sampling_seed: int | None = None
+            snapshot_steps: int = 0, trainable: Any = None, sampling_seed: int | None = None
             ) -> tuple[RunResult, Any, list[Any], Any]:
         """One GRPO run from the SFT base.
 
-        ``updater`` (e.g. a :class:`sparsejax.lora.LoraUpdater` built on the base params)
+        ``trainable`` (e.g. a :class:`sparsejax.trainable.LoraAdapter` built on the base params)
         replaces the mask / full finetuning of ``sparsity``; ``sampling_seed`` replaces
         the experiment's seed as the GRPO sampling seed.
 
@@ -177,15 +177,15 @@ class Experiment:
         """
         t0 = time.perf_counter()
         cfg = self.grpo_config(top_entropy_quantile, sampling_seed)
-        sparse = self.sparse_config(sparsity if updater is None else 0.0, lr,
+        sparse = self.sparse_config(sparsity if trainable is None else 0.0, lr,
                                     mask_seed=mask_seed, strategy=strategy)
         if mask is not None:
             # A given mask takes the sparse path; ``sparsity`` only labels the run.
             sparse = dataclasses.replace(sparse, sparsity=min(max(sparsity, 1e-9), 1 - 1e-9))
         trainer = GRPOTrainer(self.graphdef, device_copy(self.base), self.tokenizer,
                               tt.reward_fn, cfg, sparse, os.path.join(self.workdir, name),
-                              mask=mask, updater=updater)
-        trainable = trainer.updater.num_trainable(trainer.params)
+                              mask=mask, trainable=trainable)
+        trainable = trainer.trainable.num_trainable(trainer.params)
         snapshots = [host_copy(self.base)] if snapshot_steps else []
         eval_at = set(np.linspace(0, cfg.steps, self.p.eval_points + 2).round().astype(int)
                       .tolist()[1:-1])
@@ -219,4 +219,4 @@ class Experiment:
                            top_entropy_quantile=top_entropy_quantile,
                            strategy=strategy if kind == "random" else "-",
                            sampling_seed=cfg.seed)
-        return result, final, snapshots, trainer.updater.mask
+        return result, final, snapshots, trainer.trainable.mask

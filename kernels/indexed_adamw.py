@@ -4,7 +4,7 @@ The kernel implements the contract of
 :func:`sparsejax.backends.xla_indexed_adamw_step`: for each tensor it gathers the
 active entries of the parameter (or reads their float32 master values) and of the
 dense gradient (or reads an already compressed gradient), runs
-:func:`sparsejax.backends.adamw_math` on them in float32, and scatters the new
+:func:`sparsejax.optim.adamw_math.adamw_math` on them in float32, and scatters the new
 values into the parameter in place (the parameter is an input/output alias).
 
 Layout of one launch (see ``kernels/README.md`` for the cost model):
@@ -20,7 +20,7 @@ Layout of one launch (see ``kernels/README.md`` for the cost model):
   interpreter still performs the scatter for them (writing the old value back at
   their index), where an out-of-range index is dropped and an index such as 0
   would race with the real update of entry 0;
-* the :class:`~sparsejax.backends.AdamWScalars` travel as a small float32 array
+* the :class:`~sparsejax.optim.adamw_math.AdamWScalars` travel as a small float32 array
   input, so a new learning rate or step count never recompiles;
 * several tensors can share one launch (:func:`indexed_adamw_multi_step`): each
   tensor owns a static range of program ids and the kernel body branches on it.
@@ -45,7 +45,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from sparsejax.backends import AdamWScalars, adamw_math
+from sparsejax.optim.adamw_math import AdamWScalars, adamw_math
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -351,7 +351,7 @@ def indexed_adamw_step(
 
     Same arguments, results and numerics as
     :func:`sparsejax.backends.xla_indexed_adamw_step` (float32 math in
-    :func:`~sparsejax.backends.adamw_math`'s op order), plus ``interpret`` (run the
+    :func:`~sparsejax.optim.adamw_math.adamw_math`'s op order), plus ``interpret`` (run the
     kernel on CPU) and ``block_size`` (the largest block, a power of two). With
     ``k = 0`` the inputs are returned unchanged and nothing is launched.
     """

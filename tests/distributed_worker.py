@@ -25,7 +25,7 @@ else:
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sparsejax import distributed  # noqa: E402
+from sparsejax.parallel import distributed  # noqa: E402
 
 if MODE == "multi":
     distributed.initialize(f"localhost:{PORT}", 2, PROCESS_ID)
@@ -36,7 +36,7 @@ import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from sparsejax import checkpoint as ckpt_lib  # noqa: E402
+from sparsejax.runs import checkpoint as ckpt_lib  # noqa: E402
 
 CASES = {}
 
@@ -268,9 +268,9 @@ def two_processes_write_and_verify_one_sharded_checkpoint():
 
 @case("multi")
 def process_zero_alone_writes_run_outputs():
-    from sparsejax import run_dir
-    from sparsejax.metric_writers import create_writer
-    from sparsejax.trainers.reporting import MetricsLog
+    from sparsejax.runs import run_dir
+    from sparsejax.runs.metric_writers import create_writer
+    from sparsejax.runs.reporting import MetricsLog
     out = multi_dir("mp_run")
     run_dir.lock(out)
     assert os.path.exists(out / run_dir.lock_name())
@@ -340,7 +340,7 @@ def grpo_run(out_dir, steps, run_mesh, *, resume=False, final_model=False):
     ``run_mesh``; returns the trainer after ``train``."""
     from flax import nnx
     from sparsejax.models import DecoderConfig, init_model
-    from sparsejax.trainers import GRPOConfig, GRPOTrainer, SparseConfig
+    from sparsejax.trainers import GRPOConfig, GRPOTrainer, TrainableConfig
     tok = tokenizer()
     config = DecoderConfig(model_type="qwen2", vocab_size=len(tok), hidden_size=16,
                            intermediate_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
@@ -350,7 +350,7 @@ def grpo_run(out_dir, steps, run_mesh, *, resume=False, final_model=False):
     cfg = GRPOConfig(steps=steps, prompts_per_step=8, num_generations=2, max_new_tokens=4,
                      micro_batch_size=8, generation_batch_size=16, save_every=1,
                      eval_every=0, beta=0.05)
-    sparse = SparseConfig(sparsity=0.9, learning_rate=1e-2, weight_decay=0.1,
+    sparse = TrainableConfig(sparsity=0.9, learning_rate=1e-2, weight_decay=0.1,
                           mask_strategy="row_balanced")
     trainer = GRPOTrainer(graphdef, params, tok, distinct_chars_reward, cfg, sparse,
                           out_dir, mesh=run_mesh)

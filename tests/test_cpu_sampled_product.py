@@ -20,10 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsejax import sparse_grads
+from sparsejax import sparse_backward as sparse_grads
+from sparsejax.models import ops
 from sparsejax.backends import sampled_product_fn, xla_sampled_product
 from sparsejax.kernels import cpu_sampled_product as C
-from sparsejax.optim import gather
+from sparsejax.optim.sparse import gather
 
 pytestmark = pytest.mark.skipif(not C.available(),
                                 reason="no C++ compiler here (the XLA fallback is tested)")
@@ -118,7 +119,7 @@ def test_backend_switch_uses_the_kernel_and_the_sparse_backward_matches_dense():
     w = jnp.asarray(rng.normal(size=(12, 20)), jnp.float32)
     xs = jnp.asarray(rng.normal(size=(2, 9, 12)), jnp.float32)
     idx = jnp.asarray(np.sort(rng.choice(240, 31, replace=False)), jnp.int32)
-    loss = lambda w_: jnp.sum(jnp.sin(sparse_grads.matmul(xs, w_)))
+    loss = lambda w_: jnp.sum(jnp.sin(ops.matmul(xs, w_)))
     got = jax.grad(lambda v: loss(sparse_grads.SparseWeight(w, idx, v, False, "xla")))(
         gather(w, idx))
     assert max_rel(got, gather(jax.grad(loss)(w), idx)) <= 1e-5

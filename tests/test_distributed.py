@@ -3,7 +3,7 @@ layout-independent checksums, a GRPO run checkpointed on (2 x 4) and resumed on
 (1 x 8) and on one device equal to the uninterrupted run, two processes x 4 host CPU
 devices with jax.distributed (one checkpoint written by both, process 0 alone writing
 the run's outputs, a final model gathered to process 0), and the launch settings of
-sparsejax.distributed.
+sparsejax.parallel.distributed.
 
 The device cases run in subprocesses (tests/distributed_worker.py): each pays JAX's
 start and its compiles once for all its cases.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from sparsejax import distributed
+from sparsejax.parallel import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed_worker.py"

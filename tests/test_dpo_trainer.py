@@ -21,9 +21,9 @@ from safetensors.numpy import load_file
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 from sparsejax.models import load_hf
-from sparsejax.trainers.config import SparseConfig
+from sparsejax.config import TrainableConfig
 from sparsejax.trainers.dpo import DPOTrainer, encode_pairs, split_pair
-from sparsejax.trainers.dpo_config import DPOConfig
+from sparsejax.config import DPOConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "qwen2.5"
@@ -123,7 +123,7 @@ def _trainer(tiny, tmp_path, sparsity: float, **cfg) -> DPOTrainer:
     config = DPOConfig(steps=2, batch_size=2, micro_batch_size=2,
                        max_prompt_length=64, max_completion_length=8,
                        logprob_chunk_size=64, **cfg)
-    sparse = SparseConfig(sparsity=sparsity, learning_rate=5e-2, backend="xla")
+    sparse = TrainableConfig(sparsity=sparsity, learning_rate=5e-2, backend="xla")
     return DPOTrainer(graphdef, params, tiny["tok"], config, sparse, tmp_path)
 
 
@@ -153,8 +153,8 @@ def test_sparse_logprobs_match_transformers_and_reference_is_the_base(tiny, tmp_
     base = np.stack([chosen, rejected])
     indices = trainer.opt_state.indices
     moved_values = jax.tree.map(lambda v: v + 0.5,
-                                trainer.updater.active_values(trainer.params, trainer.opt_state))
-    trainer.params, _ = trainer.updater.swap_active(trainer.params, indices, moved_values)
+                                trainer.trainable.active_values(trainer.params, trainer.opt_state))
+    trainer.params, _ = trainer.trainable.swap_active(trainer.params, indices, moved_values)
     moved = np.stack(trainer.sequence_logprobs(enc))
     assert np.abs(moved - base).max() > 1e-2
     np.testing.assert_allclose(np.stack(trainer.reference_logprobs(enc)), base, atol=1e-6)
@@ -233,7 +233,7 @@ def test_cli_full_finetuning(tiny):
     train = [r for r in read_metrics(out) if r["kind"] == "train"]
     assert len(train) == 2 and all(np.isfinite(r["loss"]) for r in train)
     config = read_metrics(out)[0]
-    assert config["sparse_sparsity"] == 0.0
+    assert config["trainable_sparsity"] == 0.0
     assert config["trainable"] == sum(x.size for x in load_file(
         tiny["model"] / "model.safetensors").values())
     assert not (out / "final_eval.json").exists()
@@ -283,7 +283,8 @@ def cli():
     (["--loss-type", "bogus"], "loss-type"),
     (["--dataset", "COLUMNS"], "chosen"),
     (["--batch-size", "3"], "multiple"),
-    (["--loss-type", "hinge", "--label-smoothing", "0.1"], "label_smoothing"),
+    (["--loss-type", "hinge", "--label-smoothing", "0.1"], "--label-smoothing"),
+    (["--eval-limit", "0"], "--eval-limit must be >= 1"),
 ])
 def test_cli_bad_arguments_fail_in_one_line(tiny, cli, capsys, extra, needle):
     if "COLUMNS" in extra:

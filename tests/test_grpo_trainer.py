@@ -15,8 +15,8 @@ from transformers import AutoTokenizer
 
 from sparsejax.models import config as model_config
 from sparsejax.models.decoder import init_model
-from sparsejax.trainers import GRPOConfig, GRPOTrainer, SparseConfig
-from sparsejax.trainers.grpo import prompt_order
+from sparsejax.trainers import GRPOConfig, GRPOTrainer, TrainableConfig
+from sparsejax.data.order import prompt_order
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -46,7 +46,7 @@ def make_trainer(tokenizer, out_dir, steps, beta):
     config = GRPOConfig(steps=steps, prompts_per_step=2, num_generations=4, max_new_tokens=6,
                         micro_batch_size=4, generation_batch_size=8, beta=beta,
                         save_every=1, eval_batch_size=4)
-    sparse = SparseConfig(sparsity=0.9, learning_rate=1e-2)
+    sparse = TrainableConfig(sparsity=0.9, learning_rate=1e-2)
     return GRPOTrainer(graphdef, params, tokenizer, distinct_chars_reward, config, sparse,
                        out_dir)
 
@@ -68,7 +68,7 @@ def test_resume_continues_exactly(tokenizer, tmp_path):
         moved = max(moved, float(np.max(np.abs(np.asarray(a) - p0))))
     assert moved > 1e-4, "training did not move the params; the check would be vacuous"
     # Off the mask nothing moved.
-    dense = full.updater.mask
+    dense = full.trainable.mask
     for idx, a, p0 in zip(jax.tree.leaves(dense), jax.tree.leaves(full.params),
                           jax.tree.leaves(base)):
         off = np.ones(p0.size, bool)
@@ -178,7 +178,7 @@ def test_training_batch_is_trimmed_to_the_longest_completion(tokenizer, tmp_path
                         micro_batch_size=4, generation_batch_size=4)
     # Every token stops a completion: each is one token long.
     trainer = GRPOTrainer(graphdef, params, tokenizer, distinct_chars_reward, config,
-                          SparseConfig(sparsity=0.9), tmp_path,
+                          TrainableConfig(sparsity=0.9), tmp_path,
                           stop_token_ids=range(len(tokenizer)))
     widths = []
     grad_fn = trainer._grad_fn

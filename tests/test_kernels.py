@@ -18,12 +18,12 @@ import optax
 import pytest
 
 from sparsejax.backends import (
-    AdamWScalars,
     indexed_step_fn,
     on_nvidia_gpu,
     xla_indexed_adamw_step,
 )
 from sparsejax.kernels import indexed_adamw as K
+from sparsejax.optim.adamw_math import AdamWScalars
 
 B1, B2, EPS, EPS_ROOT, WD = 0.9, 0.999, 1e-8, 0.0, 0.01
 LRS = (3e-2, 1e-2, 5e-3, 2e-2, 1e-3, 7e-3)  # one per step: the learning rate changes

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from sparsejax.trainable.lora import LoraAdapter
 import torch
 from flax import nnx
 from safetensors.numpy import load_file, save_file
@@ -27,7 +29,7 @@ from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM,  
 from sparsejax import lora  # noqa: E402
 from sparsejax.models import DecoderConfig, apply, load_hf  # noqa: E402
 from sparsejax.models.decoder import Decoder, init_model  # noqa: E402
-from sparsejax.trainers.config import SparseConfig  # noqa: E402
+from sparsejax.config import TrainableConfig  # noqa: E402
 
 ATOL = 1e-4
 _apply = jax.jit(apply, static_argnums=0)
@@ -217,7 +219,7 @@ def test_masked_lora_trains_only_its_entries_and_restores_exactly(small):
     adapters = {p: lora.Factors(f.a, jnp.asarray(rng.normal(0, 0.5, f.b.shape), jnp.float32))
                 for p, f in lora.init_adapters(params, cfg, seed=2).items()}
     mask = lora.factor_masks(adapters, 0.25, seed=5)
-    up = lora.LoraUpdater(SparseConfig(sparsity=0.0, learning_rate=1e-2, max_grad_norm=None),
+    up = LoraAdapter(TrainableConfig(sparsity=0.0, learning_rate=1e-2, max_grad_norm=None),
                           params, cfg, adapters=adapters, mask=mask)
     policy = up.policy_params(params)
     state = up.init(policy)
@@ -269,7 +271,7 @@ def test_masked_lora_trains_only_its_entries_and_restores_exactly(small):
                                   np.asarray(_apply(graphdef, up.policy_params(params),
                                                     tokens)))
     # A fresh adapter (B = 0) is the model with the adapter off, exactly.
-    fresh = lora.LoraUpdater(SparseConfig(sparsity=0.0), params, cfg)
+    fresh = LoraAdapter(TrainableConfig(sparsity=0.0), params, cfg)
     np.testing.assert_array_equal(
         np.asarray(_apply(graphdef, fresh.policy_params(params), tokens)),
         np.asarray(_apply(graphdef, params, tokens)))
@@ -350,19 +352,29 @@ def test_ratio_derivation_known_answer(tmp_path):
 
 
 def test_script_adapter_flags(small, tmp_path):
+    """The scripts' adapter flags: generated from AdapterConfig, checked (errors name the
+    flags), built by build_trainable."""
     import argparse
-    import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-    import lora_flags  # pylint: disable=import-outside-toplevel
+    from sparsejax.cli.checks import check_ratios_file  # pylint: disable=import-outside-toplevel
+    from sparsejax.cli.flags import add_flags, build  # pylint: disable=import-outside-toplevel
+    from sparsejax.config import AdapterConfig  # pylint: disable=import-outside-toplevel
+    from sparsejax.trainable import build_trainable  # pylint: disable=import-outside-toplevel
+    from sparsejax.trainable.full import FullFinetuning  # pylint: disable=import-outside-toplevel
     _, params, _ = small
     parser = argparse.ArgumentParser()
-    lora_flags.add_adapter_args(parser)
-    sparse = SparseConfig(sparsity=0.0)
-    assert lora_flags.build_updater(parser.parse_args([]), sparse, params) is None
-    args = parser.parse_args(["--adapter", "lora", "--lora-rank", "2", "--lora-targets",
-                              "q,v", "--lora-density", "0.5"])
-    lora_flags.check_adapter_args(args)
-    up = lora_flags.build_updater(args, sparse, params)
+    add_flags(parser, AdapterConfig)
+    sparse = TrainableConfig(sparsity=0.0)
+
+    def adapter(*argv):
+        """The AdapterConfig of the flags, checked as the scripts check them."""
+        config = build(AdapterConfig, parser.parse_args([str(a) for a in argv]))
+        if config.kind not in ("none", "lora"):
+            check_ratios_file(config.lora_ratios)
+        return config
+
+    assert isinstance(build_trainable(sparse, params, adapter=adapter()), FullFinetuning)
+    up = build_trainable(sparse, params, adapter=adapter(
+        "--adapter", "lora", "--lora-rank", "2", "--lora-targets", "q,v", "--lora-density", "0.5"))
     assert set(lora.densities(up.mask, up.initial_adapters).values()) == {0.5}
     shapes = lora.kernel_shapes(params)
     paths = [p for p in shapes if "/q_proj/" in p or "/v_proj/" in p]
@@ -371,21 +383,19 @@ def test_script_adapter_flags(small, tmp_path):
                          settings={"importance": "magnitude"})
     f = lora.save_ratios(tmp_path / "r.json", ratios)
     for kind in ("partial-lora", "targeted-lora"):
-        args = parser.parse_args(["--adapter", kind, "--lora-rank", "2", "--lora-targets",
-                                  "q,v", "--lora-ratios", f])
-        lora_flags.check_adapter_args(args)
-        up = lora_flags.build_updater(args, sparse, params)
+        up = build_trainable(sparse, params, adapter=adapter(
+            "--adapter", kind, "--lora-rank", "2", "--lora-targets", "q,v", "--lora-ratios", f))
         assert set(lora.densities(up.mask, up.initial_adapters).values()) == {0.25}
     bad = {("--adapter", "lora", "--lora-rank", "0"): "--lora-rank",
            ("--adapter", "lora", "--lora-density", "0"): "--lora-density",
            ("--adapter", "lora", "--lora-alpha", "-2"): "--lora-alpha",
            ("--adapter", "partial-lora"): "needs --lora-ratios",
            ("--adapter", "targeted-lora", "--lora-ratios", str(tmp_path / "no.json")):
-               "unreadable"}
+               "--lora-ratios .*unreadable"}
     for argv, needle in bad.items():
         with pytest.raises(ValueError, match=needle):
-            lora_flags.check_adapter_args(parser.parse_args(list(argv)))
+            adapter(*argv)
     # A ratios file for another model, and targets the ratios do not cover.
-    args = parser.parse_args(["--adapter", "partial-lora", "--lora-ratios", f])
     with pytest.raises(ValueError, match="no ratio for adapted kernel"):
-        lora_flags.build_updater(args, sparse, params)
+        build_trainable(sparse, params, adapter=adapter("--adapter", "partial-lora",
+                                                        "--lora-ratios", f))

@@ -2,7 +2,7 @@
 
 End to end on the shipped demo model (2 layers, hidden 64) with a few kernels, a small
 few-shot set and 5 new tokens: the file it writes is what ``--lora-ratios`` loads
-(``sparsejax.lora.load_ratios`` and the scripts' ``build_updater``), its metric is the
+(``sparsejax.lora.load_ratios`` and the scripts' ``--adapter`` flags), its metric is the
 toy task's greedy accuracy computed independently, and every ratio is the last grid
 point of its own curve that held. Bad input: one line, exit status 2.
 """
@@ -22,7 +22,7 @@ import pytest
 from flax import nnx
 
 from sparsejax import lora
-from sparsejax import toy_task as tt
+from sparsejax.data import toy_task as tt
 from sparsejax.lora import __main__ as cli
 from sparsejax.models import load_hf
 
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "sparsejax" / "demo"
 FEWSHOT = DEMO / "test.jsonl"
 N = 32
-ARGS = [str(DEMO), str(FEWSHOT), "--limit", str(N), "--reward", "sparsejax.toy_task:reward_fn",
+ARGS = [str(DEMO), str(FEWSHOT), "--limit", str(N), "--reward", "sparsejax.data.toy_task:reward_fn",
         "--max-new-tokens", "5", "--targets", "q,down", "--step", "0.25",
         "--max-sparsity", "0.75", "--svd-rank", "4", "--no-progress"]
 
@@ -78,16 +78,21 @@ def test_cli_writes_ratios_that_the_trainers_load(derived):
     # --lora-ratios: the library loader and the scripts' flag path accept it.
     loaded = lora.load_ratios(out, params)
     assert loaded.ratios == doc["ratios"]
-    sys.path.insert(0, str(ROOT / "experiments"))
-    from lora_flags import build_updater, check_adapter_args  # pylint: disable=import-outside-toplevel
-    from sparsejax.trainers import SparseConfig  # pylint: disable=import-outside-toplevel
+    from sparsejax.cli.checks import check_ratios_file  # pylint: disable=import-outside-toplevel
+    from sparsejax.cli.flags import add_flags, build  # pylint: disable=import-outside-toplevel
+    from sparsejax.config import AdapterConfig, TrainableConfig  # pylint: disable=import-outside-toplevel
+    from sparsejax.trainable import build_trainable  # pylint: disable=import-outside-toplevel
+    parser = argparse.ArgumentParser()
+    add_flags(parser, AdapterConfig)
     for adapter in ("partial-lora", "targeted-lora"):
-        args = argparse.Namespace(adapter=adapter, lora_rank=4, lora_alpha=8.0,
-                                  lora_rslora=False, lora_targets="q,down", lora_density=1.0,
-                                  lora_ratios=str(out), lora_seed=0)
-        check_adapter_args(args)
-        updater = build_updater(args, SparseConfig(sparsity=0.0, learning_rate=1e-3), params)
-        dens = lora.densities(updater.mask, updater.initial_adapters)
+        args = parser.parse_args(["--adapter", adapter, "--lora-rank", "4", "--lora-alpha", "8",
+                                  "--lora-targets", "q,down", "--lora-ratios", str(out),
+                                  "--lora-seed", "0"])
+        config = build(AdapterConfig, args)
+        check_ratios_file(config.lora_ratios)
+        trainable = build_trainable(TrainableConfig(sparsity=0.0, learning_rate=1e-3), params,
+                                    adapter=config)
+        dens = lora.densities(trainable.mask, trainable.initial_adapters)
         for k, r in doc["ratios"].items():
             assert dens[k] == pytest.approx(1 - r, abs=0.02), (adapter, k)
 

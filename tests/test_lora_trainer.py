@@ -11,6 +11,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+
+from sparsejax.trainable.lora import LoraAdapter
 import torch
 from flax import nnx
 from safetensors.numpy import load_file
@@ -18,9 +20,9 @@ from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 from sparsejax import lora
 from sparsejax.models import load_hf
-from sparsejax.trainers.config import SparseConfig
+from sparsejax.config import TrainableConfig
 from sparsejax.trainers.dpo import DPOTrainer
-from sparsejax.trainers.dpo_config import DPOConfig
+from sparsejax.config import DPOConfig
 
 TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "tokenizers" / "qwen2.5"
 PAIRS = [{"prompt": f"Is {i} + {i} = {2 * i}?", "chosen": "yes", "rejected": "no"}
@@ -52,12 +54,12 @@ def _trainer(root, tok, out, steps=4) -> DPOTrainer:
     config = DPOConfig(steps=steps, batch_size=2, micro_batch_size=2, max_prompt_length=32,
                        max_completion_length=4, logprob_chunk_size=64, save_every=2,
                        remat="none")
-    sparse = SparseConfig(sparsity=0.0, learning_rate=5e-2, backend="xla")
+    sparse = TrainableConfig(sparsity=0.0, learning_rate=5e-2, backend="xla")
     cfg = lora.LoraConfig(rank=2, alpha=4, targets=("q", "v", "down"))
     adapters = lora.init_adapters(params, cfg, seed=0)
-    updater = lora.LoraUpdater(sparse, params, cfg, adapters=adapters,
+    trainable = LoraAdapter(sparse, params, cfg, adapters=adapters,
                                mask=lora.factor_masks(adapters, 0.5, seed=1))
-    return DPOTrainer(graphdef, params, tok, config, sparse, out, updater=updater)
+    return DPOTrainer(graphdef, params, tok, config, sparse, out, trainable=trainable)
 
 
 def test_lora_dpo_reference_checkpoints_resume_and_outputs(base):
@@ -74,9 +76,9 @@ def test_lora_dpo_reference_checkpoints_resume_and_outputs(base):
     margins = [float(np.mean(x)) for x in full.sequence_logprobs(PAIRS)]
     assert margins[0] - margins[1] > ref_c.mean() - ref_r.mean()  # it learned
     # Checkpoints: the adapter's optimizer state and trained values only.
-    tree = jax.tree.map(np.asarray, full.updater.checkpoint_tree(full.params, full.opt_state))
+    tree = jax.tree.map(np.asarray, full.trainable.checkpoint_tree(full.params, full.opt_state))
     assert set(tree) == {"opt_state", "active_values"}
-    k = full.updater.num_trainable(full.params)
+    k = full.trainable.num_trainable(full.params)
     assert sum(x.size for x in jax.tree.leaves(tree["active_values"])) == k
     assert k < sum(x.size for x in jax.tree.leaves(params)) / 100
     # Stopped after step 2, resumed to the end: the same adapter bit for bit.
@@ -85,8 +87,8 @@ def test_lora_dpo_reference_checkpoints_resume_and_outputs(base):
     shutil.rmtree(split / "checkpoints" / "4")
     resumed = _trainer(root, tok, split)
     resumed.train(PAIRS, progress=False, resume=True, final_model_dir=split / "final_model")
-    a = jax.tree.leaves(full.updater.adapters(full.params))
-    b = jax.tree.leaves(resumed.updater.adapters(resumed.params))
+    a = jax.tree.leaves(full.trainable.adapters(full.params))
+    b = jax.tree.leaves(resumed.trainable.adapters(resumed.params))
     for x, y in zip(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     # Outputs: the merged model (what our forward computes) and a loadable PEFT adapter.

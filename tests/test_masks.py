@@ -239,6 +239,6 @@ def _mask_file(tmp_path, metadata):
 ])
 def test_load_mask_checks_its_metadata(tmp_path, metadata, message):
     from sparsejax import masks as masks_lib  # pylint: disable=import-outside-toplevel
-    metadata = {k: v.replace("sparsejax-mask-v1", masks_lib._FORMAT) for k, v in metadata.items()}
+    metadata = {k: v.replace("sparsejax-mask-v1", masks_lib.FORMAT) for k, v in metadata.items()}
     with pytest.raises(ValueError, match=message):
         masks_lib.load_mask(_mask_file(tmp_path, metadata))

@@ -10,7 +10,7 @@ import types
 import numpy as np
 import pytest
 
-from sparsejax.metric_writers import (
+from sparsejax.runs.metric_writers import (
     JsonlWriter,
     MissingDependencyError,
     check_report_to,

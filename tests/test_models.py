@@ -138,7 +138,7 @@ def test_stories260k_matches_transformers():
 
 
 def test_stories260k_greedy_matches_transformers_generate():
-    from sparsejax import sampling  # pylint: disable=import-outside-toplevel
+    from sparsejax.generation import sampler as sampling  # pylint: disable=import-outside-toplevel
     tok = AutoTokenizer.from_pretrained(STORIES)
     hf = LlamaForCausalLM.from_pretrained(STORIES).eval()
     enc = tok("Once upon a time", return_tensors="pt")

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import sparsejax as sj
-from sparsejax.optim import gather
+from sparsejax.optim.sparse import gather
 
 STEPS = 50
 SCHEDULE = optax.warmup_cosine_decay_schedule(0.0, 3e-2, warmup_steps=5, decay_steps=STEPS)
@@ -251,7 +251,7 @@ def test_inject_hyperparams_changes_learning_rate_without_retrace():
 
 
 def test_orbax_round_trip_continues_identically(tmp_path):
-    from sparsejax import checkpoint
+    from sparsejax.runs import checkpoint
     rng = np.random.default_rng(8)
     params = make_params(rng)
     # The scalar gets no entry in a row-balanced half mask: empty leaves must round-trip.

@@ -8,7 +8,8 @@ import optax
 import pytest
 
 import sparsejax as sj
-from sparsejax.dense_adamw import dense_adamw
+import sparsejax.optim.sparse as sparse_opt
+from sparsejax.optim.dense import dense_adamw
 from sparsejax.losses import grpo_loss
 
 
@@ -185,7 +186,7 @@ def test_guarded_step_is_the_unguarded_step_in_place(which, monkeypatch):
     """On finite gradients the guarded step gives the unguarded step's bits; guarded
     steps (taken or skipped) write the donated params in place (no cond copies)."""
     if which == "fused, large-tensor fallback":  # as if every tensor were too large to shift
-        monkeypatch.setattr(sj.optim, "_MAX_SHIFTED_SIZE", 0)
+        monkeypatch.setattr(sparse_opt, "_MAX_SHIFTED_SIZE", 0)
     params = _special_params(jnp.bfloat16)
     rng = np.random.default_rng(11)
     if which == "dense":
@@ -320,6 +321,6 @@ def test_grpo_loss_refuses_bad_clip_and_kl_coefficients(name, value):
                                     dict(learning_rate=float("inf")), dict(warmup_steps=-5),
                                     dict(max_grad_norm=float("nan")), dict(b2=1.0)])
 def test_sparse_config_refuses_non_finite_and_out_of_range(kwargs):
-    from sparsejax.trainers.config import SparseConfig  # pylint: disable=import-outside-toplevel
+    from sparsejax.config import TrainableConfig  # pylint: disable=import-outside-toplevel
     with pytest.raises(ValueError, match=next(iter(kwargs)).split("_")[0]):
-        SparseConfig(**kwargs)
+        TrainableConfig(**kwargs)

@@ -1,4 +1,4 @@
-"""The base policy as each "what trains" variant keeps it (``sparsejax.trainers.reference``).
+"""The base policy as each "what trains" variant keeps it (``sparsejax.trainable.reference``).
 
 Through the updaters' ``base_policy`` on fresh random params: the sparse variant swaps the
 base values in and back (the policy's trained values come back bit for bit, also when
@@ -15,14 +15,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from sparsejax.trainable.lora import LoraAdapter
 from flax import nnx
 
 from sparsejax import lora
 from sparsejax.models.config import DecoderConfig
 from sparsejax.models.decoder import init_model
-from sparsejax.trainers.config import SparseConfig
-from sparsejax.trainers.reference import ParamsCopy, SwappedValues, scoring
-from sparsejax.trainers.updater import Updater
+from sparsejax.config import TrainableConfig
+from sparsejax.trainable.reference import ParamsCopy, SwappedValues, scoring
+from sparsejax.trainable import build_trainable
 
 
 def params_tree(seed=0):
@@ -31,12 +33,12 @@ def params_tree(seed=0):
             "b": {"kernel": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)}}
 
 
-def trained(updater, params, opt_state, seed=1):
+def trained(trainable, params, opt_state, seed=1):
     """One real step with random gradients: the policy moves away from the base."""
     rng = np.random.default_rng(seed)
-    grads = updater.compress(jax.tree.map(
+    grads = trainable.compress(jax.tree.map(
         lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params), opt_state)
-    params, opt_state, _ = updater.apply(params, grads, opt_state)
+    params, opt_state, _ = trainable.apply(params, grads, opt_state)
     return params, opt_state
 
 
@@ -50,7 +52,7 @@ def same(t1, t2):
 
 def test_sparse_swaps_base_values_in_and_back():
     base = params_tree()
-    up = Updater(SparseConfig(sparsity=0.5, learning_rate=1e-1), base)
+    up = build_trainable(TrainableConfig(sparsity=0.5, learning_rate=1e-1), base)
     params = up.policy_params(jax.tree.map(jnp.copy, base))
     state = up.init(params)
     policy = up.base_policy(params, state)
@@ -71,7 +73,7 @@ def test_sparse_swaps_base_values_in_and_back():
 @pytest.mark.parametrize("on_host", [False, True])
 def test_full_finetuning_keeps_a_copy(on_host):
     base = params_tree(2)
-    up = Updater(SparseConfig(sparsity=0.0, learning_rate=1e-1), base)
+    up = build_trainable(TrainableConfig(sparsity=0.0, learning_rate=1e-1), base)
     params = up.policy_params(jax.tree.map(jnp.copy, base))
     state = up.init(params)
     policy = up.base_policy(params, state, on_host=on_host)
@@ -95,7 +97,7 @@ def test_lora_scores_with_the_initial_adapters():
     _, base = nnx.split(init_model(config, seed=4))
     lcfg = lora.LoraConfig(rank=2, alpha=4)
     adapters = lora.init_adapters(base, lcfg, seed=5)
-    up = lora.LoraUpdater(SparseConfig(learning_rate=1e-1, max_grad_norm=None), base, lcfg,
+    up = LoraAdapter(TrainableConfig(learning_rate=1e-1, max_grad_norm=None), base, lcfg,
                           adapters=adapters)
     params = up.policy_params(base)
     state = up.init(params)

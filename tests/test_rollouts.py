@@ -1,4 +1,4 @@
-"""The slot sampler (sparsejax.rollouts): greedy parity with transformers' generate and the
+"""The slot sampler (sparsejax.generation.rollouts): greedy parity with transformers' generate and the
 batch sampler, determinism whatever the slot count, log-probs, the inverse-CDF draw, the
 chunked decode attention."""
 
@@ -15,7 +15,8 @@ from flax import nnx
 from test_sampling import build_hf, prompts
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from sparsejax import rollouts, sampling
+from sparsejax.generation import rollouts
+from sparsejax.generation import sampler as sampling
 from sparsejax.models import completion_logprobs, load_hf
 from sparsejax.models.decoder import _xla_attention
 

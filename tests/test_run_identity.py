@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsejax.trainers import SparseConfig
-from sparsejax.trainers.policy_run import PolicyRun
-from sparsejax.trainers.updater import Updater
+from sparsejax.trainers import TrainableConfig
+from sparsejax.runs.run import PolicyRun
+from sparsejax.trainable import build_trainable
 
 
 @dataclasses.dataclass
@@ -20,19 +20,19 @@ class _Cfg:
 def _identity(strategy: str) -> dict:
     params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(16, 8)), jnp.float32)}
     run = PolicyRun()
-    run.cfg, run.sparse_cfg = _Cfg(), SparseConfig(sparsity=0.75, mask_strategy=strategy)
+    run.cfg, run.trainable_cfg = _Cfg(), TrainableConfig(sparsity=0.75, mask_strategy=strategy)
     run.params = params
-    run.updater = Updater(run.sparse_cfg, params)
+    run.trainable = build_trainable(run.trainable_cfg, params)
     return run.identity()
 
 
 def test_auto_without_a_mesh_is_identified_as_per_tensor():
     auto, old = _identity("auto"), _identity("per_tensor")
-    assert auto["sparse"]["mask_strategy"] == "per_tensor"
+    assert auto["trainable_config"]["mask_strategy"] == "per_tensor"
     assert auto == old  # the same mask and settings: a per_tensor checkpoint resumes
 
 
 @pytest.mark.parametrize("strategy", ["global", "row_balanced"])
 def test_other_strategies_stay_distinct(strategy):
-    assert _identity(strategy)["sparse"]["mask_strategy"] == strategy
+    assert _identity(strategy)["trainable_config"]["mask_strategy"] == strategy
     assert _identity(strategy) != _identity("auto")

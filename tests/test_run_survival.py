@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sparsejax import checkpoint as ckpt_lib
-from sparsejax import run_dir
-from sparsejax.trainers import signals
-from sparsejax.trainers.reporting import MetricsLog, read_metrics
+from sparsejax.runs import checkpoint as ckpt_lib
+from sparsejax.runs import run_dir
+from sparsejax.runs import signals
+from sparsejax.runs.reporting import MetricsLog, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -163,7 +163,7 @@ def test_lock_excludes_a_second_process_and_a_stale_lock_does_not(tmp_path):
     held = tmp_path / "held"
     run_dir.lock(held)
     try:
-        code = ("import sys; from sparsejax import run_dir\n"
+        code = ("import sys; from sparsejax.runs import run_dir\n"
                 "try: run_dir.lock(sys.argv[1])\n"
                 "except run_dir.RunError as e: print(e); sys.exit(3)\n")
         other = subprocess.run([sys.executable, "-c", code, str(held)], capture_output=True,
@@ -328,18 +328,33 @@ def test_bad_flags_and_files_fail_in_one_line_before_heavy_work(cli, tiny, tmp_p
 
 def test_script_model_types_match_the_library(cli):
     from sparsejax.models.config import SUPPORTED_MODEL_TYPES
-    assert tuple(sys.modules["common"].MODEL_TYPES) == tuple(SUPPORTED_MODEL_TYPES)
+    assert tuple(sys.modules["sparsejax.cli.checks"].MODEL_TYPES) == tuple(SUPPORTED_MODEL_TYPES)
 
 
-@pytest.mark.parametrize("script", ["grpo_gsm8k.py", "grpo.py", "dpo.py", "toy_rlvr.py"])
-def test_help_answers_without_importing_jax(script):
+HEAVY = ("jax", "jaxlib", "flax", "optax", "orbax", "numpy", "transformers", "datasets",
+         "torch", "yaml")
+
+
+@pytest.mark.parametrize("command", [
+    ["experiments/grpo_gsm8k.py"], ["experiments/grpo.py"], ["experiments/dpo.py"],
+    ["experiments/toy_rlvr.py"], ["-m", "sparsejax.cli.main"],
+    ["-m", "sparsejax.cli.main", "grpo"], ["-m", "sparsejax.cli.main", "dpo"]])
+def test_help_answers_without_importing_jax(command):
+    """``--help`` of each script and of the ``sparsejax`` command (``python -m
+    sparsejax.cli.main``: the console script without reinstalling) imports no jax nor
+    any other heavy package: only the command line and the settings of sparsejax."""
+    command = [str(ROOT / c) if c.endswith(".py") else c for c in command]
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "experiments" / script),
-                           "--help"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-X", "importtime", *command, "--help"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
     seconds = time.perf_counter() - t0
-    assert proc.returncode == 0 and "--" in proc.stdout
+    assert proc.returncode == 0 and "--" in proc.stdout, proc.stderr[-2000:]
     imported = {l.rsplit("|", 1)[-1].strip() for l in proc.stderr.splitlines() if "|" in l}
-    assert "jax" not in imported and "sparsejax" not in imported, sorted(imported)[:20]
+    heavy = sorted(m for m in imported if m.split(".")[0] in HEAVY)
+    assert not heavy, heavy[:20]
+    ours = {m for m in imported if m.split(".")[0] == "sparsejax"}
+    assert all(m in ("sparsejax", "sparsejax._lazy") or m.startswith(
+        ("sparsejax.cli", "sparsejax.config")) for m in ours), sorted(ours)
     assert seconds < 3.0, seconds  # well under a second on an idle machine
 
 

@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsejax import sparse_grads
+from sparsejax import sparse_backward as sparse_grads
+from sparsejax.models import ops
 from sparsejax.backends import on_nvidia_gpu, sampled_product_fn, xla_sampled_product
 from sparsejax.kernels import sampled_matmul as S
-from sparsejax.optim import gather
+from sparsejax.optim.sparse import gather
 
 H100 = dict(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
 
@@ -71,7 +72,7 @@ def test_backward_through_interpret_backend(layout):
     cols = np.sort(np.stack([rng.choice(n_out, c, replace=False) for _ in range(n_in)]), 1)
     idx = (cols + np.arange(n_in)[:, None] * n_out).astype(np.int32)
     idx = jnp.asarray(idx if layout == "row_balanced" else idx.reshape(-1)[::2])
-    loss = lambda w_: jnp.sum(jnp.sin(sparse_grads.matmul(x, w_)))
+    loss = lambda w_: jnp.sum(jnp.sin(ops.matmul(x, w_)))
     want = gather(jax.grad(loss)(w), idx)
     values = gather(w, idx)
     got = jax.grad(lambda v: loss(sparse_grads.SparseWeight(w, idx, v, False, "interpret")))(

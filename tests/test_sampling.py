@@ -16,7 +16,7 @@ from flax import nnx
 from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM)
 
-from sparsejax import sampling
+from sparsejax.generation import sampler as sampling
 from sparsejax.models import (apply, completion_logprobs, load_hf, logprobs_from_hidden,
                               token_logprobs)
 

@@ -23,13 +23,14 @@ SCRIPT = textwrap.dedent(r"""
     import json, re, sys, tempfile
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
-    import sparsejax.sharding as sh
+    import sparsejax.parallel.sharding as sh
     from sparsejax.models import config as model_config
     from sparsejax.models.decoder import init_model
-    from sparsejax.trainers import GRPOConfig, GRPOTrainer, SparseConfig
+    from sparsejax.trainers import GRPOConfig, GRPOTrainer, TrainableConfig
     from sparsejax.trainers.dpo import DPOTrainer
-    from sparsejax.trainers.dpo_config import DPOConfig
-    from sparsejax.trainers.updater import Updater
+    from sparsejax.config import DPOConfig
+    from sparsejax.trainable import build_trainable
+    from sparsejax.trainable.base import memory_record
 
     assert jax.device_count() == 8
     sh.MIN_SHARD_BYTES = 256  # kernels and the embedding split; biases and norms replicated
@@ -79,7 +80,7 @@ SCRIPT = textwrap.dedent(r"""
                             max_new_tokens=4, micro_batch_size=8, generation_batch_size=16,
                             beta=0.05 if sparsity else 0.0, mesh=mesh, eval_batch_size=8,
                             remat="none")
-        sparse = SparseConfig(sparsity=sparsity, learning_rate=1e-2 if sparsity else 1e-3,
+        sparse = TrainableConfig(sparsity=sparsity, learning_rate=1e-2 if sparsity else 1e-3,
                               mask_strategy=strategy, sparse_grads="on")
         t = GRPOTrainer(graphdef, params, tok, reward, config, sparse, tempfile.mkdtemp())
         t.records = [t.train_step(prompts, answers) for _ in range(3)]
@@ -87,17 +88,18 @@ SCRIPT = textwrap.dedent(r"""
 
     def dpo(mesh, sparsity, strategy, lora=False):
         graphdef, params = model()
-        updater = None
+        trainable = None
         if lora:  # the seam's LoRA variant (rank 8 on every projection), fresh B = 0
-            from sparsejax.lora import LoraConfig, LoraUpdater
-            updater = LoraUpdater(SparseConfig(learning_rate=1e-2), params,
+            from sparsejax.lora import LoraConfig
+            from sparsejax.trainable.lora import LoraAdapter
+            trainable = LoraAdapter(TrainableConfig(learning_rate=1e-2), params,
                                   LoraConfig(rank=8), seed=1, mesh=mesh)
         config = DPOConfig(steps=3, batch_size=8, micro_batch_size=8, mesh=mesh,
                            max_prompt_length=8, max_completion_length=8, remat="none")
-        sparse = SparseConfig(sparsity=sparsity, learning_rate=1e-2 if sparsity else 1e-3,
+        sparse = TrainableConfig(sparsity=sparsity, learning_rate=1e-2 if sparsity else 1e-3,
                               mask_strategy=strategy, sparse_grads="on")
         t = DPOTrainer(graphdef, params, tok, config, sparse, tempfile.mkdtemp(),
-                       updater=updater)
+                       trainable=trainable)
         enc = t.encode(pairs)
         ref = np.stack(t.reference_logprobs(enc), axis=1)
         t.records = [t.train_step(enc, ref) for _ in range(3)]
@@ -119,7 +121,7 @@ SCRIPT = textwrap.dedent(r"""
             t0 = time.process_time()
             ref = run("", sparsity, "row_balanced")
             base = host(ref.params)
-            init = host(ref.updater.policy_params(model()[1]))  # LoRA: with fresh factors
+            init = host(ref.trainable.policy_params(model()[1]))  # LoRA: with fresh factors
             for mesh in (("data=2,fsdp=4",) if kind == "lora" else ("fsdp=8", "data=2,fsdp=4")):
                 t = run(mesh, sparsity, "auto")
                 report(f"{name}/{kind}/{mesh}", {
@@ -134,8 +136,8 @@ SCRIPT = textwrap.dedent(r"""
                     "metrics": [[r[k] for k in ("loss", "grad_norm")] for r in t.records],
                     "metrics_1": [[r[k] for k in ("loss", "grad_norm")] for r in ref.records],
                     "specs": sorted({str(x.sharding.spec) for x in jax.tree.leaves(t.params)}),
-                    "memory": sh.memory_record(t.updater, t.params, t.opt_state, t.mesh),
-                    "memory_1": sh.memory_record(ref.updater, ref.params, ref.opt_state,
+                    "memory": memory_record(t.trainable, t.params, t.opt_state, t.mesh),
+                    "memory_1": memory_record(ref.trainable, ref.params, ref.opt_state,
                                                  None)})
 
     # A batch the batch axis does not divide: one line, before any heavy work.
@@ -144,9 +146,9 @@ SCRIPT = textwrap.dedent(r"""
     for name, make in (
             ("grpo", lambda: GRPOTrainer(graphdef, params, tok, reward, GRPOConfig(
                 prompts_per_step=8, num_generations=2, micro_batch_size=4, mesh="fsdp=8"),
-                SparseConfig(), tempfile.mkdtemp())),
+                TrainableConfig(), tempfile.mkdtemp())),
             ("dpo", lambda: DPOTrainer(graphdef, params, tok, DPOConfig(
-                batch_size=12, micro_batch_size=6, mesh="data=2,fsdp=4"), SparseConfig(),
+                batch_size=12, micro_batch_size=6, mesh="data=2,fsdp=4"), TrainableConfig(),
                 tempfile.mkdtemp()))):
         try:
             make()
@@ -165,20 +167,20 @@ SCRIPT = textwrap.dedent(r"""
         if CASES is not None and f"step/{backend}" not in CASES:
             continue
         t0 = time.process_time()
-        u = Updater(SparseConfig(sparsity=0.75, learning_rate=1e-2, mask_strategy=strategy,
+        u = build_trainable(TrainableConfig(sparsity=0.75, learning_rate=1e-2, mask_strategy=strategy,
                                  backend=backend), params, mesh="fsdp=8")
         p8 = u.policy_params(jax.tree.map(jnp.copy, params))
         s8 = u.init(p8)
         g = [jax.tree.map(lambda i: jnp.asarray(rng.normal(size=i.shape), jnp.float32),
                           s8.indices) for _ in range(3)]
-        hlo = Updater.apply.lower(u, p8, sh.put(g[0], u.shardings["grads"]), s8
+        hlo = type(u).apply.lower(u, p8, sh.put(g[0], u.shardings["mask"]), s8
                                   ).compile().as_text()
-        u1 = Updater(SparseConfig(sparsity=0.75, learning_rate=1e-2, mask_strategy=strategy,
+        u1 = build_trainable(TrainableConfig(sparsity=0.75, learning_rate=1e-2, mask_strategy=strategy,
                                   backend="xla"), params)
         p1 = jax.tree.map(jnp.copy, params)
         s1 = u1.init(p1)
         for gi in g:
-            p8, s8, _ = u.apply(p8, sh.put(gi, u.shardings["grads"]), s8)
+            p8, s8, _ = u.apply(p8, sh.put(gi, u.shardings["mask"]), s8)
             p1, s1, _ = u1.apply(p1, jax.tree.map(jnp.asarray, gi), s1)
         report(f"step/{strategy}/{backend}", {
             "cpu_s": time.process_time() - t0, "rel": rel(host(p8), host(p1)),
@@ -189,9 +191,10 @@ SCRIPT = textwrap.dedent(r"""
 
     # The sparse backward's sampled product per device (the CPU kernel in shard_map):
     # the same gradient as on one device, no token block leaves its device.
-    from sparsejax import sparse_grads
+    from sparsejax import sparse_backward as sparse_grads
+    from sparsejax.models import ops
     from sparsejax.kernels import cpu_sampled_product
-    from sparsejax.optim import gather
+    from sparsejax.optim.sparse import gather
     if CASES is None or "per_shard_product" in CASES:
         mesh = sh.as_mesh("data=2,fsdp=4")
         rng = np.random.default_rng(3)
@@ -200,7 +203,7 @@ SCRIPT = textwrap.dedent(r"""
         idx = jnp.asarray(np.sort(rng.choice(960, 97, replace=False)), jnp.int32)
         v = gather(w, idx)
         def grad(m, backend):
-            loss = lambda v_, x_: jnp.sum(jnp.sin(sparse_grads.matmul(
+            loss = lambda v_, x_: jnp.sum(jnp.sin(ops.matmul(
                 x_, sparse_grads.SparseWeight(w, idx, v_, False, backend, m))))
             return jax.jit(jax.grad(loss))
         g1 = grad(None, "xla")(v, x)
@@ -287,7 +290,7 @@ def test_batch_that_does_not_divide_fails_in_one_line(result):
 
 
 def test_mesh_specs_and_one_line_errors():
-    from sparsejax import sharding  # one device here: the cheap in-process checks
+    from sparsejax.parallel import sharding  # one device here: the cheap in-process checks
     assert sharding.parse_mesh("", 8) == {"data": 1, "fsdp": 1}
     assert sharding.parse_mesh(None, 8) == {"data": 1, "fsdp": 1}
     assert sharding.parse_mesh("auto", 8) == {"data": 1, "fsdp": 8}
@@ -308,7 +311,7 @@ def test_mesh_specs_and_one_line_errors():
 
 def test_rule_table():
     from jax.sharding import PartitionSpec as P
-    from sparsejax.sharding import leaf_spec
+    from sparsejax.parallel.sharding import leaf_spec
     big = 1 << 20
     assert leaf_spec((64, 48), 4, 8, 0) == P("fsdp", None)  # rows first
     assert leaf_spec((6, 48), 4, 8, 0) == P(None, "fsdp")  # else the largest dividing axis
@@ -324,7 +327,7 @@ def test_bytes_per_device_counts_shards():
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from sparsejax import sharding
+    from sparsejax.parallel import sharding
     mesh = sharding.make_mesh("auto")
     x = jax.device_put(jnp.zeros((8, 4), jnp.float32), NamedSharding(mesh, P("fsdp", None)))
     n = jax.device_count()

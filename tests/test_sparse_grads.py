@@ -1,4 +1,4 @@
-"""The sparse backward (sparsejax.sparse_grads): gradients only at the active entries.
+"""The sparse backward (sparsejax.sparse_backward): gradients only at the active entries.
 
 Parity against ``gather(jax.grad(dense))`` on tiny random Qwen2/Llama decoders (biases,
 GQA, tied and untied embeddings, both mask layouts, left-padded batches, a tensor with
@@ -18,14 +18,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparsejax import masks, sparse_grads
+from sparsejax import masks
+from sparsejax import sparse_backward as sparse_grads
+from sparsejax.models import ops
 from sparsejax.backends import xla_sampled_product
 from sparsejax.models.config import DecoderConfig
 from sparsejax.models.decoder import init_model
 from sparsejax.models.logprobs import completion_logprobs
-from sparsejax.optim import gather
-from sparsejax.trainers import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SparseConfig
-from sparsejax.trainers.updater import Updater
+from sparsejax.optim.sparse import gather
+from sparsejax.trainers import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, TrainableConfig
+from sparsejax.trainable import build_trainable
 
 REL = 1e-5
 TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "qwen2.5"
@@ -170,7 +172,7 @@ def test_compiled_backward_has_no_dense_weight_gradient_dot():
     updater_cfg = dict(sparsity=0.9, backend="xla")
     results = {}
     for setting in ("on", "off"):
-        upd = Updater(SparseConfig(sparse_grads=setting, **updater_cfg), params, mask)
+        upd = build_trainable(TrainableConfig(sparse_grads=setting, **updater_cfg), params, mask=mask)
         state = upd.init(params)
         fn = jax.jit(lambda p, s, u=upd: u.value_and_grad(loss, p, s))
         results[setting] = _dot_output_shapes(fn.lower(params, state).compile().as_text())
@@ -201,14 +203,14 @@ def test_xla_sampled_product_chunks_and_ragged_sizes():
 def test_sparse_weight_misuse_is_one_line_error():
     w = sparse_grads.SparseWeight(jnp.ones((3, 4)), jnp.arange(2, dtype=jnp.int32),
                                   jnp.ones((2,)))
-    with pytest.raises(TypeError, match="sparse-grads off"):
+    with pytest.raises(TypeError, match="sparse_grads off"):
         jnp.sin(w)
     with pytest.raises(ValueError, match="does not fit"):
-        sparse_grads.matmul(jnp.ones((2, 5)), w)
+        ops.matmul(jnp.ones((2, 5)), w)
     with pytest.raises(ValueError, match="transposed"):
-        sparse_grads.take_rows(w.T, jnp.zeros((2,), jnp.int32))
+        ops.take_rows(w.T, jnp.zeros((2,), jnp.int32))
     with pytest.raises(ValueError, match="sparse_grads must be"):
-        SparseConfig(sparse_grads="maybe")
+        TrainableConfig(sparse_grads="maybe")
 
 
 def test_auto_setting_by_density(monkeypatch):
@@ -276,9 +278,9 @@ def test_grpo_step_with_sparse_grads_equals_dense_path(tokenizer, tmp_path):
                             micro_batch_size=4, generation_batch_size=8, beta=0.05,
                             eval_batch_size=4)
         trainer = GRPOTrainer(graphdef, params, tokenizer, reward, config,
-                              SparseConfig(sparsity=0.9, learning_rate=1e-2, backend="xla",
+                              TrainableConfig(sparsity=0.9, learning_rate=1e-2, backend="xla",
                                            sparse_grads=setting), tmp_path / setting)
-        assert trainer.updater.sparse_grads == (setting == "on")
+        assert trainer.trainable.sparse_grads == (setting == "on")
         records.append(trainer.train_step(prompts, ["2", "5"]))
         trainers.append(trainer)
     _assert_same_step(trainers, records)
@@ -294,7 +296,7 @@ def test_dpo_step_with_sparse_grads_equals_dense_path(tokenizer, tmp_path):
         config = DPOConfig(steps=1, batch_size=4, micro_batch_size=2, max_prompt_length=32,
                            max_completion_length=4, logprob_chunk_size=16)
         trainer = DPOTrainer(graphdef, params, tokenizer, config,
-                             SparseConfig(sparsity=0.9, learning_rate=5e-2, backend="xla",
+                             TrainableConfig(sparsity=0.9, learning_rate=5e-2, backend="xla",
                                           sparse_grads=setting), tmp_path / setting)
         enc = trainer.encode(pairs)
         ref = np.stack(trainer.reference_logprobs(enc), axis=1)

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from sparsejax import toy_task as tt
+from sparsejax.data import toy_task as tt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

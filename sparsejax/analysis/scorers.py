@@ -48,7 +48,7 @@ import numpy as np
 
 from sparsejax.analysis.checkpoints import AnalysisError, CheckpointReader
 
-PyTree = Any
+from sparsejax.types import PyTree
 
 
 def _is_folder(x: Any) -> bool:

@@ -5,16 +5,20 @@
 * :mod:`~sparsejax.lora.masked`: masks on the factors (masked LoRA).
 * :mod:`~sparsejax.lora.importance`: SVD leverage / magnitude importance of pre-trained weights.
 * :mod:`~sparsejax.lora.ratios`: Partial-LoRA's per-layer ratios, Partial / Targeted masks, JSON.
-* :mod:`~sparsejax.lora.updater`: :class:`LoraUpdater`, the LoRA variant of the trainers' seam.
+
+Training an adapter: :class:`sparsejax.trainable.LoraAdapter`.
 """
 
-from sparsejax.lora.adapters import (DEFAULT_TARGETS, Adapters, Factors, LoraConfig,
-                                     LoraWeight, attach, check_adapters, detach,
-                                     init_adapters, kernel_shapes, merge, num_parameters,
-                                     select_targets)
-from sparsejax.lora.importance import entry_importance, leverage_scores, row_col_importance
-from sparsejax.lora.masked import apply_mask, densities, factor_masks, full_masks
-from sparsejax.lora.peft_io import load_peft, save_merged_hf, save_peft
-from sparsejax.lora.ratios import (Ratios, derive_ratios, load_ratios, partial_lora_masks,
-                                   save_ratios, targeted_lora_masks)
-from sparsejax.lora.updater import LoraUpdater
+from sparsejax._lazy import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, globals(), {
+    "sparsejax.lora.adapters": (
+        "DEFAULT_TARGETS", "Adapters", "Factors", "LoraConfig", "LoraWeight", "attach",
+        "check_adapters", "detach", "init_adapters", "kernel_shapes", "merge",
+        "num_parameters", "select_targets"),
+    "sparsejax.lora.importance": ("entry_importance", "leverage_scores", "row_col_importance"),
+    "sparsejax.lora.masked": ("apply_mask", "densities", "factor_masks", "full_masks"),
+    "sparsejax.lora.peft_io": ("load_peft", "save_merged_hf", "save_peft"),
+    "sparsejax.lora.ratios": ("Ratios", "derive_ratios", "load_ratios", "partial_lora_masks",
+                              "save_ratios", "targeted_lora_masks"),
+})

@@ -14,7 +14,7 @@ accuracy for a 0/1 reward. Each adapted kernel is masked progressively by import
 the last sparsity that held is that kernel's ratio (:func:`sparsejax.lora.derive_ratios`).
 
     python -m sparsejax.lora sparsejax/demo sparsejax/demo/test.jsonl --limit 64 \\
-        --reward sparsejax.toy_task:reward_fn --max-new-tokens 5 -o ratios.json
+        --reward sparsejax.data.toy_task:reward_fn --max-new-tokens 5 -o ratios.json
     python experiments/grpo.py --demo --adapter partial-lora --lora-ratios ratios.json
 
 Exit status: 0 done, 2 bad input (one line naming the flag or file).
@@ -144,7 +144,7 @@ def greedy_reward_metric(graphdef: Any, tokenizer: Any, prompt_ids: Sequence[Seq
     prompt, whose completions are not scored."""
     import jax  # pylint: disable=import-outside-toplevel
     import numpy as np  # pylint: disable=import-outside-toplevel
-    from sparsejax.sampling import (SamplingParams, decode_completions,  # pylint: disable=import-outside-toplevel
+    from sparsejax.generation.sampler import (SamplingParams, decode_completions,  # pylint: disable=import-outside-toplevel
                                     generate, left_pad, pad_token_id)
     pad = pad_token_id(tokenizer)
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,

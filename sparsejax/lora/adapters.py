@@ -28,16 +28,16 @@ import math
 import re
 import zlib
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sparsejax import masks as masks_lib
-from sparsejax import sparse_grads
+from sparsejax.models import ops
 
-PyTree = Any
+from sparsejax.types import PyTree
 
 #: Short names of the decoder's projections (``q`` is ``q_proj`` ...).
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -134,8 +134,9 @@ class LoraWeight:
         raise TypeError("a LoraWeight reached an op other than Dense; merge the adapter "
                         "first (sparsejax.lora.merge)")
 
-    def rmatmul(self, x: jax.Array) -> jax.Array:
-        y = sparse_grads.matmul(x, jax.lax.stop_gradient(self.base))
+    def rmatmul(self, x: jax.Array, *, preferred_element_type=None) -> jax.Array:
+        y = ops.matmul(x, jax.lax.stop_gradient(self.base),
+                       preferred_element_type=preferred_element_type)
         lora = jnp.matmul(jnp.matmul(x.astype(self.a.dtype), self.a), self.b) * self.scale
         return y + lora.astype(y.dtype)
 

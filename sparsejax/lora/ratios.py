@@ -36,11 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsejax import masks as masks_lib
+from sparsejax.config.names import LORA_RATIOS_FORMAT
 from sparsejax.lora.adapters import Adapters, Factors, _map_kernels, kernel_shapes
 from sparsejax.lora.importance import IMPORTANCE, entry_importance, row_col_importance
 from sparsejax.lora.masked import factor_masks
 
-FORMAT = "sparsejax.lora.ratios"
+FORMAT = LORA_RATIOS_FORMAT
 VERSION = 1
 
 

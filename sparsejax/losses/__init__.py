@@ -1,28 +1,16 @@
 """Pure-functional RL losses (GRPO family, DPO family) and group-relative advantages.
 
 Every loss is a jit-able function of arrays returning ``(loss, metrics)``; the string, float
-and bool keyword arguments choose the variant (close over them when jitting).
+and bool keyword arguments choose the variant (close over them when jitting; the names
+are in :mod:`sparsejax.config.names`).
 """
 
-from sparsejax.losses.advantages import ADVANTAGE_SCALES, group_advantages, mean_only_advantages
-from sparsejax.losses.dpo import DPO_LOSS_TYPES, dpo_loss
-from sparsejax.losses.grpo import (
-    GRPO_LOSS_TYPES,
-    IMPORTANCE_SAMPLING_LEVELS,
-    grpo_loss,
-    high_entropy_mask,
-    masked_quantile,
-)
+from sparsejax._lazy import lazy_exports
 
-__all__ = [
-    "ADVANTAGE_SCALES",
-    "DPO_LOSS_TYPES",
-    "GRPO_LOSS_TYPES",
-    "IMPORTANCE_SAMPLING_LEVELS",
-    "dpo_loss",
-    "group_advantages",
-    "grpo_loss",
-    "high_entropy_mask",
-    "masked_quantile",
-    "mean_only_advantages",
-]
+__getattr__, __dir__, __all__ = lazy_exports(__name__, globals(), {
+    "sparsejax.config.names": ("ADVANTAGE_SCALES", "DPO_LOSS_TYPES", "GRPO_LOSS_TYPES",
+                               "IMPORTANCE_SAMPLING_LEVELS"),
+    "sparsejax.losses.advantages": ("group_advantages", "mean_only_advantages"),
+    "sparsejax.losses.dpo": ("dpo_loss",),
+    "sparsejax.losses.grpo": ("grpo_loss", "high_entropy_mask", "masked_quantile"),
+})

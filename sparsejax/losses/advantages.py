@@ -31,8 +31,9 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from sparsejax.config.names import ADVANTAGE_SCALES
+
 AdvantageScale = Literal["group", "batch", "none"]
-ADVANTAGE_SCALES: tuple[str, ...] = ("group", "batch", "none")
 
 
 def _grouped(rewards: jax.Array, group_size: int) -> jax.Array:

@@ -37,8 +37,9 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from sparsejax.config.names import DPO_LOSS_TYPES
+
 DPOLossType = Literal["sigmoid", "ipo", "hinge", "robust"]
-DPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "hinge", "robust")
 
 
 def dpo_loss(

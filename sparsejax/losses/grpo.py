@@ -55,10 +55,10 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from sparsejax.config.names import GRPO_LOSS_TYPES, IMPORTANCE_SAMPLING_LEVELS
+
 GRPOLossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 ImportanceSamplingLevel = Literal["token", "sequence"]
-GRPO_LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
-IMPORTANCE_SAMPLING_LEVELS: tuple[str, ...] = ("token", "sequence")
 
 
 def masked_quantile(values: jax.Array, mask: jax.Array, q: float | jax.Array) -> jax.Array:

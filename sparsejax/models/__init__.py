@@ -1,22 +1,22 @@
 """Flax NNX decoders for Llama 3.x and Qwen2/2.5 with Hugging Face weight I/O.
 
-* :mod:`~sparsejax.models.config`: :class:`DecoderConfig`, :func:`from_hf_config`, presets.
+* :mod:`~sparsejax.models.config`: :class:`DecoderConfig`, :func:`from_hf_config`, presets
+  (numpy only: importing it does not import jax).
+* :mod:`~sparsejax.models.ops`: the low-precision matmul and embedding lookup.
 * :mod:`~sparsejax.models.decoder`: the :class:`Decoder` module and pure :func:`apply`.
 * :mod:`~sparsejax.models.hf_io`: :func:`load_hf` / :func:`save_hf` (safetensors only).
 * :mod:`~sparsejax.models.logprobs`: chunked token log-probs and entropies.
 """
 
-from sparsejax.models.config import (PRESETS, DecoderConfig, RopeScaling, from_hf_config,
-                                     preset)
-from sparsejax.models.decoder import Decoder, apply, hidden_states, init_model
-from sparsejax.models.hf_io import (WEIGHT_RULES, WeightLoadError, WeightRule, load_hf,
-                                    load_hf_params, save_hf)
-from sparsejax.models.logprobs import (completion_logprobs, logprobs_from_hidden,
-                                       token_logprobs)
+from sparsejax._lazy import lazy_exports
 
-__all__ = [
-    "PRESETS", "DecoderConfig", "RopeScaling", "from_hf_config", "preset",
-    "Decoder", "apply", "hidden_states", "init_model",
-    "WEIGHT_RULES", "WeightLoadError", "WeightRule", "load_hf", "load_hf_params", "save_hf",
-    "completion_logprobs", "logprobs_from_hidden", "token_logprobs",
-]
+__getattr__, __dir__, __all__ = lazy_exports(__name__, globals(), {
+    "sparsejax.models.config": ("PRESETS", "REMAT_POLICIES", "SUPPORTED_MODEL_TYPES",
+                                "DecoderConfig", "RopeScaling", "from_hf_config", "preset"),
+    "sparsejax.models.decoder": ("Decoder", "apply", "hidden_states", "init_model",
+                                 "reconfigure"),
+    "sparsejax.models.hf_io": ("WEIGHT_RULES", "WeightLoadError", "WeightRule", "load_hf",
+                               "load_hf_params", "save_hf"),
+    "sparsejax.models.logprobs": ("completion_logprobs", "logprobs_from_hidden",
+                                  "token_logprobs"),
+})

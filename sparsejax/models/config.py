@@ -22,11 +22,14 @@ from typing import Any, Mapping
 
 import numpy as np
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+from sparsejax.config import names
+from sparsejax.config.names import MODEL_TYPES
+
+SUPPORTED_MODEL_TYPES = MODEL_TYPES
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 #: Rematerialization policies of the decoder's layers (see :class:`DecoderConfig`).
-REMAT_POLICIES = ("none", "layer", "dots")
+REMAT_POLICIES = names.REMAT_POLICIES
 
 
 @dataclasses.dataclass(frozen=True)

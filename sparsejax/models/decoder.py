@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparsejax.models.attention import chunked_attention
-from sparsejax import sparse_grads
+from sparsejax.models import ops
 from sparsejax.models.config import DecoderConfig
 
 
@@ -52,7 +52,7 @@ def _normal(rngs: nnx.Rngs, shape, dtype, std: float = 0.02) -> jax.Array:
 
 class Dense(nnx.Module):
     """``y = x @ kernel (+ bias)`` with a ``(in, out)`` kernel (a plain array, a
-    :class:`~sparsejax.sparse_grads.SparseWeight` whose gradient is its active entries,
+    :class:`~sparsejax.sparse_backward.SparseWeight` whose gradient is its active entries,
     or any kernel object with ``rmatmul(x)``, such as :class:`sparsejax.lora.LoraWeight`)."""
 
     def __init__(self, din: int, dout: int, *, use_bias: bool, dtype, rngs: nnx.Rngs):
@@ -62,7 +62,7 @@ class Dense(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...]
         # A kernel object that applies itself (sparsejax.lora.LoraWeight: x @ W + LoRA).
-        y = kernel.rmatmul(x) if hasattr(kernel, "rmatmul") else sparse_grads.matmul(x, kernel)
+        y = ops.matmul(x, kernel)
         if self.bias is not None:
             y = y + self.bias[...]
         return y
@@ -171,7 +171,7 @@ class Attention(nnx.Module):
         k = apply_rope(self.k_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim), cos, sin)
         v = self.v_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
         if cache is not None and hasattr(cache, "attend"):
-            # A cache that stores and attends by itself (sparsejax.rollouts.SlotCache).
+            # A cache that stores and attends by itself (sparsejax.generation.rollouts.SlotCache).
             out, cache = cache.attend(q, k, v)
             return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim)), cache
         if cache is not None:
@@ -324,7 +324,7 @@ class Decoder(nnx.Module):
             cache: per-layer :class:`LayerCache`, or None for a plain forward pass.
             cache_index: slot where this call's keys/values are written.
         """
-        x = sparse_grads.take_rows(self.embed[...], tokens)
+        x = ops.take_rows(self.embed[...], tokens)
         cos, sin = rope_cos_sin(self.config, positions)
         new_cache = []
         for i, layer in enumerate(self.layers):
@@ -339,13 +339,13 @@ class Decoder(nnx.Module):
 
     def output_matrix(self) -> jax.Array:
         """The ``[hidden, vocab]`` output projection (the embedding's
-        :func:`~sparsejax.sparse_grads.transpose` view when tied: no transpose op)."""
-        return (sparse_grads.transpose(self.embed[...]) if self.lm_head is None
+        :func:`~sparsejax.models.ops.transpose` view when tied: no transpose op)."""
+        return (ops.transpose(self.embed[...]) if self.lm_head is None
                 else self.lm_head[...])
 
     def logits(self, h: jax.Array) -> jax.Array:
         """float32 logits of hidden states ``h [..., hidden]``."""
-        return sparse_grads.matmul(h, self.output_matrix(), preferred_element_type=jnp.float32)
+        return ops.matmul(h, self.output_matrix(), preferred_element_type=jnp.float32)
 
     def __call__(self, tokens: jax.Array, attention_mask: jax.Array | None = None
                  ) -> jax.Array:

@@ -22,7 +22,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,12 @@ from safetensors.numpy import save_file
 
 from sparsejax.models.config import DecoderConfig, from_hf_config
 from sparsejax.models.decoder import Decoder
+from sparsejax.parallel import sharding
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
+
+from sparsejax.types import PyTree
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -346,9 +352,9 @@ def load_hf(source: str | os.PathLike, *, config: DecoderConfig | None = None,
 
 def host_array(x: Any) -> np.ndarray:
     """``x`` as one host numpy array, gathered from any mesh and any process
-    (:func:`sparsejax.distributed.host_array`; with several processes every process must
+    (:func:`sparsejax.parallel.distributed.host_array`; with several processes every process must
     call it, in the same order): one tensor at a time bounds the memory."""
-    from sparsejax import distributed  # pylint: disable=g-import-not-at-top
+    from sparsejax.parallel import distributed  # pylint: disable=g-import-not-at-top
     return distributed.host_array(x)
 
 
@@ -400,7 +406,7 @@ def save_hf(model: Decoder, folder: str | os.PathLike, *, tokenizer: Any = None,
     Sharded params (any mesh, any number of processes) are gathered tensor by tensor;
     with several processes every process must call this and only process 0 writes.
     """
-    from sparsejax import distributed  # pylint: disable=g-import-not-at-top
+    from sparsejax.parallel import distributed  # pylint: disable=g-import-not-at-top
     folder = os.fspath(folder)
     main = distributed.is_main()
     tensors = hf_state_dict(model, dtype, keep=main)
@@ -431,3 +437,15 @@ def save_hf(model: Decoder, folder: str | os.PathLike, *, tokenizer: Any = None,
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return folder
+
+
+def hf_param_shardings(source: str, mesh: Mesh | None, *, param_dtype: str = "float32"
+                       ) -> PyTree | None:
+    """The rule table's shardings for the params of the HF model at ``source`` (read from
+    its config alone, nothing allocated): pass as ``load_hf(..., sharding=)`` so every
+    param is read straight into its shards. None without a mesh."""
+    if mesh is None:
+        return None
+    config = from_hf_config(resolve_checkpoint_dir(source), param_dtype=param_dtype)
+    _, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))))
+    return sharding.param_shardings(abstract, mesh)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsejax import sparse_grads
+from sparsejax.models import ops
 from sparsejax.models.decoder import causal_padding_mask, positions_from_mask
 
 
@@ -55,7 +55,7 @@ def logprobs_from_hidden(h: jax.Array, w_out: jax.Array, targets: jax.Array, *,
     @jax.checkpoint
     def one_chunk(args):
         hc, tc = args
-        z = sparse_grads.matmul(hc, w_out, preferred_element_type=jnp.float32) / temperature
+        z = ops.matmul(hc, w_out, preferred_element_type=jnp.float32) / temperature
         lse = jax.nn.logsumexp(z, axis=-1)
         logp = jnp.take_along_axis(z, tc[:, None], axis=-1)[:, 0] - lse
         entropy = lse - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1)

@@ -1,9 +1,9 @@
-"""RL trainers: GRPO and DPO over sparse (masked) or full finetuning."""
+"""RL trainers: GRPO and DPO over whatever trains (:mod:`sparsejax.trainable`)."""
 
-from sparsejax.trainers.config import GRPOConfig, SparseConfig
-from sparsejax.trainers.dpo import DPOTrainer
-from sparsejax.trainers.dpo_config import DPOConfig
-from sparsejax.trainers.grpo import GRPOTrainer
-from sparsejax.trainers.updater import Updater
+from sparsejax._lazy import lazy_exports
 
-__all__ = ["DPOConfig", "DPOTrainer", "GRPOConfig", "GRPOTrainer", "SparseConfig", "Updater"]
+__getattr__, __dir__, __all__ = lazy_exports(__name__, globals(), {
+    "sparsejax.config": ("DPOConfig", "GRPOConfig", "TrainableConfig"),
+    "sparsejax.trainers.dpo": ("DPOTrainer",),
+    "sparsejax.trainers.grpo": ("GRPOTrainer",),
+})

@@ -22,7 +22,7 @@ Reference log-probs are computed ONCE per run, before the first step, for the pa
 run will visit (and the eval pairs), in fixed chunks of the dataset (so a pair's value
 does not depend on how long the run is: a resumed run gets bit-identical values). The
 reference is the base model: a sparse run swaps the base values of its ``k`` active
-entries into the params in place (``Updater.swap_active``), scores and swaps back; no
+entries into the params in place (:meth:`SparseEntries.swap_active`), scores and swaps back; no
 second copy of the model exists. A dense run scores with the params before they first
 change and keeps a host (CPU memory) copy of the base params only for pairs first seen
 later (:meth:`DPOTrainer.evaluate` after training). ``reference_free`` uses zeros.
@@ -44,25 +44,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
-from sparsejax import checkpoint as ckpt_lib
-from sparsejax.distributed import host_array, to_host
+from sparsejax.runs import checkpoint as ckpt_lib
+from sparsejax.parallel.distributed import host_array, to_host
 from sparsejax.losses.dpo import dpo_loss
 from sparsejax.models.decoder import reconfigure
 from sparsejax.models.logprobs import completion_logprobs
-from sparsejax import sharding as sharding_lib
-from sparsejax.trainers.config import SparseConfig
-from sparsejax.trainers.dpo_config import DPOConfig
+from sparsejax.parallel import sharding as sharding_lib
+from sparsejax.config import TrainableConfig
+from sparsejax.config import DPOConfig
 from sparsejax.trainers.dpo_data import (EncodedPairs, Pair, completion_text,  # noqa: F401
                                          encode_pairs, right_pad, split_pair, visited_pairs)
-from sparsejax.trainers import reference as reference_lib
-from sparsejax.trainers.policy_run import PolicyRun
-from sparsejax.trainers.grpo import prompt_order
-from sparsejax.trainers.reporting import compile_seconds, peak_memory_bytes, plot_curves
-from sparsejax.trainers.updater import Updater, tree_bytes
+from sparsejax.trainable import reference as reference_lib
+from sparsejax.runs.run import PolicyRun, tree_digest
+from sparsejax.data.order import prompt_order
+from sparsejax.runs.reporting import compile_seconds, peak_memory_bytes, plot_curves
+from sparsejax.trainable.base import Trainable, trainer_mesh
+from sparsejax.trainable.build import build_trainable
 
-PyTree = Any
+from sparsejax.types import PyTree
 
 
 # ---------------------------------------------------------------------- trainer
@@ -74,40 +74,43 @@ class DPOTrainer(PolicyRun):
     Args:
         graphdef, params: ``nnx.split`` of the policy; these are also the reference.
         tokenizer: a transformers tokenizer (encoding pairs, saving the model).
-        config, sparse: the run's :class:`DPOConfig` and :class:`SparseConfig`.
+        config, trainable_config: the run's :class:`DPOConfig` and :class:`TrainableConfig`.
         out_dir: where metrics, checkpoints, plots and the final evaluation go.
-        mask: a mask to train (default: built from ``sparse``).
+        mask: a mask to train (default: built from ``trainable_config``).
+        trainable: what trains, built beforehand (:mod:`sparsejax.trainable`; e.g. a LoRA
+            adapter); default: built from ``trainable_config`` (and ``mask``).
         chat_template: format prompts with the chat template (None: if the tokenizer
             has one).
         mesh: a mesh spec or :class:`jax.sharding.Mesh` (default ``config.mesh``): params,
             mask, optimizer state and reference values are placed by
-            :mod:`sparsejax.sharding`, micro-batches split along the batch.
+            :mod:`sparsejax.parallel.sharding`, micro-batches split along the batch.
     """
 
     def __init__(self, graphdef: nnx.GraphDef, params: PyTree, tokenizer: Any,
-                 config: DPOConfig, sparse: SparseConfig, out_dir: str | os.PathLike,
-                 mask: PyTree | None = None, *, chat_template: bool | None = None,
-                 updater: Any = None, mesh: Any = None):
+                 config: DPOConfig, trainable_config: TrainableConfig,
+                 out_dir: str | os.PathLike, mask: PyTree | None = None, *,
+                 chat_template: bool | None = None, trainable: Trainable | None = None,
+                 mesh: Any = None):
         self.graphdef, self.params = graphdef, params
         self.graphdef = reconfigure(graphdef, params, remat=config.remat)
         self.tokenizer = tokenizer
-        self.cfg, self.sparse_cfg = config, sparse
+        self.cfg, self.trainable_cfg = config, trainable_config
         self.chat_template = chat_template
         self.out_dir = os.fspath(out_dir)
         os.makedirs(self.out_dir, exist_ok=True)
-        self.mesh = sharding_lib.run_mesh(mesh, config.mesh, updater)
+        self.mesh = trainer_mesh(mesh, config.mesh, trainable)
         if self.mesh is not None:
             sharding_lib.check_batch("micro_batch_size", config.micro_batch_size, self.mesh)
-        # The "what trains" variant: given (e.g. sparsejax.lora.LoraUpdater) or built here.
-        self.updater = (Updater(sparse, params, mask, mesh=self.mesh) if updater is None
-                        else updater)
-        self.params = params = self.updater.policy_params(params)
-        self.opt_state = self.updater.init(params)
+        # What trains: given (e.g. a sparsejax.trainable.LoraAdapter) or built from the config.
+        self.trainable = (build_trainable(trainable_config, params, mask=mask, mesh=self.mesh)
+                          if trainable is None else trainable)
+        self.params = params = self.trainable.policy_params(params)
+        self.opt_state = self.trainable.init(params)
         # The reference, kept as the variant keeps it: the base values of the k trained
         # entries, or (full finetuning) the params themselves until they first change,
         # then a host copy.
         self.base_policy = (None if config.reference_free else
-                            self.updater.base_policy(params, self.opt_state, on_host=True))
+                            self.trainable.base_policy(params, self.opt_state, on_host=True))
         self.step = 0
         self.checkpoints = ckpt_lib.CheckpointManager(
             os.path.join(self.out_dir, "checkpoints"), keep=config.keep_checkpoints)
@@ -152,13 +155,13 @@ class DPOTrainer(PolicyRun):
             chosen, rejected = self._sequence_logps(p, batch)
             return self._loss(chosen, rejected, batch)
 
-        (loss, metrics), grads = self.updater.value_and_grad(loss_fn, params, opt_state)
+        (loss, metrics), grads = self.trainable.value_and_grad(loss_fn, params, opt_state)
         acc = jax.tree.map(lambda a, g: a + (weight * g).astype(a.dtype), acc, grads)
         return {"loss": loss, **metrics}, acc
 
     def _zeros_like_compressed(self, params, opt_state):
         """A zero gradient accumulator (the compressed gradient's shapes)."""
-        return jax.tree.map(jnp.zeros_like, self.updater.compress(params, opt_state))
+        return jax.tree.map(jnp.zeros_like, self.trainable.compress(params, opt_state))
 
     def _score(self, params: PyTree, enc: EncodedPairs, needed: np.ndarray | None = None
                ) -> np.ndarray:
@@ -198,7 +201,7 @@ class DPOTrainer(PolicyRun):
                            needed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Summed completion log-probs ``([N] chosen, [N] rejected)`` under the base model.
 
-        As the variant keeps the base policy (:mod:`sparsejax.trainers.reference`):
+        As the variant keeps the base policy (:mod:`sparsejax.trainable.reference`):
         sparse runs swap the base values of the active entries in and back out (in
         place); dense runs use the params while untouched, else the host copy. Zeros
         for ``reference_free``. With ``needed``, only chunks holding needed pairs are
@@ -233,8 +236,8 @@ class DPOTrainer(PolicyRun):
             micro_metrics.append(metrics)
         micro_metrics = to_host(micro_metrics)
         self._keep_base()
-        lr = float(self.updater.schedule(self.step))
-        self.params, self.opt_state, report = self.updater.apply(self.params, acc,
+        lr = float(self.trainable.schedule(self.step))
+        self.params, self.opt_state, report = self.trainable.apply(self.params, acc,
                                                                  self.opt_state)
         jax.block_until_ready(self.params)
         step_time = time.perf_counter() - t0
@@ -296,56 +299,45 @@ class DPOTrainer(PolicyRun):
         ``finished.json`` under ``out_dir`` (see :class:`PolicyRun` for the run's life
         cycle); returns the final evaluation (or the last train record). ``run_info``
         (e.g. the model's name) joins the run's identity. ``writer`` (a
-        :mod:`sparsejax.metric_writers` writer, e.g. TensorBoard) also receives every
+        :mod:`sparsejax.runs.metric_writers` writer, e.g. TensorBoard) also receives every
         train and eval record; the caller closes it.
         """
         cfg = self.cfg
-        from sparsejax.trainers.policy_run import tree_digest  # pylint: disable=g-import-not-at-top
         enc = self.encode(pairs)
-        self.run_info = run_info
-        if self.open_run(resume, overwrite=overwrite, data=tree_digest(tuple(enc))) is not None:
-            return self.finished_result()
-        eval_enc = self.encode(self._eval_subset(eval_pairs)) if eval_pairs else None
-        # Reference log-probs first, while a dense run's params are still the base.
-        needed = visited_pairs(enc.num_pairs, cfg.steps, cfg.batch_size, cfg.seed)
-        ref = np.stack(self.reference_logprobs(enc, needed=needed), axis=1)
-        eval_ref = (np.stack(self.reference_logprobs(eval_enc), axis=1)
-                    if eval_enc is not None else None)
-        restored = self.restore(resume)
-        log = self.metrics_log(restored, writer)
-        log.write({"kind": "config", "step": -1,
-                   "trainable": self.updater.num_trainable(self.params),
-                   "optimizer_state_bytes": tree_bytes(self.opt_state),
-                   **sharding_lib.memory_record(self.updater, self.params, self.opt_state,
-                                                self.mesh),
-                   "resumed_from": restored, "train_pairs": enc.num_pairs,
-                   "prompt_width": enc.prompt_tokens.shape[1],
-                   "completion_width": enc.chosen_tokens.shape[1],
-                   **vars(cfg), **{f"sparse_{k}": v for k, v in vars(self.sparse_cfg).items()}})
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="DPO", disable=not progress)
-        evaluate = ((lambda: self._evaluate_encoded(eval_enc, eval_ref))
-                    if eval_enc is not None else None)
 
-        def on_step(rec):
-            bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['rewards/accuracies']:.2f}",
-                            margin=f"{rec['rewards/margins']:.3f}")
+        def prepare():
+            eval_enc = self.encode(self._eval_subset(eval_pairs)) if eval_pairs else None
+            # Reference log-probs first, while a dense run's params are still the base.
+            needed = visited_pairs(enc.num_pairs, cfg.steps, cfg.batch_size, cfg.seed)
+            ref = np.stack(self.reference_logprobs(enc, needed=needed), axis=1)
+            evaluate = None
+            if eval_enc is not None:
+                eval_ref = np.stack(self.reference_logprobs(eval_enc), axis=1)
+                evaluate = lambda: self._evaluate_encoded(eval_enc, eval_ref)  # noqa: E731
+            record = {"train_pairs": enc.num_pairs, "prompt_width": enc.prompt_tokens.shape[1],
+                      "completion_width": enc.chosen_tokens.shape[1]}
+            return lambda: self.train_step(enc, ref), evaluate, record
 
-        def plot(rows, path):
-            # plot_curves overlays eval points on the panel named "accuracy".
-            rows = [{**r, "accuracy": r["rewards/accuracies"]} if r.get("kind") == "train"
-                    else r for r in rows]
-            plot_curves(rows, path, keys=("loss", "rewards/margins", "accuracy"),
-                        eval_key="eval_accuracy",
-                        title=f"DPO ({cfg.loss_type}), "
-                              f"{self.updater.num_trainable(self.params):,} trainable")
+        return self.run_loop(tree_digest(tuple(enc)), prepare, resume=resume,
+                             overwrite=overwrite, progress=progress,
+                             final_model_dir=final_model_dir, run_info=run_info, writer=writer)
 
-        last = self.run_steps(lambda: self.train_step(enc, ref), evaluate, log, on_step)
-        bar.close()
-        final = self.finish(log, evaluate, plot, final_model_dir)
-        return last if final is None else final
+    name = "DPO"
+
+    def progress_postfix(self, record: dict[str, Any]) -> dict[str, str]:
+        return {"loss": f"{record['loss']:.4f}", "acc": f"{record['rewards/accuracies']:.2f}",
+                "margin": f"{record['rewards/margins']:.3f}"}
+
+    def plot(self, rows: list[dict[str, Any]], path: str) -> None:
+        # plot_curves overlays eval points on the panel named "accuracy".
+        rows = [{**r, "accuracy": r["rewards/accuracies"]} if r.get("kind") == "train" else r
+                for r in rows]
+        plot_curves(rows, path, keys=("loss", "rewards/margins", "accuracy"),
+                    eval_key="eval_accuracy",
+                    title=f"DPO ({self.cfg.loss_type}), "
+                          f"{self.trainable.num_trainable(self.params):,} trainable")
 
     def save_model(self, folder: str | os.PathLike) -> str:
         """The current policy in Hugging Face format (safetensors + config + tokenizer)."""
-        return self.updater.save_model(folder, self.graphdef, self.params, self.tokenizer)
+        return self.trainable.save_model(folder, self.graphdef, self.params, self.tokenizer)
 

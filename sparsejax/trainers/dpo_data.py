@@ -11,8 +11,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from sparsejax.sampling import bucket_length, left_pad, pad_token_id
-from sparsejax.trainers.grpo import prompt_order
+from sparsejax.generation.sampler import bucket_length, left_pad, pad_token_id
+from sparsejax.data.order import prompt_order
 
 Pair = Mapping[str, Any]
 Messages = Sequence[Mapping[str, str]]
@@ -108,7 +108,7 @@ def encode_pairs(tokenizer: Any, pairs: Sequence[Pair], *, max_prompt_length: in
 
     Returns:
         :class:`EncodedPairs` padded to the longest prompt / completion (bucketed with
-        :func:`~sparsejax.sampling.bucket_length`, capped at the maxima).
+        :func:`~sparsejax.generation.sampler.bucket_length`, capped at the maxima).
     """
     if not pairs:
         raise ValueError("no preference pairs")

@@ -15,6 +15,7 @@ rest of the model comes from the base weights the run was started from.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -24,35 +25,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
-from sparsejax import checkpoint as ckpt_lib
+from sparsejax.runs import checkpoint as ckpt_lib
 from sparsejax import losses
-from sparsejax.distributed import host_array
-from sparsejax import sharding as sharding_lib
+from sparsejax.parallel.distributed import host_array
+from sparsejax.parallel import sharding as sharding_lib
 from sparsejax.models.decoder import reconfigure
 from sparsejax.models.logprobs import completion_logprobs
-from sparsejax.rollouts import rollout
-from sparsejax.sampling import SamplingParams, bucket_length, left_pad
-from sparsejax.trainers.config import GRPOConfig, SparseConfig
-from sparsejax.trainers import reference as reference_lib
-from sparsejax.trainers.policy_run import PolicyRun
-from sparsejax.trainers.reporting import compile_seconds, peak_memory_bytes, plot_curves
-from sparsejax.trainers.updater import Updater, tree_bytes
+from sparsejax.data.order import prompt_order
+from sparsejax.generation.rollouts import rollout
+from sparsejax.generation.sampler import SamplingParams, bucket_length, left_pad
+from sparsejax.config import GRPOConfig, TrainableConfig
+from sparsejax.trainable import reference as reference_lib
+from sparsejax.runs.run import PolicyRun, tree_digest
+from sparsejax.trainers.grpo_step import micro_batch_grads
+from sparsejax.runs.reporting import compile_seconds, peak_memory_bytes, plot_curves
+from sparsejax.trainable.base import Trainable, trainer_mesh
+from sparsejax.trainable.build import build_trainable
 
-PyTree = Any
+from sparsejax.types import PyTree
 RewardFn = Callable[[Sequence[str], Sequence[Any]], Sequence[float]]
-
-
-def prompt_order(num_prompts: int, step: int, per_step: int, seed: int) -> np.ndarray:
-    """Indices of the prompts of ``step``: consecutive slices of per-epoch permutations."""
-    start = step * per_step
-    out = []
-    while len(out) < per_step:
-        epoch, offset = divmod(start + len(out), num_prompts)
-        perm = np.random.default_rng([seed, epoch]).permutation(num_prompts)
-        out.extend(perm[offset:offset + per_step - len(out)].tolist())
-    return np.asarray(out)
 
 
 class GRPOTrainer(PolicyRun):
@@ -66,22 +58,23 @@ class GRPOTrainer(PolicyRun):
             keeps a ``last_means`` dict after each call (a
             :class:`sparsejax.rewards.CombinedReward` does: each term's batch mean) adds
             ``reward/<name>`` (train) and ``eval_reward/<name>`` (eval) to the metrics.
-        config, sparse: the run's :class:`GRPOConfig` and :class:`SparseConfig`.
+        config, trainable_config: the run's :class:`GRPOConfig` and :class:`TrainableConfig`.
         out_dir: where metrics, checkpoints, plots and the final model go.
         stop_token_ids: tokens that end a completion (the tokenizer's EOS by default).
         mesh: a mesh spec or :class:`jax.sharding.Mesh` (default ``config.mesh``): params,
             mask, optimizer state and reference values are placed by
-            :mod:`sparsejax.sharding`, rollouts and micro-batches split along the batch.
+            :mod:`sparsejax.parallel.sharding`, rollouts and micro-batches split along the batch.
     """
 
     def __init__(self, graphdef: nnx.GraphDef, params: PyTree, tokenizer: Any,
-                 reward_fn: RewardFn, config: GRPOConfig, sparse: SparseConfig,
+                 reward_fn: RewardFn, config: GRPOConfig, trainable_config: TrainableConfig,
                  out_dir: str | os.PathLike, *, stop_token_ids: Sequence[int] | None = None,
-                 mask: PyTree | None = None, updater: Any = None, mesh: Any = None):
+                 mask: PyTree | None = None, trainable: Trainable | None = None,
+                 mesh: Any = None):
         self.graphdef, self.params = graphdef, params
         self.graphdef = reconfigure(graphdef, params, remat=config.remat)
         self.tokenizer, self.reward_fn = tokenizer, reward_fn
-        self.cfg, self.sparse_cfg = config, sparse
+        self.cfg, self.trainable_cfg = config, trainable_config
         self.out_dir = os.fspath(out_dir)
         os.makedirs(self.out_dir, exist_ok=True)
         if stop_token_ids is None:
@@ -89,7 +82,7 @@ class GRPOTrainer(PolicyRun):
         self.stop_token_ids = tuple(int(t) for t in stop_token_ids if t is not None)
         pad = tokenizer.pad_token_id
         self.pad_id = int(self.stop_token_ids[0] if pad is None else pad)
-        self.mesh = sharding_lib.run_mesh(mesh, config.mesh, updater)
+        self.mesh = trainer_mesh(mesh, config.mesh, trainable)
         if self.mesh is not None:
             for name, size in (("micro_batch_size", config.micro_batch_size),
                                ("prompts_per_step", config.prompts_per_step),
@@ -97,20 +90,21 @@ class GRPOTrainer(PolicyRun):
                                    config.generation_batch_size,
                                    config.prompts_per_step * config.num_generations))):
                 sharding_lib.check_batch(name, size, self.mesh)
-        # The "what trains" variant: given (e.g. sparsejax.lora.LoraUpdater) or built here.
-        self.updater = (Updater(sparse, params, mask, mesh=self.mesh) if updater is None
-                        else updater)
-        self.params = params = self.updater.policy_params(params)
-        self.opt_state = self.updater.init(params)
+        # What trains: given (e.g. a sparsejax.trainable.LoraAdapter) or built from the config.
+        self.trainable = (build_trainable(trainable_config, params, mask=mask, mesh=self.mesh)
+                          if trainable is None else trainable)
+        self.params = params = self.trainable.policy_params(params)
+        self.opt_state = self.trainable.init(params)
         # The reference model of the KL term (only when beta > 0), kept as the variant
         # keeps it: the base values of the trained entries, or a device copy of the params.
-        self.base_policy = (self.updater.base_policy(params, self.opt_state)
+        self.base_policy = (self.trainable.base_policy(params, self.opt_state)
                             if config.beta > 0 else None)
         self.step = 0
         self.base_key = jax.random.key(config.seed)
         self.checkpoints = ckpt_lib.CheckpointManager(
             os.path.join(self.out_dir, "checkpoints"), keep=config.keep_checkpoints)
-        self._grad_fn = jax.jit(self._micro_batch_grads)
+        self._grad_fn = jax.jit(functools.partial(micro_batch_grads, self.graphdef,
+                                                  self.trainable, config))
         self._logps_fn = jax.jit(self._policy_logprobs)
 
     # ------------------------------------------------------------------ pieces
@@ -120,32 +114,12 @@ class GRPOTrainer(PolicyRun):
             self.graphdef, params, prompt_tokens, prompt_mask, tokens, mask,
             temperature=self.cfg.temperature, chunk_size=self.cfg.logprob_chunk_size)
 
-    def _micro_batch_grads(self, params, opt_state, batch, num_items):
-        """Loss, metrics and (compressed) gradient of one micro-batch."""
-
-        def loss_fn(p):
-            logps, entropies = completion_logprobs(
-                self.graphdef, p, batch["prompt_tokens"], batch["prompt_mask"],
-                batch["tokens"], batch["mask"], temperature=self.cfg.temperature,
-                chunk_size=self.cfg.logprob_chunk_size, return_entropy=True)
-            return losses.grpo_loss(
-                logps, None, batch["advantages"], batch["mask"],
-                ref_logps=batch.get("ref_logps"), beta=self.cfg.beta,
-                use_bias_correction_kl=self.cfg.kl_bias_correction,
-                epsilon=self.cfg.epsilon, epsilon_high=self.cfg.epsilon_high,
-                loss_type=self.cfg.loss_type, max_completion_length=self.cfg.max_new_tokens,
-                num_items_in_batch=num_items if self.cfg.loss_type == "dapo" else None,
-                entropies=entropies, top_entropy_quantile=self.cfg.top_entropy_quantile)
-
-        (loss, metrics), grads = self.updater.value_and_grad(loss_fn, params, opt_state)
-        return loss, metrics, grads
-
     def _sample(self, prompt_ids: list[list[int]], key: jax.Array, sampling: SamplingParams,
                 *, num_samples: int, num_slots: int, prompts_per_call: int
                 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """``num_samples`` completions of each prompt (prompt-major rows) and their cost.
 
-        Prompts go to :func:`sparsejax.rollouts.rollout` ``prompts_per_call`` at a time
+        Prompts go to :func:`sparsejax.generation.rollouts.rollout` ``prompts_per_call`` at a time
         (each prefilled once, its samples decoded in ``num_slots`` slots); the last
         call is padded to the same count (no recompiles) and the padding dropped.
         Returns the samples and ``{compile_s, run_s, decode_steps, slot_steps,
@@ -252,7 +226,7 @@ class GRPOTrainer(PolicyRun):
             for k, v in {"loss": loss, **metrics}.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + v
         acc = jax.tree.map(lambda g: g / num_micro, acc)
-        self.params, self.opt_state, report = self.updater.apply(self.params, acc,
+        self.params, self.opt_state, report = self.trainable.apply(self.params, acc,
                                                                  self.opt_state)
         jax.block_until_ready(self.params)
         step_time = time.perf_counter() - t0
@@ -326,43 +300,35 @@ class GRPOTrainer(PolicyRun):
         (see :class:`PolicyRun` for the run's life cycle: lock, identity check, verified
         restore, clean stops); returns the last evaluation (or the last train record).
         ``run_info`` (e.g. the model's name) joins the run's identity. ``writer`` (a
-        :mod:`sparsejax.metric_writers` writer, e.g. TensorBoard) also receives every
+        :mod:`sparsejax.runs.metric_writers` writer, e.g. TensorBoard) also receives every
         train and eval record; the caller closes it.
         """
-        cfg = self.cfg
         if len(prompt_ids) != len(answers) or not prompt_ids:
             raise ValueError("need as many answers as prompts, and at least one prompt")
-        from sparsejax.trainers.policy_run import tree_digest  # pylint: disable=g-import-not-at-top
-        self.run_info = run_info
         data = tree_digest([np.asarray(p, np.int64) for p in prompt_ids]
                            + [np.asarray([str(a) for a in answers])])
-        if self.open_run(resume, overwrite=overwrite, data=data) is not None:
-            return self.finished_result()
-        restored = self.restore(resume)
-        log = self.metrics_log(restored, writer)
-        log.write({"kind": "config", "step": -1, "trainable": self.updater.num_trainable(
-            self.params), "optimizer_state_bytes": tree_bytes(self.opt_state),
-            **sharding_lib.memory_record(self.updater, self.params, self.opt_state, self.mesh),
-            "resumed_from": restored, **{k: v for k, v in vars(cfg).items()},
-            **{f"sparse_{k}": v for k, v in vars(self.sparse_cfg).items()}})
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="GRPO", disable=not progress)
-        do_eval = eval_prompt_ids is not None and eval_answers is not None
-        evaluate = (lambda: self.evaluate(eval_prompt_ids, eval_answers)) if do_eval else None
+        evaluate = None
+        if eval_prompt_ids is not None and eval_answers is not None:
+            evaluate = lambda: self.evaluate(eval_prompt_ids, eval_answers)  # noqa: E731
 
-        def on_step(rec):
-            bar.update(1)
-            bar.set_postfix(reward=f"{rec['reward_mean']:.3f}", acc=f"{rec['accuracy']:.3f}",
-                            len=f"{rec['completion_length']:.0f}")
+        def prepare():
+            return lambda: self.train_step(prompt_ids, answers), evaluate, {}
 
-        last = self.run_steps(lambda: self.train_step(prompt_ids, answers), evaluate, log,
-                              on_step)
-        bar.close()
-        title = f"GRPO, {self.updater.num_trainable(self.params):,} trainable"
-        final = self.finish(log, evaluate, lambda rows, path: plot_curves(
-            rows, path, title=title), final_model_dir)
-        return last if final is None else final
+        return self.run_loop(data, prepare, resume=resume, overwrite=overwrite,
+                             progress=progress, final_model_dir=final_model_dir,
+                             run_info=run_info, writer=writer)
+
+    name = "GRPO"
+
+    def progress_postfix(self, record: dict[str, Any]) -> dict[str, str]:
+        return {"reward": f"{record['reward_mean']:.3f}", "acc": f"{record['accuracy']:.3f}",
+                "len": f"{record['completion_length']:.0f}"}
+
+    def plot(self, rows: list[dict[str, Any]], path: str) -> None:
+        plot_curves(rows, path,
+                    title=f"GRPO, {self.trainable.num_trainable(self.params):,} trainable")
 
     def save_model(self, folder: str | os.PathLike) -> str:
         """The current policy in Hugging Face format (safetensors + config + tokenizer)."""
-        return self.updater.save_model(folder, self.graphdef, self.params, self.tokenizer)
+        return self.trainable.save_model(folder, self.graphdef, self.params, self.tokenizer)
 

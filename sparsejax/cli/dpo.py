@@ -1,0 +1,175 @@
+"""DPO (sigmoid, IPO, hinge, robust) with sparse (default: 1% of the weights) or full finetuning.
+
+The data are preference pairs: ``prompt`` (text or chat messages), ``chosen``, ``rejected``
+(text, or messages whose last assistant turn is the completion; without ``prompt`` the
+turns before it are the prompt). The reference model is the base model: a sparse run
+swaps the base values of its active entries in place to score it (no second copy).
+``--sparsity 0`` is full finetuning.
+
+    sparsejax dpo                                      # Qwen2.5-0.5B-Instruct, UltraFeedback
+    sparsejax dpo --model ./Qwen2.5-0.5B-Instruct --dataset ./prefs \\
+        --steps 200 --sparsity 0.99 --lr 1e-4                  # prefs/train.jsonl (+ test.jsonl)
+    sparsejax dpo --dataset pairs.jsonl --sparsity 0 --lr 1e-6
+    sparsejax dpo --config runs/dpo/config.yaml --out-dir runs/dpo_again
+
+Writes ``metrics.jsonl``, ``checkpoints/``, ``curves.png``, ``final_eval.json``,
+``final_model/`` (Hugging Face format) and ``config.yaml`` (the resolved settings) under
+``--out-dir``; ``--report-to jsonl,tensorboard,wandb`` also sends the metrics to
+TensorBoard (``<out-dir>/tensorboard``) or Weights & Biases. Any flag can come from
+``--config FILE.yaml``. (``python experiments/dpo.py ...`` is the same command.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from sparsejax.cli import training
+from sparsejax.cli.checks import check_inputs, check_jsonl
+from sparsejax.cli.exits import fail, run_main
+from sparsejax.cli.flags import add_flags, build
+from sparsejax.cli.settings import DPODataArgs
+from sparsejax.config import DPOConfig
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = training.new_parser(__doc__, prog)
+    training.add_model_flags(parser)
+    add_flags(parser, DPODataArgs, "data")
+    training.add_training_flags(parser, DPOConfig, "DPO")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None, prog: str | None = None
+               ) -> argparse.Namespace:
+    args = training.parse(build_parser(prog), argv)
+    if args.out_dir is None:
+        args.out_dir = "runs/dpo"
+    return args
+
+
+def _looks_local(name: str) -> bool:
+    return (name.endswith((".jsonl", ".json")) or name.startswith((".", "/", "~"))
+            or os.path.exists(name))
+
+
+def load_pairs(name: str, split: str, limit: int | None) -> list[dict[str, Any]]:
+    """Preference pairs of ``split`` from a hub dataset, a .jsonl file or a folder."""
+    if _looks_local(name):
+        path = os.path.expanduser(name)
+        if os.path.isdir(path):
+            path = os.path.join(path, f"{split}.jsonl")
+        if not os.path.isfile(path):
+            raise ValueError(f"dataset file {path!r} not found")
+        check_jsonl(path)  # names the file and line of a bad record, or an empty file
+        from sparsejax.data.jsonl import read_jsonl  # pylint: disable=g-import-not-at-top
+        rows = read_jsonl(path)
+    else:
+        import datasets  # pylint: disable=g-import-not-at-top
+        try:
+            ds = datasets.load_dataset(name, split=split)
+        except Exception as e:  # pylint: disable=broad-except  # hub/network/split errors
+            raise ValueError(f"cannot load dataset {name!r} split {split!r}: "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        if limit is not None:
+            ds = ds.select(range(min(limit, len(ds))))
+        keep = [c for c in ("prompt", "chosen", "rejected") if c in ds.column_names]
+        rows = ds.select_columns(keep).to_list()
+    rows = rows[:limit] if limit is not None else rows
+    if not rows:
+        raise ValueError(f"dataset {name!r} split {split!r} has no pairs")
+    return rows
+
+
+def eval_pairs_of(args: argparse.Namespace) -> list[dict[str, Any]] | None:
+    """The eval pairs (the first ``--eval-limit``; all with none), or None (no eval split,
+    or a single-file dataset)."""
+    if not args.eval_split:
+        return None
+    if _looks_local(args.dataset):
+        path = os.path.expanduser(args.dataset)
+        if not os.path.isdir(path) or not os.path.isfile(
+                os.path.join(path, f"{args.eval_split}.jsonl")):
+            return None
+    return load_pairs(args.dataset, args.eval_split, args.eval_limit)
+
+
+def check_pairs(pairs: list[dict[str, Any]], what: str) -> None:
+    """Raises ValueError naming the first pair without usable prompt/chosen/rejected."""
+    from sparsejax.trainers.dpo import split_pair  # pylint: disable=g-import-not-at-top
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, dict):
+            raise ValueError(f"{what} pair {i} is not an object")
+        try:
+            split_pair(pair)
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ValueError(f"{what} pair {i}: {e} (need columns prompt, chosen, "
+                             "rejected)") from e
+
+
+def check_args(args: argparse.Namespace) -> tuple[DPOConfig, Any, Any]:
+    """Every flag and the model folder, before anything heavy; returns ``(DPOConfig,
+    TrainableConfig, AdapterConfig)``. Raises a one-line ValueError."""
+    build(DPODataArgs, args)
+    sparse, adapter = training.common_configs(args)
+    config = build(DPOConfig, args)
+    check_inputs(args, adapter=adapter)
+    return config, sparse, adapter
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    args = parse_args(argv, prog)
+    try:
+        config, sparse, adapter = check_args(args)
+        train = load_pairs(args.dataset, args.split, args.limit)
+        check_pairs(train, "train")
+        evals = eval_pairs_of(args)
+        if evals is not None:
+            check_pairs(evals, "eval")
+        if training.open_out_dir(args):
+            return 0
+        mesh = training.run_mesh(args)  # after jax.distributed starts: it sees every device
+        if mesh is not None:
+            from sparsejax.parallel import sharding  # pylint: disable=g-import-not-at-top
+            sharding.check_batch("--micro-batch-size", args.micro_batch_size, mesh)
+    except ValueError as e:
+        fail(str(e))
+
+    # Heavy imports after the argument and data checks, so mistakes answer at once.
+    import jax  # pylint: disable=g-import-not-at-top
+    from sparsejax.cli.loading import load_model_and_tokenizer  # pylint: disable=g-import-not-at-top
+    from sparsejax.trainers.dpo import DPOTrainer  # pylint: disable=g-import-not-at-top
+    try:
+        graphdef, params, tokenizer = load_model_and_tokenizer(args, mesh)
+    except ValueError as e:
+        fail(str(e))
+    trainer = training.build_trainer(
+        lambda trainable: DPOTrainer(graphdef, params, tokenizer, config, sparse, args.out_dir,
+                                     trainable=trainable, mesh=mesh),
+        args, params, sparse, adapter, mesh, [DPOConfig])
+    try:
+        trainer.encode(train[:1])  # tokenizer problems (no EOS, chat prompts) answer here
+    except ValueError as e:
+        fail(str(e))
+    print(f"training {trainer.trainable.num_trainable(params):,} of "
+          f"{sum(x.size for x in jax.tree.leaves(params)):,} parameters "
+          f"({training.what_trains(adapter, sparse)}), "
+          f"LR {sparse.learning_rate}, {len(train):,} pairs", file=sys.stderr)
+    model_dir = os.path.join(args.out_dir, "final_model")
+    final = training.train_with_writer(
+        args, trainer.train, train, evals, resume=args.resume, progress=args.progress,
+        final_model_dir=model_dir, run_info={"model": args.model,
+                                             "tokenizer": args.tokenizer or args.model,
+                                             **training.adapter_run_info(adapter)})
+    print(json.dumps(final, indent=2, default=float))
+    print(f"final model: {model_dir}", file=sys.stderr)
+    return 0
+
+
+def cli(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
+    """Runs ``dpo`` and exits with its status (:func:`sparsejax.cli.exits.run_main`)."""
+    run_main(lambda: main(argv, prog))

@@ -1,0 +1,71 @@
+"""GRPO run settings; defaults follow the Multiple Ticket Hypothesis GSM8K run."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from sparsejax.config.fields import check_choice, check_fields, setting
+from sparsejax.config.run import RunConfig
+from sparsejax.config.names import ADVANTAGE_SCALES, GRPO_LOSS_TYPES
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig(RunConfig):
+    """GRPO run settings (with :class:`RunConfig`'s loop, evaluation and layout).
+
+    Each step takes ``prompts_per_step`` prompts, samples ``num_generations``
+    completions for each, scores them, and takes one optimizer step on the
+    group-relative advantages (on-policy: the importance ratio is 1 and clipping only
+    matters through its gradient). With a mesh, ``micro_batch_size``,
+    ``prompts_per_step`` and the generation batch must be multiples of ``data x fsdp``.
+    """
+
+    prompts_per_step: int = setting(32, "prompts per step")
+    num_generations: int = setting(16, "samples per prompt")
+    max_new_tokens: int = setting(1024, "completion budget of training samples")
+    temperature: float = setting(1.0, "sampling temperature")
+    top_p: float = setting(1.0, "nucleus sampling: keep the top-p probability mass")
+    top_k: int = setting(0, "sample among the k likeliest tokens (0: all)")
+    generation_batch_size: int = setting(128, "sequences sampled at once")
+    micro_batch_size: int = setting(
+        8, "sequences per forward/backward pass (gradients accumulate)")
+    loss_type: str = setting("grpo", "how the per-token loss is averaged",
+                             choices=GRPO_LOSS_TYPES)
+    advantage_scale: str = setting(
+        "none", "divide (reward - group mean) by the group/batch std, or not (paper)",
+        choices=ADVANTAGE_SCALES)
+    epsilon: float = setting(0.2, "clip range")
+    epsilon_high: float | None = setting(None, "upper clip range (DAPO; default: epsilon)")
+    beta: float = setting(0.0, "KL coefficient (k3 estimator)")
+    kl_bias_correction: bool = setting(
+        True, "multiply the per-token KL by the importance ratio (TRL's "
+        "use_bias_correction_kl; on by default, as in TRL)")
+    top_entropy_quantile: float = setting(
+        1.0, "policy gradient on this top fraction of entropy tokens (0.2: 80/20)")
+    eval_limit: int | None = setting(
+        None, "evaluate on the first N test problems (default: all)")
+    eval_temperature: float = setting(0.0, "0: greedy; the paper also reports T=0.9")
+    eval_batch_size: int = setting(64, "prompts sampled at once in evaluation")
+    eval_max_new_tokens: int | None = setting(
+        None, "completion budget of evaluation (default: max_new_tokens)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_fields(self, {
+            "prompts_per_step": {"low": 1}, "max_new_tokens": {"low": 1},
+            "generation_batch_size": {"low": 1}, "micro_batch_size": {"low": 1},
+            "eval_batch_size": {"low": 1}, "top_k": {"low": 0},
+            "eval_limit": {"low": 1, "allow_none": True},
+            "eval_max_new_tokens": {"low": 1, "allow_none": True},
+            "temperature": {"low": 0.0, "low_open": True},
+            "top_p": {"low": 0.0, "high": 1.0, "low_open": True},
+            "epsilon": {"low": 0.0}, "epsilon_high": {"low": 0.0, "allow_none": True},
+            "beta": {"low": 0.0},
+            "top_entropy_quantile": {"low": 0.0, "high": 1.0, "low_open": True},
+            "eval_temperature": {"low": 0.0}})
+        check_fields(self, {"num_generations": {"low": 2}})
+        check_choice("loss_type", self.loss_type, GRPO_LOSS_TYPES)
+        check_choice("advantage_scale", self.advantage_scale, ADVANTAGE_SCALES)
+        if (self.prompts_per_step * self.num_generations) % self.micro_batch_size:
+            raise ValueError("prompts_per_step * num_generations must be a multiple of "
+                             "micro_batch_size")
