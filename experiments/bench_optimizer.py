@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
 import platform
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +34,7 @@ from tqdm import tqdm
 import sparsejax as sj
 from sparsejax import backends
 from sparsejax.optim.sparse import gather
+from sparsejax.runs import provenance
 
 SYNTHETIC = {
     # 10 matrices of 3200 x 3125 = 1e8 parameters: the CPU target's tree.
@@ -49,9 +50,10 @@ def param_shapes(preset: str, dtype) -> dict:
     """``{path: ShapeDtypeStruct}`` for a synthetic tree or a model preset's config."""
     if preset in SYNTHETIC:
         return {k: jax.ShapeDtypeStruct(s, dtype) for k, s in SYNTHETIC[preset].items()}
-    from flax import nnx  # pylint: disable=g-import-not-at-top
-    from sparsejax.models import config as model_config  # pylint: disable=g-import-not-at-top
-    from sparsejax.models.decoder import init_model  # pylint: disable=g-import-not-at-top
+    from flax import nnx
+
+    from sparsejax.models import config as model_config
+    from sparsejax.models.decoder import init_model
     cfg = model_config.preset(preset, param_dtype=jnp.dtype(dtype).name)
     abstract = nnx.eval_shape(lambda: init_model(cfg))
     state = nnx.state(abstract, nnx.Param)
@@ -96,8 +98,8 @@ def trainer_step_row(shapes, params, compressed, density, args, k, n, dense_ms):
     """The trainers' optimizer step (``Updater.apply``: clipping, skip-on-non-finite and
     master values for bf16 params) on compressed float32 gradients: compile seconds and
     ms/step, and its distance to the same step taken without the skip guard."""
-    from sparsejax.config import TrainableConfig  # pylint: disable=g-import-not-at-top
-    from sparsejax.trainable import build_trainable  # pylint: disable=g-import-not-at-top
+    from sparsejax.config import TrainableConfig
+    from sparsejax.trainable import build_trainable
     cfg = TrainableConfig(sparsity=1.0 - density, mask_strategy=args.strategy, max_grad_norm=1.0,
                        backend=args.backends[0])
     trainable = build_trainable(cfg, shapes)
@@ -127,7 +129,7 @@ def trainer_step_row(shapes, params, compressed, density, args, k, n, dense_ms):
 def cond_guarded(inner, max_grad_norm):
     """The skip guard of earlier releases, for comparison: clipping, then one
     ``lax.cond`` around ``inner``'s unguarded, unclipped step (jitted, donated)."""
-    from sparsejax.optim.sparse import all_finite, clip_compressed  # pylint: disable=g-import-not-at-top
+    from sparsejax.optim.sparse import all_finite, clip_compressed
 
     def update(params, grads, state):
         g, _ = clip_compressed(grads, max_grad_norm)
@@ -221,8 +223,8 @@ def guard_bench(preset: str, args, device_kind: str) -> list[dict]:
         mask = jax.tree.map(jnp.asarray, sj.random_mask(shapes, 1.0 - density, seed=0,
                                                         strategy=args.strategy))
         compressed = jax.tree.map(gather, grads, mask)
-        make = lambda **kw: sj.fused_sparse_adamw(mask, 1e-4, master_weights=True,
-                                                  backend=args.backends[0], **kw)
+        make = functools.partial(sj.fused_sparse_adamw, mask, 1e-4, master_weights=True,
+                                 backend=args.backends[0])
         for r in guard_rows("fused sparse", params, compressed, make, args):
             rows.append(dict(preset=preset, params=n, density=density,
                              k=sj.num_active(mask), backend=args.backends[0], **r))
@@ -231,7 +233,7 @@ def guard_bench(preset: str, args, device_kind: str) -> list[dict]:
         trainer["ms_vs_no_guard"] = trainer["ms"] / rows[-3]["ms"]
         rows.append({**trainer, "preset": preset})
     if args.guards_dense_preset != "none":
-        from sparsejax.optim.dense import dense_adamw  # pylint: disable=g-import-not-at-top
+        from sparsejax.optim.dense import dense_adamw
         dense_preset = args.guards_dense_preset or preset
         if dense_preset != preset:
             del params, grads, compressed
@@ -333,18 +335,6 @@ def bench_preset(preset: str, args, device_kind: str) -> list[dict]:
     return rows
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=Path(__file__).resolve().parent, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True,
-                               cwd=Path(__file__).resolve().parent).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def write_result(record: dict, out: str | None, stem: str) -> Path:
     """Writes a benchmark's JSON ``record`` to ``out``, by default
     ``runs/benchmarks/<stem>_<device>.json`` (``cpu`` or the GPU's kind; the committed
@@ -438,8 +428,8 @@ def main(argv=None) -> int:
         "jaxlib": getattr(jax.lib, "__version__", None) or jax.__version__,
         "optax": optax.__version__,
         "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": provenance.git_commit(short=True),
         "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
         "args": vars(args),
         "results": rows,

@@ -29,11 +29,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_optimizer import write_result
 from tqdm import tqdm
 
-from bench_optimizer import git_commit, write_result  # pylint: disable=wrong-import-order
 from sparsejax import backends
 from sparsejax.kernels import cpu_sampled_product
+from sparsejax.runs import provenance
 
 SHAPES = {"q_proj 896x896": (896, 896), "k_proj 896x128": (896, 128),
           "up_proj 896x4864": (896, 4864), "down_proj 4864x896": (4864, 896),
@@ -115,8 +116,8 @@ def main(argv=None) -> int:
         "device": f"{device.platform}:{device.device_kind}",
         "host": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "jax": jax.__version__, "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": provenance.git_commit(short=True),
         "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
         "load_average": os.getloadavg(), "args": vars(args), "results": rows,
     }

@@ -42,7 +42,6 @@ import functools
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,6 +54,7 @@ from flax import nnx
 from sparsejax.generation import rollouts
 from sparsejax.generation import sampler as sampling
 from sparsejax.models import PRESETS, DecoderConfig, init_model
+from sparsejax.runs import provenance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
@@ -108,23 +108,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def gsm8k_prompt_lengths(count: int, seed: int) -> list[int]:
     """Token lengths of ``count`` GSM8K test prompts in the Qwen2.5 chat format."""
     path = os.path.join(SHARED, "data", "gsm8k", "test.jsonl")
     tok_dir = os.path.join(SHARED, "tokenizers", "qwen2.5")
     if not (os.path.exists(path) and os.path.isdir(tok_dir)):
         return np.random.default_rng(seed).integers(90, 180, count).tolist()
-    from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
+    from transformers import AutoTokenizer
 
-    from sparsejax.data.gsm8k import format_prompt  # pylint: disable=import-outside-toplevel
+    from sparsejax.data.gsm8k import format_prompt
     tok = AutoTokenizer.from_pretrained(tok_dir)
     with open(path, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
@@ -204,7 +196,7 @@ def run_batch(graphdef, params, config, work, sp, rows, key) -> dict:
         tokens, mask = sampling.left_pad(chunk, work["pad_id"])
         static = dict(sampling=sp, pad_id=work["pad_id"])
         t0 = time.perf_counter()
-        compiled = sampling._generate.lower(  # pylint: disable=protected-access
+        compiled = sampling._generate.lower(
             graphdef, params, tokens, mask, key, **static).compile()
         compile_s += time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -224,7 +216,7 @@ def run_batch(graphdef, params, config, work, sp, rows, key) -> dict:
                 kv_context_sum=ctx, lengths=np.concatenate(out_tokens))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _prefill_fn(graphdef, config):
     return jax.jit(lambda p, t, m: sampling.prefill(
         graphdef, p, t, m, sampling.init_cache(config, t.shape[0], t.shape[1]))[0])
@@ -257,10 +249,10 @@ def run_slots(graphdef, params, config, work, sp, slots, chunk, width_buckets, k
 
 
 def run_hf(graphdef, params, work, sp, seed) -> dict:
-    import torch  # pylint: disable=import-outside-toplevel
-    from transformers import AutoModelForCausalLM  # pylint: disable=import-outside-toplevel
+    import torch
+    from transformers import AutoModelForCausalLM
 
-    from sparsejax.models.hf_io import save_hf  # pylint: disable=import-outside-toplevel
+    from sparsejax.models.hf_io import save_hf
     with tempfile.TemporaryDirectory() as folder:
         save_hf(nnx.merge(graphdef, params), folder)
         hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -367,8 +359,8 @@ def main(argv=None) -> dict:
               f"{r['decode_step_ms']:>8.1f} {r['floor_step_ms']:>8.1f} "
               f"{r['compile_s']:>9.1f} {r['length_stats']['mean']:>8.1f}")
 
-    import flax  # pylint: disable=import-outside-toplevel
-    import transformers  # pylint: disable=import-outside-toplevel
+    import flax
+    import transformers
     report = {
         "benchmark": "bench_sampler", "model": name,
         "config": {k: str(v) for k, v in config.__dict__.items()},
@@ -385,8 +377,8 @@ def main(argv=None) -> dict:
                      "transformers": transformers.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
         "jax_version": jax.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "git_commit": git_commit(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(),
+        "git_commit": provenance.git_commit(),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "results": results,
     }

@@ -33,16 +33,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from bench_optimizer import write_result
 from flax import nnx
 from tqdm import tqdm
 
-from bench_optimizer import git_commit, write_result  # pylint: disable=wrong-import-order
 from sparsejax import backends, masks
 from sparsejax import sparse_backward as sparse_grads
 from sparsejax.models import config as model_config
 from sparsejax.models.decoder import init_model
 from sparsejax.models.logprobs import token_logprobs
 from sparsejax.optim.sparse import fused_sparse_adamw, gather
+from sparsejax.runs import provenance
 
 TINY = model_config.DecoderConfig(model_type="qwen2", vocab_size=256, hidden_size=32,
                                   intermediate_size=64, num_layers=1, num_heads=2,
@@ -230,8 +231,8 @@ def main(argv=None) -> int:
         "host": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "jax": jax.__version__, "optax": optax.__version__,
         "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": provenance.git_commit(short=True),
         "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
         "load_average": {"before": load_before, "after": load_after},
         "args": vars(args), "model": dataclasses.asdict(cfg), "results": rows,

@@ -8,7 +8,9 @@ The ``sparsejax dpo`` command as a script; the code, the flags and their help ar
     python experiments/dpo.py --config run.yaml        # settings from a file
 """
 
-from sparsejax.cli.dpo import cli, main  # noqa: F401
+from sparsejax.cli.dpo import cli, main
+
+__all__ = ["cli", "main"]
 
 if __name__ == "__main__":
     cli()

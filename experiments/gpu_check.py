@@ -40,8 +40,9 @@ import time
 import traceback
 from pathlib import Path
 
+from sparsejax.runs import provenance
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 #: (name, timeout on a GPU in s, timeout with --tiny in s). ``grpo`` runs as two
 #: processes (``grpo:sparse``, ``grpo:full``), each with this timeout.
@@ -68,7 +69,7 @@ def missing_packages(required: dict[str, str]) -> list[str]:
 
 
 def gpu_plugin_installed() -> bool:
-    import importlib.metadata  # pylint: disable=import-outside-toplevel
+    import importlib.metadata
     for name in GPU_PLUGINS:
         try:
             importlib.metadata.version(name)
@@ -102,20 +103,6 @@ def check_sparsejax_import() -> tuple[str | None, str | None]:
     return None, None
 
 
-def git_commit() -> str:
-    """``HEAD`` (``-dirty`` with uncommitted changes), or ``$SPARSEJAX_COMMIT`` without git."""
-    if os.environ.get("SPARSEJAX_COMMIT"):
-        return os.environ["SPARSEJAX_COMMIT"]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True, check=True, timeout=30).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=ROOT, capture_output=True, text=True, timeout=30).stdout
-        return sha + ("-dirty" if dirty.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 # ----------------------------------------------------------------------------- child
 
 
@@ -135,7 +122,7 @@ class PartContext:
 
 def run_part_here(name: str, out: Path, tiny: bool) -> int:
     """Runs part ``name`` in this process; its result goes to ``out/parts/NAME.json``."""
-    import gpu_check_parts as parts  # pylint: disable=import-outside-toplevel
+    import gpu_check_parts as parts
     ctx_file = out / "parts" / "_context.json"
     context = json.loads(ctx_file.read_text()) if ctx_file.exists() else {}
     ctx = PartContext(name, out, tiny, context)
@@ -148,8 +135,8 @@ def run_part_here(name: str, out: Path, tiny: bool) -> int:
         if {f"{name}:fail", f"{base}:fail"} & hooks:
             raise RuntimeError("failure injected by " + HOOK)
         fn = getattr(parts, f"run_{base}")
-        fn(ctx, variant) if variant else fn(ctx)  # pylint: disable=expression-not-assigned
-    except Exception as e:  # pylint: disable=broad-except
+        fn(ctx, variant) if variant else fn(ctx)
+    except Exception as e:
         ctx.result["error"] = f"{type(e).__name__}: {e}"
         ctx.result["traceback"] = traceback.format_exc()[-4000:]
         ctx.flush()
@@ -241,7 +228,7 @@ def collect(name: str, out: Path, status: str, rc: int | None, seconds: float,
 
 
 def write_report(out: Path, meta: dict, records: list[dict]) -> tuple[Path, Path]:
-    from gpu_check_report import markdown  # pylint: disable=import-outside-toplevel
+    from gpu_check_report import markdown
     js = out / "gpu_check.json"
     js.write_text(json.dumps({**meta, "parts": records}, indent=2, default=str) + "\n")
     md = out / "gpu_check.md"
@@ -305,7 +292,7 @@ def main(argv=None) -> int:
         missing.append(" or ".join(GPU_PLUGINS) + " (JAX's CUDA plugin)")
     if missing:
         print("gpu_check: missing packages: " + ", ".join(missing)
-              + " (offline install: see /work/notes/readme_gpu.md)", file=sys.stderr)
+              + " (offline install: see docs/gpu.md)", file=sys.stderr)
         return 2
     why, warning = check_sparsejax_import()
     if why:
@@ -314,7 +301,7 @@ def main(argv=None) -> int:
     if warning:
         print(f"gpu_check: warning: {warning}", file=sys.stderr)
     optional = [pip for mod, pip in OPTIONAL.items() if importlib.util.find_spec(mod) is None]
-    stamp = datetime.datetime.now(datetime.timezone.utc)
+    stamp = datetime.datetime.now(datetime.UTC)
     out = Path(args.out) if args.out else (
         ROOT / "experiments" / "results" / f"gpu_check_{'tiny' if args.tiny else 'gpu'}_"
         f"{stamp:%Y%m%d-%H%M%S}")
@@ -322,7 +309,7 @@ def main(argv=None) -> int:
         (out / sub).mkdir(parents=True, exist_ok=True)
     (out / "parts" / "_context.json").write_text("{}")
     meta = {"benchmark": "gpu_check", "mode": "tiny (CPU)" if args.tiny else "gpu",
-            "date": stamp.isoformat(timespec="seconds"), "commit": git_commit(),
+            "date": stamp.isoformat(timespec="seconds"), "commit": provenance.git_commit(),
             "command": "python " + " ".join([os.path.relpath(__file__, ROOT)]
                                             + (argv if argv is not None else sys.argv[1:])),
             "budget_s": args.budget_s, "missing_optional": optional,

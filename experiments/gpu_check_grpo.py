@@ -43,14 +43,15 @@ def distinct_chars_reward(completions, answers):
 
 def run_grpo(ctx, variant: str) -> None:
     """Steps of the real GRPOTrainer, random-init Qwen2.5-0.5B (tiny model with --tiny)."""
-    import jax  # pylint: disable=import-outside-toplevel
-    import numpy as np  # pylint: disable=import-outside-toplevel
-    from flax import nnx  # pylint: disable=import-outside-toplevel
-    from sparsejax.models import config as model_config  # pylint: disable=import-outside-toplevel
-    from sparsejax.models.decoder import init_model  # pylint: disable=import-outside-toplevel
-    from sparsejax.trainers import GRPOConfig, GRPOTrainer, TrainableConfig  # pylint: disable=import-outside-toplevel
-    from sparsejax.runs.reporting import peak_memory_bytes  # pylint: disable=import-outside-toplevel
-    from sparsejax.trainable.base import tree_bytes  # pylint: disable=import-outside-toplevel
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from sparsejax.models import config as model_config
+    from sparsejax.models.decoder import init_model
+    from sparsejax.runs.reporting import peak_memory_bytes
+    from sparsejax.trainable.base import tree_bytes
+    from sparsejax.trainers import GRPOConfig, GRPOTrainer, TrainableConfig
 
     if ctx.tiny:
         cfg = model_config.DecoderConfig(

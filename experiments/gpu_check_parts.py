@@ -14,6 +14,7 @@ touched-sector model of ``kernels/README.md``; the sampler's decode floor is
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import math
@@ -47,7 +48,7 @@ def versions() -> dict:
 
 
 def _median_s(fn, repeats: int) -> float:
-    import jax  # pylint: disable=import-outside-toplevel
+    import jax
     jax.block_until_ready(fn())
     times = []
     for _ in range(repeats):
@@ -62,7 +63,7 @@ def _median_s(fn, repeats: int) -> float:
 
 def _cuda_versions() -> dict:
     try:
-        from jax._src.lib import cuda_versions  # pylint: disable=import-outside-toplevel
+        from jax._src.lib import cuda_versions
     except ImportError:
         return {}
     if cuda_versions is None:
@@ -76,7 +77,7 @@ def _cuda_versions() -> dict:
         if fn is not None:
             try:
                 out[name.replace("_get_version", "").replace("_version", "_build")] = int(fn())
-            except Exception as e:  # pylint: disable=broad-except
+            except Exception as e:
                 out[name] = f"error: {e}"
     return out
 
@@ -104,8 +105,8 @@ def _nvidia_smi() -> str | None:
 
 def run_env(ctx) -> None:
     """Devices, memory, versions, and the two ceilings (copy bandwidth, bf16 matmul)."""
-    import jax  # pylint: disable=import-outside-toplevel
-    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    import jax
+    import jax.numpy as jnp
     res = ctx.result
     res["versions"] = versions()
     devs = jax.devices()
@@ -123,7 +124,7 @@ def run_env(ctx) -> None:
     n = (256 if gpu else 4) * 2**20  # float32 elements: 1 GiB on a GPU, 16 MiB on a CPU
     x = jax.random.normal(jax.random.key(0), (n,), jnp.float32)
     double = jax.jit(lambda a: a * 2)
-    s = _median_s(lambda: double(x), 10)
+    s = _median_s(functools.partial(double, x), 10)
     res["copy_gbps"] = 2 * x.nbytes / s / 1e9  # read + write
     del x
     m = 8192 if gpu else 256
@@ -137,7 +138,7 @@ def run_env(ctx) -> None:
         try:
             out = jax.nn.dot_product_attention(q, q, q, is_causal=True, implementation="cudnn")
             res["cudnn_attention"] = f"ran, finite={bool(jnp.isfinite(out).all())}"
-        except Exception as e:  # pylint: disable=broad-except
+        except Exception as e:
             res["cudnn_attention"] = f"failed: {str(e).splitlines()[0][:200]}"
     res["loaded_cuda_libraries"] = _loaded_cuda_libraries()
     cc = res["device"]["compute_capability"]
@@ -158,7 +159,7 @@ def run_env(ctx) -> None:
 
 def gpu_test_files() -> list[Path]:
     """Test files that hold a ``gpu``-marked test (a static scan: nothing is imported)."""
-    return sorted(p for p in (ROOT / "tests").glob("test_*.py")
+    return sorted(p for p in (ROOT / "tests").rglob("test_*.py")
                   if "pytest.mark.gpu" in p.read_text(encoding="utf-8"))
 
 
@@ -247,13 +248,13 @@ def _hbm_gbps(ctx) -> tuple[float | None, str]:
 
 def run_optimizer(ctx) -> None:
     """optax.adamw vs the fused sparse step (xla, pallas per tensor, pallas batched)."""
-    import jax  # pylint: disable=import-outside-toplevel
-    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-    import optax  # pylint: disable=import-outside-toplevel
-    sys.path.insert(0, str(EXPERIMENTS))
-    import bench_optimizer as bo  # pylint: disable=import-outside-toplevel
-    import sparsejax as sj  # pylint: disable=import-outside-toplevel
-    from sparsejax.optim.sparse import gather  # pylint: disable=import-outside-toplevel
+    import bench_optimizer as bo
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import sparsejax as sj
+    from sparsejax.optim.sparse import gather
 
     gpu = jax.devices()[0].platform == "gpu"
     presets = (["synthetic-tiny"] if ctx.tiny else
@@ -295,7 +296,7 @@ def run_optimizer(ctx) -> None:
             add(dict(base, density=1.0, k=n, method="optax.adamw", backend="xla", ms=ms,
                      speedup=1.0), moved)
             del state
-        except Exception as e:  # pylint: disable=broad-except
+        except Exception as e:
             dense_ms = None
             rows.append(dict(base, density=1.0, method="optax.adamw", backend="xla",
                              error=str(e).splitlines()[0][:300]))
@@ -322,7 +323,7 @@ def run_optimizer(ctx) -> None:
                     row["state_bytes"] = bo.nbytes(state)
                     del state
                     add(row, moved)
-                except Exception as e:  # pylint: disable=broad-except
+                except Exception as e:
                     row["error"] = str(e).splitlines()[0][:300]
                     rows.append(row)
                     ctx.flush()
@@ -454,4 +455,4 @@ def run_train_step(ctx) -> None:
         + f" {r['ms']:.1f} ms" for r in ctx.result["rows"] if r.get("ms") is not None)
 
 
-from gpu_check_grpo import run_grpo  # noqa: E402,F401  pylint: disable=wrong-import-position
+from gpu_check_grpo import run_grpo  # noqa: E402,F401

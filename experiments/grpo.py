@@ -10,7 +10,9 @@ The ``sparsejax grpo`` command as a script; the code, the flags and their help a
     python experiments/grpo.py --config run.yaml         # settings from a file
 """
 
-from sparsejax.cli.grpo import cli, main  # noqa: F401
+from sparsejax.cli.grpo import cli, main
+
+__all__ = ["cli", "main"]
 
 if __name__ == "__main__":
     cli()

@@ -5,10 +5,13 @@
 
     python experiments/grpo_gsm8k.py                                  # hub model + data
     python experiments/grpo_gsm8k.py --model ./Qwen2.5-0.5B-Instruct \\
-        --data-dir ../shared/data/gsm8k                                # local files
+        --data-dir ./gsm8k                                             # local files
 """
 
-from sparsejax.cli.grpo import gsm8k_cli, gsm8k_main as main  # noqa: F401
+from sparsejax.cli.grpo import gsm8k_cli as cli
+from sparsejax.cli.grpo import gsm8k_main as main
+
+__all__ = ["cli", "main"]
 
 if __name__ == "__main__":
-    gsm8k_cli()
+    cli()

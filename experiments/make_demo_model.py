@@ -30,11 +30,10 @@ import platform
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from sparsejax.cli.checks import check_number, check_out_dir_path  # noqa: E402
-from sparsejax.cli.exits import fail  # noqa: E402
+from sparsejax.cli.checks import check_number, check_out_dir_path
+from sparsejax.cli.exits import fail
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(os.path.dirname(HERE), "sparsejax", "demo")
 # Renders the conversation as the toy prompt: <bos>, then the user turns' text (no
 # role markers: the character vocabulary has only digits, "+" and "=").
@@ -72,12 +71,12 @@ def write_jsonl(path: str, problems) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    import jax  # pylint: disable=g-import-not-at-top
-    from flax import nnx  # pylint: disable=g-import-not-at-top
+    import jax
+    from flax import nnx
 
-    from sparsejax.runs import run_dir  # pylint: disable=g-import-not-at-top
-    from sparsejax.data import toy_task as tt  # pylint: disable=g-import-not-at-top
-    from sparsejax.models import init_model, save_hf  # pylint: disable=g-import-not-at-top
+    from sparsejax.data import toy_task as tt
+    from sparsejax.models import init_model, save_hf
+    from sparsejax.runs import run_dir
 
     t0 = time.perf_counter()
     tok = tt.build_tokenizer()
@@ -108,7 +107,7 @@ def main(argv=None) -> dict:
                 "dev_accuracy": history[-1]["accuracy"]},
         "test_accuracy": test_acc,
         "versions": {"python": platform.python_version(), "jax": jax.__version__},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - t0, 1),
     }
     with run_dir.atomic_folder(args.out) as folder:

@@ -47,15 +47,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # kernel, which has none).
 os.environ.setdefault("SPARSEJAX_CPU_KERNELS", "0")
 
-import argparse  # noqa: E402
-import functools  # noqa: E402
-import datetime  # noqa: E402
-import platform  # noqa: E402
-import subprocess  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import datetime
+import functools
+import platform
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sparsejax.cli.exits import fail  # noqa: E402
+from sparsejax.cli.exits import fail
+from sparsejax.runs import provenance
 
 GIB = 2**30
 HEADROOM = 0.95  # a "B GB" card is taken to fit a plan of at most 0.95 * B GiB
@@ -148,6 +146,7 @@ def plan_training(graphdef, params, sparse_cfg, grpo_cfg, mask, args) -> dict:
     """Per-part bytes and per-phase peaks of one training step (see the module docstring)."""
     import jax
     import jax.numpy as jnp
+
     from sparsejax.trainable import build_trainable
     from sparsejax.trainers.grpo_step import micro_batch_grads
 
@@ -196,6 +195,7 @@ def plan_sampler(graphdef, params, config, args) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
+
     from sparsejax.generation import rollouts
     from sparsejax.generation.sampler import SamplingParams, bucket_length
 
@@ -209,7 +209,7 @@ def plan_sampler(graphdef, params, config, args) -> dict:
     sds = jax.ShapeDtypeStruct
     prompts = sds((args.prompts_per_step, lp), jnp.int32)
     key = jax.eval_shape(lambda: jax.random.key(0))
-    fn = jax.jit(rollouts._rollout_program, static_argnums=0,  # pylint: disable=protected-access
+    fn = jax.jit(rollouts._rollout_program, static_argnums=0,
                  static_argnames=tuple(static))
     gen = memory(fn.lower(graphdef, params, prompts, prompts, key, **static).compile())
     itemsize = np.dtype(config.dtype).itemsize
@@ -227,6 +227,7 @@ def plan_decode_step(graphdef, params, config, args) -> dict:
     updated in place)."""
     import jax
     import jax.numpy as jnp
+
     from sparsejax.generation import sampler as sampling
 
     b, length = args.generation_batch_size, args.prompt_length + args.completion_length
@@ -239,18 +240,6 @@ def plan_decode_step(graphdef, params, config, args) -> dict:
             "compiled": step,
             "_extra": step["argument"] - tree_bytes(params) + step["output"] - step["alias"]
             + step["temp"]}
-
-
-def git_commit() -> str:
-    here = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=here, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, cwd=here).stdout.strip()
-        return head + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 ROWS = [("params", "params"), ("optimizer state", "optimizer_state"),
@@ -310,12 +299,14 @@ def format_table(plans: dict[str, dict], budgets: list[float]) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     import time
-    import jax
+
     import flax
+    import jax
     from flax import nnx
+
     from sparsejax import masks as masks_lib
-    from sparsejax.models.decoder import Decoder
     from sparsejax.config import GRPOConfig, TrainableConfig
+    from sparsejax.models.decoder import Decoder
     from sparsejax.runs.reporting import write_json
 
     t0 = time.perf_counter()
@@ -374,8 +365,8 @@ def main(argv=None) -> int:
         "versions": {"jax": jax.__version__, "flax": flax.__version__,
                      "python": platform.python_version()},
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(), "command": " ".join(["python"] + sys.argv),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": provenance.git_commit(short=True), "command": " ".join(["python"] + sys.argv),
         "config": {k: v for k, v in vars(args).items() if k != "budget_list"},
         "model": {"preset": args.preset, "num_params": config.num_params(),
                   "num_layers": config.num_layers},

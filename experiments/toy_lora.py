@@ -8,14 +8,15 @@ random mask, all from the same SFT base and with the same GRPO settings:
    accuracy on a few-shot split of its own (disjoint from the SFT-dev, test and GRPO
    prompts); written to ``<out-dir>/lora_ratios.json`` (the ``--lora-ratios FILE``
    format the trainers take);
-2. **arms** (:func:`arm_updater`), each built by the trainers' own flag path
+2. **arms** (:func:`arm_trainable`), each built by the trainers' own flag path
    (an :class:`~sparsejax.config.AdapterConfig`, checked as the ``--adapter`` flags are, and
    ``sparsejax.trainable.build_trainable`` -> :class:`sparsejax.trainable.LoraAdapter`
    with a :mod:`sparsejax.lora` mask), so the toy runs exactly what
    ``grpo.py --adapter ...`` runs: dense LoRA; masked LoRA (random factor masks at
    one fixed density); masked LoRA at one uniform density with Partial-LoRA's
-   budget (:func:`matched_density`: is the per-layer ratio what matters?); Partial-LoRA (random factor masks at the derived per-kernel
-   ratios); Targeted-LoRA (the most important factor entries at the same ratios);
+   budget (:func:`matched_density`: is the per-layer ratio what matters?);
+   Partial-LoRA (random factor masks at the derived per-kernel ratios);
+   Targeted-LoRA (the most important factor entries at the same ratios);
 3. **seeds**: every arm (full FT and the 99% mask included) runs once per seed ``s``
    of ``lora_seeds``, with GRPO sampling seed ``seed + s`` and adapter init / mask
    seed ``s``, so the mean and spread are over sampling and init together.
@@ -33,6 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from toy_runs import Experiment, RunResult, device_copy, fmt_pct
 from tqdm import tqdm
 
 from sparsejax import lora
@@ -40,7 +42,6 @@ from sparsejax.cli.checks import check_ratios_file
 from sparsejax.config import AdapterConfig
 from sparsejax.data import toy_task as tt
 from sparsejax.trainable.lora import LoraAdapter
-from toy_runs import Experiment, RunResult, device_copy, fmt_pct
 
 # (arm key, --adapter value, label) in the order of the table.
 ARMS = (("full", None, "full FT"), ("random99", None, "random 99% mask"),
@@ -102,7 +103,7 @@ def matched_density(ratios: lora.Ratios) -> float:
     return sum((1 - r) * sizes[p] for p, r in ratios.ratios.items()) / sum(sizes.values())
 
 
-def arm_updater(exp: Experiment, arm: str, lr: float, *, seed: int,
+def arm_trainable(exp: Experiment, arm: str, lr: float, *, seed: int,
                 ratios_path: str | None) -> LoraAdapter:
     """The :class:`~sparsejax.trainable.LoraAdapter` of a LoRA arm (the scripts' own path)."""
     adapter = dict((k, a) for k, a, _ in ARMS)[arm]
@@ -111,7 +112,7 @@ def arm_updater(exp: Experiment, arm: str, lr: float, *, seed: int,
         density = exp.p.lora_density
     elif arm == "uniform_lora":
         density = matched_density(lora.load_ratios(ratios_path, exp.base))
-    from sparsejax.trainable import build_trainable  # pylint: disable=import-outside-toplevel
+    from sparsejax.trainable import build_trainable
     config = adapter_config(exp, adapter, seed=seed, density=density,
                             ratios_path=None if adapter == "lora" else ratios_path)
     return build_trainable(exp.sparse_config(0.0, lr), device_copy(exp.base), adapter=config)
@@ -140,7 +141,7 @@ def run_lora_section(exp: Experiment, lrs: dict[float, float], lora_lr: float,
     per_arm: dict[str, list[RunResult]] = {k: [] for k, _, _ in ARMS}
     for s in p.lora_seeds:
         sampling = exp.seed + s
-        for arm, adapter, label in ARMS:
+        for arm, _, label in ARMS:
             if (ratios is None and arm in ("uniform_lora", "partial_lora", "targeted_lora")) or (
                     arms is not None and arm not in arms):
                 continue
@@ -155,7 +156,7 @@ def run_lora_section(exp: Experiment, lrs: dict[float, float], lora_lr: float,
                 r = exp.run(name, "random", 0.99, lrs[0.99], mask_seed=s,
                             sampling_seed=sampling)[0]
             else:
-                trainable = arm_updater(exp, arm, lora_lr, seed=s, ratios_path=ratios_path)
+                trainable = arm_trainable(exp, arm, lora_lr, seed=s, ratios_path=ratios_path)
                 n_lora = trainable.num_trainable(None)
                 full_lora = lora.num_parameters(trainable.initial_adapters)
                 r = exp.run(name, arm, 1.0 - n_lora / full_lora, lora_lr, mask_seed=s,

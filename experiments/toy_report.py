@@ -12,14 +12,14 @@ import os
 from typing import Any
 
 import numpy as np
-
 from toy_runs import fmt_pct
+
 
 def verdicts(m: dict[str, Any]) -> dict[str, str]:
     """One line per measurement present in ``m``, from the numbers."""
     out = sparse_verdicts(m) if "a" in m else {}
     if "h" in m:
-        from toy_lora import lora_verdict  # pylint: disable=import-outside-toplevel
+        from toy_lora import lora_verdict
         out["h"] = lora_verdict(m["h"])
     return out
 
@@ -97,10 +97,10 @@ def write_markdown(path: str, res: dict[str, Any]) -> None:
     if "a" in m:
         lines += sparse_markdown(m, v)
     if "h" in m:
-        from toy_lora import lora_markdown  # pylint: disable=import-outside-toplevel
+        from toy_lora import lora_markdown
         lines += lora_markdown(m["h"], v["h"])
     lines += ["Plots: `accuracy_vs_step.png`, `accuracy_vs_trainable.png`.", ""]
-    from sparsejax.runs import run_dir  # pylint: disable=g-import-not-at-top
+    from sparsejax.runs import run_dir
     run_dir.atomic_write_text(path, "\n".join(lines))
 
 
@@ -172,9 +172,9 @@ def sparse_markdown(m: dict[str, Any], v: dict[str, str]) -> list[str]:
 def plot(out_dir: str, res: dict[str, Any]) -> list[str]:
     """``accuracy_vs_step.png`` (every run's curve) and ``accuracy_vs_trainable.png``
     (final accuracy against the trainable fraction, one marker per kind of run)."""
-    import matplotlib  # pylint: disable=g-import-not-at-top
+    import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+    import matplotlib.pyplot as plt
     paths = []
     fig, ax = plt.subplots(figsize=(9, 4.5))
     colors = plt.get_cmap("tab20").colors

@@ -49,9 +49,8 @@ import tempfile
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sparsejax.cli.checks import check_number, check_out_dir_path, check_report_to_flag  # noqa: E402
-from sparsejax.cli.exits import fail  # noqa: E402
+from sparsejax.cli.checks import check_number, check_out_dir_path, check_report_to_flag
+from sparsejax.cli.exits import fail
 
 SECTIONS = ("all", "sparse", "lora")
 # LoRA arms (h): one LR for dense, masked, Partial- and Targeted-LoRA. Chosen by a 60-step
@@ -105,16 +104,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 if __name__ == "__main__":
     parse_args()  # --help and bad flags answer before jax is imported
 
-# pylint: disable=wrong-import-position
-import jax  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
-from sparsejax.data import toy_task as tt  # noqa: E402
-from sparsejax.runs.reporting import to_python  # noqa: E402
+import jax  # noqa: E402
 from toy_lora import run_lora_section  # noqa: E402
 from toy_report import plot, verdicts, write_markdown  # noqa: E402
 from toy_runs import Experiment, RunResult, sparsity_name  # noqa: E402
 from toy_sparse import planned_runs, run_sparse_sections  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from sparsejax.data import toy_task as tt  # noqa: E402
+from sparsejax.runs import provenance  # noqa: E402
+from sparsejax.runs.reporting import to_python  # noqa: E402
 
 # Learning rate per sparsity. The Multiple Ticket paper uses 1e-6 for full finetuning
 # and 1e-4 at 99% up to 1e-2 at 99.999% (Qwen2.5, GSM8K). We keep the monotone trend:
@@ -178,17 +178,6 @@ QUICK = Preset(
 # ----------------------------------------------------------------------------- main
 
 
-def git_commit() -> str | None:
-    """The checkout's HEAD commit (None outside a git checkout)."""
-    import subprocess  # pylint: disable=import-outside-toplevel
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True, timeout=10,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     preset = QUICK if args.quick else DEFAULT
@@ -203,8 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # One run per folder at a time; Ctrl-C / SIGTERM stop it with one line. The run keeps
     # no checkpoints (it is a few minutes and deterministic: rerun it), and its result
     # files are each written whole, so a stop leaves the previous results or the new ones.
-    from sparsejax.runs import run_dir  # pylint: disable=g-import-not-at-top
-    from sparsejax.runs import signals  # pylint: disable=g-import-not-at-top
+    from sparsejax.runs import run_dir, signals
     signals.install()
     run_dir.lock(out_dir)
     progress = not args.no_progress
@@ -213,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sparse_on, lora_on = args.sections in ("all", "sparse"), args.sections in ("all", "lora")
     t_start = time.perf_counter()
 
-    from sparsejax.runs.metric_writers import create_writer  # pylint: disable=g-import-not-at-top
+    from sparsejax.runs.metric_writers import create_writer
     stale = os.path.join(out_dir, "metrics.jsonl")  # the writer appends: start afresh
     if os.path.exists(stale):
         os.remove(stale)
@@ -249,11 +237,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     command = "python experiments/toy_rlvr.py" + (" " + " ".join(sys.argv[1:])
                                                   if argv is None and sys.argv[1:] else "")
-    import flax  # pylint: disable=import-outside-toplevel
+    import flax
     res = {
         "command": command if argv is None else "toy_rlvr.main(" + repr(argv) + ")",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": provenance.git_commit(),
         "device": f"{jax.devices()[0].platform} ({platform.processor() or platform.machine()}, "
                   f"{os.cpu_count()} cores)",
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
@@ -292,7 +280,7 @@ if __name__ == "__main__":
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(getattr(stop, "exit_code", 130))
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
         run_dir_mod = sys.modules.get("sparsejax.runs.run_dir")
         if run_dir_mod is None or not isinstance(e, run_dir_mod.RunError):
             raise

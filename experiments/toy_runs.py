@@ -25,7 +25,6 @@ from sparsejax.data import toy_task as tt
 from sparsejax.models import init_model
 from sparsejax.trainers import GRPOConfig, GRPOTrainer, TrainableConfig
 
-
 # ----------------------------------------------------------------------------- helpers
 
 

@@ -18,11 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from toy_runs import Experiment, RunResult, device_copy, sparsity_name, total_params
 
 from sparsejax import analysis
 from sparsejax import masks as masks_lib
 from sparsejax.models import save_hf
-from toy_runs import Experiment, RunResult, device_copy, sparsity_name, total_params
 
 
 def planned_runs(preset: Any) -> int:

@@ -22,9 +22,8 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 
-from sparsejax.optim.adamw_math import IndexedStep, adamw_math
-
 from sparsejax.config.names import BACKENDS
+from sparsejax.optim.adamw_math import IndexedStep, adamw_math
 
 
 def xla_indexed_adamw_step(param, grad, indices, mu, nu, master, scalars, *,
@@ -79,7 +78,7 @@ def indexed_step_fn(backend: str) -> IndexedStep:
     backend = resolve_backend(backend)
     if backend == "xla":
         return xla_indexed_adamw_step
-    from sparsejax.kernels import indexed_adamw  # pylint: disable=g-import-not-at-top
+    from sparsejax.kernels import indexed_adamw
     interpret = backend == "interpret"
 
     def step(param, grad, indices, mu, nu, master, scalars, *,
@@ -176,7 +175,7 @@ def _xla_token_major(x, dy, a, b):
 
 def _xla_or_cpu_kernel(x, dy, a, b):
     """The C++ kernel where XLA runs on the CPU and the kernel builds, else XLA's gather."""
-    from sparsejax.kernels import cpu_sampled_product  # pylint: disable=g-import-not-at-top
+    from sparsejax.kernels import cpu_sampled_product
     if not cpu_sampled_product.available():
         return _xla_token_major(x, dy, a, b)
     return jax.lax.platform_dependent(x, dy, a, b, cpu=cpu_sampled_product.sampled_product,
@@ -196,7 +195,7 @@ def sampled_product_fn(backend: str) -> SampledProduct:
     backend = resolve_backend(backend)
     if backend == "xla":
         return _xla_or_cpu_kernel
-    from sparsejax.kernels import sampled_matmul  # pylint: disable=g-import-not-at-top
+    from sparsejax.kernels import sampled_matmul
     interpret = backend == "interpret"
     return lambda x, dy, a, b: sampled_matmul.sampled_product(x.T, dy.T, a, b,
                                                               interpret=interpret)

@@ -46,11 +46,9 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax import backends
-from sparsejax.models.ops import (dense_matmul, flat_tokens, gather_rows, is_low_precision,
-                                  low_precision_dx)
-from sparsejax.parallel import sharding
+from sparsejax.models.ops import dense_matmul, flat_tokens, gather_rows, is_low_precision, low_precision_dx
 from sparsejax.optim.sparse import gather_bits, scatter
-
+from sparsejax.parallel import sharding
 from sparsejax.types import PyTree
 
 __all__ = ["SparseWeight", "attach", "value_and_grad", "compressed_values", "use_sparse_grads",
@@ -78,7 +76,7 @@ def use_sparse_grads(setting: str, density: float, backend: str = "auto") -> boo
     on_gpu = backends.resolve_backend(backend) == "pallas" or jax.default_backend() == "gpu"
     if on_gpu:
         return density <= AUTO_MAX_DENSITY["gpu"]
-    from sparsejax.kernels import cpu_sampled_product  # pylint: disable=g-import-not-at-top
+    from sparsejax.kernels import cpu_sampled_product
     return density <= AUTO_MAX_DENSITY["cpu" if cpu_sampled_product.available() else "cpu_xla"]
 
 
@@ -118,7 +116,7 @@ class SparseWeight:
         return self.weight.dtype
 
     @property
-    def T(self) -> SparseWeight:  # pylint: disable=invalid-name
+    def T(self) -> SparseWeight:
         return SparseWeight(self.weight, self.indices, self.values, not self.transposed,
                             self.backend, self.mesh)
 

@@ -10,8 +10,9 @@ import re
 from pathlib import Path
 
 import pytest
+from paths import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 README_MAX_LINES = 350

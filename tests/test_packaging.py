@@ -8,10 +8,10 @@ import tomllib
 from pathlib import Path
 
 import pytest
-
+from paths import REPO
 from tiny_models import save_tiny_qwen2
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 
 
 def _python(code: str, cwd: Path, *flags: str) -> list[str]:

@@ -66,12 +66,12 @@ def _write_json(path: str, data: dict[str, Any]) -> None:
             json.dump(data, f, indent=2)
             f.write("\n")
     except OSError as e:
-        from sparsejax.analysis.checkpoints import AnalysisError  # pylint: disable=g-import-not-at-top
+        from sparsejax.analysis.checkpoints import AnalysisError
         raise AnalysisError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def _run(args: argparse.Namespace) -> None:
-    from sparsejax.analysis import overlap, update_sparsity  # pylint: disable=g-import-not-at-top
+    from sparsejax.analysis import overlap, update_sparsity
     if args.command == "diff":
         report = update_sparsity.diff_checkpoints(
             args.a, args.b, atol=args.atol, dtype=args.dtype, rank=args.rank,
@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "diff" and not (math.isfinite(args.atol) and args.atol >= 0):
         print(f"error: --atol must be a finite number >= 0, got {args.atol}", file=sys.stderr)
         return 2
-    from sparsejax.analysis.checkpoints import AnalysisError  # pylint: disable=g-import-not-at-top
+    from sparsejax.analysis.checkpoints import AnalysisError
     try:
         _run(args)
     except AnalysisError as e:

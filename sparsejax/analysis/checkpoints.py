@@ -91,7 +91,7 @@ class CheckpointReader:
                 raise AnalysisError(f"cannot open {path}: {e}") from None
         return self._handles[path]
 
-    def __enter__(self) -> "CheckpointReader":
+    def __enter__(self) -> CheckpointReader:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -18,8 +18,7 @@ import os
 from typing import Any
 
 from sparsejax.analysis.checkpoints import AnalysisError
-from sparsejax.masks import (intersection_size, jaccard, load_mask, num_active, overlap,
-                             random_baselines)
+from sparsejax.masks import intersection_size, jaccard, load_mask, num_active, overlap, random_baselines
 
 
 @dataclasses.dataclass

@@ -47,7 +47,6 @@ import jax
 import numpy as np
 
 from sparsejax.analysis.checkpoints import AnalysisError, CheckpointReader
-
 from sparsejax.types import PyTree
 
 

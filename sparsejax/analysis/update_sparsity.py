@@ -382,7 +382,7 @@ def diff_checkpoints(a: str | os.PathLike[str], b: str | os.PathLike[str], *,
 def _progress(names: list[str], enabled: bool) -> Iterable[str]:
     if not enabled:
         return names
-    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+    from tqdm.auto import tqdm
     return tqdm(names, desc="tensors", unit="tensor", leave=False)
 
 

@@ -175,13 +175,13 @@ def check_ratios_file(path: str | None) -> None:
 
 def check_report_to_flag(args: argparse.Namespace) -> tuple[str, ...]:
     """The writer names of ``--report-to`` (known names, their packages installed)."""
-    from sparsejax.runs.metric_writers import check_report_to  # pylint: disable=g-import-not-at-top
+    from sparsejax.runs.metric_writers import check_report_to
     return check_report_to(args.report_to)
 
 
 def check_distributed_args(args: argparse.Namespace) -> None:
     """Raises ValueError naming the flag for bad or incomplete launch settings."""
-    from sparsejax.parallel.distributed import launch_settings  # pylint: disable=g-import-not-at-top
+    from sparsejax.parallel.distributed import launch_settings
     launch_settings(getattr(args, "coordinator_address", None),
                     getattr(args, "num_processes", None), getattr(args, "process_id", None))
 

@@ -83,11 +83,11 @@ def given_dests(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
 
 
 def _action(parser: argparse.ArgumentParser, dest: str) -> argparse.Action:
-    return next(a for a in parser._actions if a.dest == dest)  # pylint: disable=protected-access
+    return next(a for a in parser._actions if a.dest == dest)
 
 
 def _is_append(parser: argparse.ArgumentParser, dest: str) -> bool:
-    return isinstance(_action(parser, dest), argparse._AppendAction)  # pylint: disable=protected-access
+    return isinstance(_action(parser, dest), argparse._AppendAction)
 
 
 def read(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
@@ -97,7 +97,7 @@ def read(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
         ValueError: one line naming the file (and the key) for an unreadable file, a file
             that is not a mapping, an unknown key or a value of the wrong type or choice.
     """
-    import yaml  # pylint: disable=g-import-not-at-top
+    import yaml
     try:
         with open(os.path.expanduser(path), encoding="utf-8") as f:
             doc = yaml.safe_load(f)
@@ -131,13 +131,13 @@ def _value(parser: argparse.ArgumentParser, dest: str, value: Any) -> Any:
     """``value`` from a file as the flag of ``dest`` would give it (raises ValueError)."""
     action = _action(parser, dest)
     spec = flag_spec(parser, dest)
-    if isinstance(action, argparse._AppendAction):  # pylint: disable=protected-access
+    if isinstance(action, argparse._AppendAction):
         items = value if isinstance(value, list) else [value]
         if value is None:
             return None
         return [_one(action, spec, item) for item in items]
     if isinstance(action, (argparse.BooleanOptionalAction,
-                           argparse._StoreTrueAction)):  # pylint: disable=protected-access
+                           argparse._StoreTrueAction)):
         if not isinstance(value, bool):
             raise ValueError(f"expected true or false, got {value!r}")
         return value
@@ -185,7 +185,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def dump(args: argparse.Namespace, path: str) -> str:
     """The YAML text of ``args``'s settings, with a header naming ``path``."""
-    import yaml  # pylint: disable=g-import-not-at-top
+    import yaml
     return HEADER.format(path=path) + yaml.safe_dump(settings(args), sort_keys=False,
                                                      default_flow_style=False)
 
@@ -193,7 +193,7 @@ def dump(args: argparse.Namespace, path: str) -> str:
 def save(args: argparse.Namespace, out_dir: str) -> str:
     """Writes ``<out_dir>/config.yaml`` (whole, temp + rename); returns its path. Call on
     process 0 after the run folder is locked."""
-    from sparsejax.runs import run_dir  # pylint: disable=g-import-not-at-top
+    from sparsejax.runs import run_dir
     path = os.path.join(out_dir, CONFIG_NAME)
     run_dir.atomic_write_text(path, dump(args, path))
     return path

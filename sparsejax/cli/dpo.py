@@ -66,13 +66,13 @@ def load_pairs(name: str, split: str, limit: int | None) -> list[dict[str, Any]]
         if not os.path.isfile(path):
             raise ValueError(f"dataset file {path!r} not found")
         check_jsonl(path)  # names the file and line of a bad record, or an empty file
-        from sparsejax.data.jsonl import read_jsonl  # pylint: disable=g-import-not-at-top
+        from sparsejax.data.jsonl import read_jsonl
         rows = read_jsonl(path)
     else:
-        import datasets  # pylint: disable=g-import-not-at-top
+        import datasets
         try:
             ds = datasets.load_dataset(name, split=split)
-        except Exception as e:  # pylint: disable=broad-except  # hub/network/split errors
+        except Exception as e:  # hub/network/split errors
             raise ValueError(f"cannot load dataset {name!r} split {split!r}: "
                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
         if limit is not None:
@@ -100,7 +100,7 @@ def eval_pairs_of(args: argparse.Namespace) -> list[dict[str, Any]] | None:
 
 def check_pairs(pairs: list[dict[str, Any]], what: str) -> None:
     """Raises ValueError naming the first pair without usable prompt/chosen/rejected."""
-    from sparsejax.trainers.dpo import split_pair  # pylint: disable=g-import-not-at-top
+    from sparsejax.trainers.dpo import split_pair
     for i, pair in enumerate(pairs):
         if not isinstance(pair, dict):
             raise ValueError(f"{what} pair {i} is not an object")
@@ -134,15 +134,16 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             return 0
         mesh = training.run_mesh(args)  # after jax.distributed starts: it sees every device
         if mesh is not None:
-            from sparsejax.parallel import sharding  # pylint: disable=g-import-not-at-top
+            from sparsejax.parallel import sharding
             sharding.check_batch("--micro-batch-size", args.micro_batch_size, mesh)
     except ValueError as e:
         fail(str(e))
 
     # Heavy imports after the argument and data checks, so mistakes answer at once.
-    import jax  # pylint: disable=g-import-not-at-top
-    from sparsejax.cli.loading import load_model_and_tokenizer  # pylint: disable=g-import-not-at-top
-    from sparsejax.trainers.dpo import DPOTrainer  # pylint: disable=g-import-not-at-top
+    import jax
+
+    from sparsejax.cli.loading import load_model_and_tokenizer
+    from sparsejax.trainers.dpo import DPOTrainer
     try:
         graphdef, params, tokenizer = load_model_and_tokenizer(args, mesh)
     except ValueError as e:

@@ -42,7 +42,7 @@ def run_main(main: Callable[[], int]) -> None:
         code = getattr(e, "exit_code", EXIT_SIGINT)
         print(e.message() if hasattr(e, "message") else "interrupted; resume with --resume",
               file=sys.stderr)
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
         run_dir = sys.modules.get("sparsejax.runs.run_dir")
         if run_dir is None or not isinstance(e, run_dir.RunError):
             raise
@@ -51,7 +51,7 @@ def run_main(main: Callable[[], int]) -> None:
     else:
         # The run is done (its outputs are on disk): a signal during the interpreter's
         # shutdown must not turn a finished run into a failed one.
-        import signal  # pylint: disable=g-import-not-at-top
+        import signal
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
         sys.exit(code)

@@ -204,12 +204,12 @@ def flag_message(message: str, classes: Iterable[type],
 
 def dests(parser: argparse.ArgumentParser) -> list[str]:
     """The settings of ``parser``: every dest but ``help`` and ``config``."""
-    return [a.dest for a in parser._actions  # pylint: disable=protected-access
+    return [a.dest for a in parser._actions
             if a.dest not in ("help", "config") and a.dest != argparse.SUPPRESS]
 
 
 def flag_spec(parser: argparse.ArgumentParser, dest: str) -> FlagSpec | None:
-    for action in parser._actions:  # pylint: disable=protected-access
+    for action in parser._actions:
         if action.dest == dest:
             return getattr(action, "flag_spec", None)
     return None

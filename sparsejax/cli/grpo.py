@@ -36,9 +36,19 @@ from sparsejax.cli.checks import check_inputs, flag
 from sparsejax.cli.exits import fail, run_main
 from sparsejax.cli.flags import add_flags, build, specs
 from sparsejax.cli.settings import GRPODataArgs, TaskDataArgs
-from sparsejax.cli.tasks import (DEMO_DIR, TASK_NAMES, build_reward, check_data_dir,  # noqa: F401
-                                 data_is_local, data_sources, demo_presets, demo_summary,
-                                 load_data, reward_specs, run_identity)
+from sparsejax.cli.tasks import (  # noqa: F401
+    DEMO_DIR,
+    TASK_NAMES,
+    build_reward,
+    check_data_dir,
+    data_is_local,
+    data_sources,
+    demo_presets,
+    demo_summary,
+    load_data,
+    reward_specs,
+    run_identity,
+)
 from sparsejax.config import GRPOConfig
 
 GSM8K_DOC = """GRPO on GSM8K with sparse (default: 1% of the weights) or full finetuning.
@@ -52,7 +62,7 @@ gsm8k`` (one implementation): other tasks, datasets and rewards go through grpo.
 
     python experiments/grpo_gsm8k.py                                  # hub model + data
     python experiments/grpo_gsm8k.py --model ./Qwen2.5-0.5B-Instruct \\
-        --data-dir ../shared/data/gsm8k                                # local files
+        --data-dir ./gsm8k                                             # local files
 """
 
 
@@ -107,7 +117,7 @@ def main(argv: Sequence[str] | None = None, task: str | None = None,
             return 0
         mesh = training.run_mesh(args)  # after jax.distributed starts: it sees every device
         if mesh is not None:
-            from sparsejax.parallel import sharding  # pylint: disable=g-import-not-at-top
+            from sparsejax.parallel import sharding
             for name in ("micro_batch_size", "prompts_per_step"):
                 sharding.check_batch(flag(name), getattr(args, name), mesh)
             sharding.check_batch("--generation-batch-size", min(
@@ -118,11 +128,12 @@ def main(argv: Sequence[str] | None = None, task: str | None = None,
         fail(str(e))
 
     # Heavy imports after argument checks, so --help and bad flags answer at once.
-    import jax  # pylint: disable=g-import-not-at-top
-    from flax import nnx  # pylint: disable=g-import-not-at-top
-    from sparsejax.cli.loading import load_model_and_tokenizer  # pylint: disable=g-import-not-at-top
-    from sparsejax.data.dataset import render_prompts  # pylint: disable=g-import-not-at-top
-    from sparsejax.trainers.grpo import GRPOTrainer  # pylint: disable=g-import-not-at-top
+    import jax
+    from flax import nnx
+
+    from sparsejax.cli.loading import load_model_and_tokenizer
+    from sparsejax.data.dataset import render_prompts
+    from sparsejax.trainers.grpo import GRPOTrainer
     try:
         graphdef, params, tokenizer = load_model_and_tokenizer(args, mesh)
     except ValueError as e:

@@ -17,20 +17,21 @@ def load_model_and_tokenizer(args: argparse.Namespace, mesh: Any = None
 
     Raises ValueError with a one-line message naming the model or the tokenizer.
     """
-    from flax import nnx  # pylint: disable=g-import-not-at-top
-    from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
-    from sparsejax.models import load_hf  # pylint: disable=g-import-not-at-top
+    from flax import nnx
+    from transformers import AutoTokenizer
+
+    from sparsejax.models import load_hf
 
     try:
-        from sparsejax.models.hf_io import hf_param_shardings  # pylint: disable=g-import-not-at-top
+        from sparsejax.models.hf_io import hf_param_shardings
         model = load_hf(args.model, param_dtype=args.dtype, sharding=hf_param_shardings(
             args.model, mesh, param_dtype=args.dtype))
-    except Exception as e:  # pylint: disable=broad-except  # any unusable model: one line
+    except Exception as e:  # any unusable model: one line
         raise ValueError(f"cannot load model {args.model!r}: {first_line(e)}") from e
     name = args.tokenizer or args.model
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
         raise ValueError(f"cannot load tokenizer {name!r}"
                          f"{' (--tokenizer)' if args.tokenizer else ''}: {first_line(e)}"
                          ) from e

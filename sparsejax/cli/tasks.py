@@ -40,7 +40,7 @@ def check_data_dir(args: argparse.Namespace) -> None:
     """``--data-dir``: the task's train.jsonl and test.jsonl, with the fields it reads."""
     if args.data_dir is None:
         return
-    from sparsejax.data.presets import get_task  # pylint: disable=g-import-not-at-top
+    from sparsejax.data.presets import get_task
     preset = get_task(args.task)
     for split, spec in (("train", preset.train), ("test", preset.eval)):
         path = os.path.join(args.data_dir, f"{split}.jsonl")
@@ -56,14 +56,14 @@ def reward_specs(args: argparse.Namespace) -> list[str]:
     """``--reward`` as given, else the task's reward."""
     if args.reward:
         return list(args.reward)
-    from sparsejax.data.presets import get_task  # pylint: disable=g-import-not-at-top
+    from sparsejax.data.presets import get_task
     return [get_task(args.task).reward]
 
 
 def build_reward(specs: list[str]) -> Any:
     """One :class:`~sparsejax.rewards.CombinedReward` of the ``--reward`` values; a user
     function's term is named after the function (its metric: ``reward/<function>``)."""
-    from sparsejax import rewards  # pylint: disable=g-import-not-at-top
+    from sparsejax import rewards
     terms = [rewards.parse_reward_spec(s) for v in specs for s in v.split(",") if s.strip()]
     if not terms:
         raise ValueError("--reward: no reward given")
@@ -77,8 +77,8 @@ def build_reward(specs: list[str]) -> Any:
 
 def data_sources(args: argparse.Namespace) -> dict[str, dict[str, Any] | None]:
     """``{"train": kwargs, "eval": kwargs or None}`` for :func:`load_prompt_dataset`."""
-    from sparsejax.data.gsm8k import BOXED_INSTRUCTION  # pylint: disable=g-import-not-at-top
-    from sparsejax.data.presets import get_task  # pylint: disable=g-import-not-at-top
+    from sparsejax.data.gsm8k import BOXED_INSTRUCTION
+    from sparsejax.data.presets import get_task
     preset = get_task(args.task) if args.task else None
     instruction = args.instruction
     if instruction is None:
@@ -126,8 +126,8 @@ def data_is_local(args: argparse.Namespace) -> bool:
 def load_data(args: argparse.Namespace) -> dict[str, tuple[list, list[str]] | None]:
     """``{"train": (messages, answers), "eval": ... or None}``; GSM8K golds reduced to the
     number after ``####`` (what the reward and the logs show)."""
-    from sparsejax.data.dataset import load_prompt_dataset  # pylint: disable=g-import-not-at-top
-    from sparsejax.data.gsm8k import parse_gold_answer  # pylint: disable=g-import-not-at-top
+    from sparsejax.data.dataset import load_prompt_dataset
+    from sparsejax.data.gsm8k import parse_gold_answer
     out = {}
     for which, kw in data_sources(args).items():
         if kw is None:
@@ -148,7 +148,7 @@ def run_identity(args: argparse.Namespace, reward: Any,
     is not the task's own."""
     info = {"model": args.model, "tokenizer": args.tokenizer or args.model,
             "system_prompt": args.system_prompt, **(adapter_info or {})}
-    from sparsejax.data.presets import get_task  # pylint: disable=g-import-not-at-top
+    from sparsejax.data.presets import get_task
     default = [(get_task(args.task).reward, 1.0)] if args.task else None
     terms = [(name, weight) for name, _, weight in reward.components]
     if terms != default:
@@ -159,7 +159,7 @@ def run_identity(args: argparse.Namespace, reward: Any,
 def demo_summary(out_dir: str, seconds: float) -> str:
     """Lines that show what the demo did: train reward at the start and the end, the
     evaluations, the shipped model's accuracy, the outputs, the wall time."""
-    from sparsejax.runs.reporting import read_metrics  # pylint: disable=g-import-not-at-top
+    from sparsejax.runs.reporting import read_metrics
     rows = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
     train = [r["reward_mean"] for r in rows if r.get("kind") == "train"]
     evals = [(r["step"], r["eval_accuracy"]) for r in rows if r.get("kind") == "eval"]

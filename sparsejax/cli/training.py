@@ -73,9 +73,8 @@ def open_out_dir(args: argparse.Namespace) -> bool:
         ValueError: a new run over an earlier run's outputs without --overwrite.
         sparsejax.runs.run_dir.RunError: another run holds the folder.
     """
-    from sparsejax.parallel import distributed  # pylint: disable=g-import-not-at-top
-    from sparsejax.runs import run_dir  # pylint: disable=g-import-not-at-top
-    from sparsejax.runs import signals  # pylint: disable=g-import-not-at-top
+    from sparsejax.parallel import distributed
+    from sparsejax.runs import run_dir, signals
     start_distributed(args)  # before the lock: its name has the process index
     signals.install()
     run_dir.lock(args.out_dir)
@@ -95,7 +94,7 @@ def open_out_dir(args: argparse.Namespace) -> bool:
 def start_distributed(args: argparse.Namespace) -> None:
     """Starts ``jax.distributed`` when the run is launched as several processes (before
     any JAX computation); a no-op for one process."""
-    from sparsejax.parallel import distributed  # pylint: disable=g-import-not-at-top
+    from sparsejax.parallel import distributed
     distributed.initialize(getattr(args, "coordinator_address", None),
                            getattr(args, "num_processes", None),
                            getattr(args, "process_id", None))
@@ -105,7 +104,7 @@ def run_mesh(args: argparse.Namespace) -> Any:
     """The run's :class:`jax.sharding.Mesh` from ``--mesh`` (None without); call after
     :func:`open_out_dir` (which starts ``jax.distributed``). Raises a one-line ValueError
     naming the mesh when it does not fit the devices."""
-    from sparsejax.parallel import sharding  # pylint: disable=g-import-not-at-top
+    from sparsejax.parallel import sharding
     try:
         return sharding.as_mesh(getattr(args, "mesh", ""))
     except ValueError as e:
@@ -119,12 +118,12 @@ def build_trainer(make: Callable[..., Any], args: argparse.Namespace, params: An
     (:func:`sparsejax.trainable.build_trainable` of the mask or adapter settings, laid
     out on ``mesh``). A setting that does not fit the model (a mask, a ratios file,
     adapter targets, a batch on the mesh) exits with one line naming its flag."""
-    from sparsejax.trainable import build_trainable  # pylint: disable=g-import-not-at-top
+    from sparsejax.trainable import build_trainable
     try:
         trainable = build_trainable(sparse, params, adapter=adapter, mesh=mesh,
                                     model_name=args.model)
         return make(trainable=trainable)
-    except Exception as e:  # pylint: disable=broad-except  # a mask that does not fit
+    except Exception as e:  # a mask that does not fit
         if not args.mask_path and not isinstance(e, ValueError):
             raise
         message = flag_message(str(e), [*configs, TrainableConfig, AdapterConfig])
@@ -158,11 +157,11 @@ def open_writer(args: argparse.Namespace, out_dir: str | None = None,
     gets the run's folder name as its name and the resolved settings as its config. The
     caller closes the writer (after the run, also when it stops).
     """
-    from sparsejax.cli.checks import check_report_to_flag  # pylint: disable=g-import-not-at-top
+    from sparsejax.cli.checks import check_report_to_flag
     names = [n for n in check_report_to_flag(args) if jsonl or n != "jsonl"]
     if not names:
         return None
-    from sparsejax.runs.metric_writers import create_writer  # pylint: disable=g-import-not-at-top
+    from sparsejax.runs.metric_writers import create_writer
     out_dir = args.out_dir if out_dir is None else out_dir
     config = {k: v for k, v in config_file.settings(args).items()
               if isinstance(v, (str, int, float, bool, list, type(None)))}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 from sparsejax.config.fields import check_choice, check_fields, setting
-from sparsejax.config.run import RunConfig
 from sparsejax.config.names import DPO_LOSS_TYPES
+from sparsejax.config.run import RunConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 
-def setting(default: Any, help: str, *, choices: Sequence[str] | None = None,  # noqa: A002
+def setting(default: Any, help: str, *, choices: Sequence[str] | None = None,
             flag: str | None = None, metavar: str | None = None, cli: bool = True) -> Any:
     """A dataclass field with its command-line description.
 

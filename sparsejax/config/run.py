@@ -8,7 +8,6 @@ from sparsejax.config.fields import check_choice, check_fields, setting
 from sparsejax.config.names import REMAT_POLICIES
 
 
-
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """The loop, evaluation, checkpoints and the devices' layout of a run.

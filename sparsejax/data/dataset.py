@@ -50,7 +50,7 @@ def _local_rows(path: Path) -> Iterator[tuple[str, dict]]:
 
         try:
             table = pq.read_table(path)
-        except Exception as err:  # noqa: BLE001 - pyarrow raises several types
+        except Exception as err:
             raise ValueError(f"--dataset {path}: not a readable Parquet file ({type(err).__name__}: {err}).") from None
         for i, row in enumerate(table.to_pylist()):
             yield f"{path} row {i}", row
@@ -79,7 +79,7 @@ def _hub_rows(source: str, config: str | None, split: str) -> Iterator[tuple[str
 
     try:
         ds = datasets.load_dataset(source, config, split=split)
-    except Exception as err:  # noqa: BLE001 - network, missing split/config, ...
+    except Exception as err:
         raise ValueError(f"--dataset {source!r} (config {config!r}, split {split!r}): cannot load "
                          f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}).") from None
     for i, row in enumerate(ds):

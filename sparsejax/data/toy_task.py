@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,9 +35,9 @@ import numpy as np
 import optax
 from flax import nnx
 
+from sparsejax.generation.sampler import SamplingParams, generate, left_pad
 from sparsejax.models.config import DecoderConfig
 from sparsejax.models.logprobs import token_logprobs
-from sparsejax.generation.sampler import SamplingParams, generate, left_pad
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
@@ -111,9 +111,9 @@ def build_tokenizer() -> Any:
     characters with no separator, and ``skip_special_tokens=True`` drops the four
     special tokens.
     """
-    # pylint: disable=g-import-not-at-top
+
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARACTERS)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))

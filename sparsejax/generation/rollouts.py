@@ -54,10 +54,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sparsejax.generation.sampler import SamplingParams, bucket_length, filter_logits, init_cache, prefill
 from sparsejax.models import ops
 from sparsejax.parallel.distributed import to_host
-from sparsejax.generation.sampler import (SamplingParams, bucket_length, filter_logits, init_cache,
-                                prefill)
 
 _BLOCK = 256  # vocabulary block of the two-level inverse-CDF draw
 
@@ -276,7 +275,7 @@ def _rollout_program(graphdef, params, prompt_tokens, prompt_mask, key, *, sampl
     # The prompts' keys/values moved to start at slot 0 (left padding rolled to the
     # end): a slot's keys are then its first prompt_len + generated slots.
     src = (jnp.arange(lp)[None] + (lp - prompt_len)[:, None]) % lp            # [P, Lp]
-    roll = lambda x: jnp.take_along_axis(x, src[:, :, None, None], axis=1)  # noqa: E731
+    roll = lambda x: jnp.take_along_axis(x, src[:, :, None, None], axis=1)
     pre_kv = [(roll(c.k).transpose(0, 2, 3, 1), roll(c.v).transpose(0, 2, 1, 3))
               for c in pre_cache.layers]                 # [P, kv, D, Lp], [P, kv, Lp, D]
     stop_ids = jnp.asarray(sampling.stop_token_ids or (-1,), jnp.int32)
@@ -356,6 +355,7 @@ def _rollout_program(graphdef, params, prompt_tokens, prompt_mask, key, *, sampl
                                              {f: st[f] for f in _SLOT_FIELDS})))
 
     widths = phase_widths(num_slots, width_buckets, shard_multiple)
+    st = state
     for i, width in enumerate(widths):
         narrower = widths[i + 1] if i + 1 < len(widths) else 0
 
@@ -366,7 +366,7 @@ def _rollout_program(graphdef, params, prompt_tokens, prompt_mask, key, *, sampl
                 return more
             return more & ~((st["next_seq"] >= total) & (live <= narrower))
 
-        st = jax.lax.while_loop(cond, body, state if i == 0 else compact(st, width))
+        st = jax.lax.while_loop(cond, body, st if i == 0 else compact(st, width))
     return st["tokens"], st["logps"], st["steps"], st["slot_steps"]
 
 
@@ -392,7 +392,7 @@ def rebucket(tokens: np.ndarray, mask: np.ndarray, pad_id: int) -> tuple[np.ndar
 
 
 def rollout(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Any, prompt_mask: Any,
-            key: jax.Array, sampling: SamplingParams = SamplingParams(), *,
+            key: jax.Array, sampling: SamplingParams | None = None, *,
             num_samples: int = 1, num_slots: int | None = None, chunk_size: int = 64,
             pad_id: int = 0, bucket: bool = True, width_buckets: int = 3,
             batch_sharding: jax.sharding.Sharding | None = None) -> RolloutOutput:
@@ -426,6 +426,7 @@ def rollout(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Any, promp
     Returns:
         :class:`RolloutOutput` (host arrays and :class:`RolloutStats`).
     """
+    sampling = SamplingParams() if sampling is None else sampling
     tokens = np.asarray(jax.device_get(prompt_tokens)).astype(np.int32)
     mask = np.asarray(jax.device_get(prompt_mask)).astype(np.int32)
     if tokens.ndim != 2 or tokens.shape != mask.shape or tokens.shape[0] < 1:
@@ -477,7 +478,7 @@ def rollout(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Any, promp
     useful = int(lengths.sum())
     stats = RolloutStats(compile_s, run_s, steps, slot_steps, useful,
                          useful / max(slot_steps, 1), int(tokens.size))
-    rep = lambda a: np.repeat(a, num_samples, axis=0)  # noqa: E731
+    rep = lambda a: np.repeat(a, num_samples, axis=0)
     return RolloutOutput(rep(tokens), rep(mask), out_tokens, logps * out_mask, out_mask,
                          lengths, stats)
 

@@ -25,8 +25,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from sparsejax.lora.adapters import DEFAULT_TARGETS
 from sparsejax.lora.importance import COMBINE, IMPORTANCE
@@ -117,7 +117,7 @@ def _first_line(e: BaseException) -> str:
 
 def load_fewshot(args: argparse.Namespace, tokenizer: Any) -> tuple[list[list[int]], list[str]]:
     """``(prompt token ids, gold answers)`` of the few-shot file."""
-    from sparsejax.data.dataset import load_prompt_dataset  # pylint: disable=import-outside-toplevel
+    from sparsejax.data.dataset import load_prompt_dataset
     ds = load_prompt_dataset(args.fewshot, prompt_field=args.prompt_field,
                              answer_field=args.answer_field,
                              messages_field=args.messages_field,
@@ -142,10 +142,10 @@ def greedy_reward_metric(graphdef: Any, tokenizer: Any, prompt_ids: Sequence[Seq
     Every call generates with the same padded shapes (one compile): prompts are left
     padded to the longest one and the last batch is filled with copies of its last
     prompt, whose completions are not scored."""
-    import jax  # pylint: disable=import-outside-toplevel
-    import numpy as np  # pylint: disable=import-outside-toplevel
-    from sparsejax.generation.sampler import (SamplingParams, decode_completions,  # pylint: disable=import-outside-toplevel
-                                    generate, left_pad, pad_token_id)
+    import jax
+    import numpy as np
+
+    from sparsejax.generation.sampler import SamplingParams, decode_completions, generate, left_pad, pad_token_id
     pad = pad_token_id(tokenizer)
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
                               stop_token_ids=tuple(int(t) for t in stop_token_ids))
@@ -171,14 +171,14 @@ def greedy_reward_metric(graphdef: Any, tokenizer: Any, prompt_ids: Sequence[Seq
 
 def run(args: argparse.Namespace) -> str:
     """Loads, derives and writes; returns the output path (ValueError: bad input)."""
-    from flax import nnx  # pylint: disable=import-outside-toplevel
-    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-    from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
+    from flax import nnx
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
 
-    from sparsejax.lora.adapters import select_targets  # pylint: disable=import-outside-toplevel
-    from sparsejax.lora.ratios import derive_ratios, save_ratios  # pylint: disable=import-outside-toplevel
-    from sparsejax.models import load_hf  # pylint: disable=import-outside-toplevel
-    from sparsejax.rewards import reward_from_specs  # pylint: disable=import-outside-toplevel
+    from sparsejax.lora.adapters import select_targets
+    from sparsejax.lora.ratios import derive_ratios, save_ratios
+    from sparsejax.models import load_hf
+    from sparsejax.rewards import reward_from_specs
 
     try:
         reward = reward_from_specs(args.reward)
@@ -186,12 +186,12 @@ def run(args: argparse.Namespace) -> str:
         raise ValueError(f"--reward {args.reward!r}: {_first_line(e)}") from None
     try:
         model = load_hf(args.model, param_dtype=args.dtype)
-    except Exception as e:  # pylint: disable=broad-except  # any unusable model: one line
+    except Exception as e:  # any unusable model: one line
         raise ValueError(f"cannot load model {args.model!r}: {_first_line(e)}") from None
     name = args.tokenizer or args.model
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
         raise ValueError(f"cannot load tokenizer {name!r}: {_first_line(e)}") from None
     try:
         prompt_ids, answers = load_fewshot(args, tokenizer)

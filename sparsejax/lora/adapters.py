@@ -36,7 +36,6 @@ import numpy as np
 
 from sparsejax import masks as masks_lib
 from sparsejax.models import ops
-
 from sparsejax.types import PyTree
 
 #: Short names of the decoder's projections (``q`` is ``q_proj`` ...).

@@ -29,8 +29,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from sparsejax.lora.adapters import (Adapters, Factors, LoraConfig, check_adapters,
-                                     kernel_shapes, merge)
+from sparsejax.lora.adapters import Adapters, Factors, LoraConfig, check_adapters, kernel_shapes, merge
 from sparsejax.models import hf_io
 
 CONFIG_NAME = "adapter_config.json"

@@ -207,7 +207,7 @@ def save_ratios(path: str | os.PathLike, ratios: Ratios) -> str:
     """Writes ``ratios`` as JSON (with the kernel shapes it belongs to)."""
     path = os.fspath(path)
     doc = {"format": FORMAT, "version": VERSION,
-           "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+           "created": datetime.datetime.now(datetime.UTC).isoformat(),
            **dataclasses.asdict(ratios)}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:

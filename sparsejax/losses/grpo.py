@@ -49,7 +49,6 @@ Only ``logps`` carries gradient: ``old_logps``, ``ref_logps``, ``advantages`` an
 from __future__ import annotations
 
 import math
-
 from typing import Literal
 
 import jax

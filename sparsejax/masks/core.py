@@ -32,8 +32,8 @@ import jax
 import numpy as np
 
 from sparsejax.config.names import MASK_STRATEGIES
-
 from sparsejax.types import PyTree
+
 Mask = Any  # a pytree of int32 index arrays, see the module docstring.
 
 STRATEGIES = MASK_STRATEGIES

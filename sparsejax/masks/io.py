@@ -13,8 +13,8 @@ import json
 import numpy as np
 
 from sparsejax.masks import core
-
 from sparsejax.types import PyTree
+
 Mask = core.Mask
 
 FORMAT = "sparsejax.mask/1"
@@ -22,7 +22,7 @@ FORMAT = "sparsejax.mask/1"
 
 def save_mask(path: str, mask: Mask, metadata: dict[str, str] | None = None) -> None:
     """Writes ``mask`` to one safetensors file: one int32 array per tensor path."""
-    from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+    from safetensors.numpy import save_file
     paths, leaves, _ = core.leaves_with_paths(mask)
     if len(set(paths)) != len(paths):
         raise ValueError("mask paths are not unique; cannot save")
@@ -41,10 +41,10 @@ def load_mask(path: str, like: PyTree | None = None) -> tuple[Mask, dict[str, st
     With ``like`` (the params, or any tree of the same structure) the mask comes back
     in that structure and is validated against it; without, as a ``{path: array}`` dict.
     """
-    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+    from safetensors import safe_open
     try:
         handle = safe_open(path, framework="numpy")
-    except Exception as e:  # pylint: disable=broad-except  (safetensors' own errors)
+    except Exception as e:  # safetensors' own errors
         raise ValueError(f"{path} is not a readable mask file "
                          f"({str(e).splitlines()[0]})") from None
     with handle as f:

@@ -18,7 +18,8 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -128,7 +129,7 @@ class DecoderConfig:
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat {self.remat!r} not in {REMAT_POLICIES}")
 
-    def replace(self, **changes: Any) -> "DecoderConfig":
+    def replace(self, **changes: Any) -> DecoderConfig:
         """A copy with some fields changed (e.g. ``param_dtype="bfloat16"``)."""
         return dataclasses.replace(self, **changes)
 

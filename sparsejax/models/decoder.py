@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsejax.models.attention import chunked_attention
 from sparsejax.models import ops
+from sparsejax.models.attention import chunked_attention
 from sparsejax.models.config import DecoderConfig
 
 
@@ -142,10 +142,10 @@ def attention(config: DecoderConfig, q: jax.Array, k: jax.Array, v: jax.Array,
         try:
             return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None],
                                                 implementation="cudnn")
-        except Exception as e:  # pylint: disable=broad-except
+        except Exception as e:
             if config.attention_impl == "cudnn":
                 raise
-            warnings.warn(f"cuDNN attention unavailable ({e}); using XLA attention")
+            warnings.warn(f"cuDNN attention unavailable ({e}); using XLA attention", stacklevel=2)
     chunk = config.attention_chunk_size
     if chunk and q.shape[1] * k.shape[1] > chunk * chunk:
         return chunked_attention(q, k, v, mask, chunk_q=chunk, chunk_k=chunk)

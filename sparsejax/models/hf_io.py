@@ -22,7 +22,8 @@ import dataclasses
 import json
 import os
 import re
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -165,7 +166,7 @@ def resolve_checkpoint_dir(source: str | os.PathLike, revision: str | None = Non
         if os.path.exists(path):
             raise FileNotFoundError(f"{path!r} is not a model folder")
         raise FileNotFoundError(f"model folder {path!r} does not exist")
-    from huggingface_hub import snapshot_download  # pylint: disable=g-import-not-at-top
+    from huggingface_hub import snapshot_download
     try:
         return snapshot_download(
             repo_id=path, revision=revision,
@@ -273,7 +274,7 @@ def load_hf_params(source: str | os.PathLike, config: DecoderConfig, *,
     for file in _safetensors_files(folder):
         try:
             handles.append(safe_open(file, framework="numpy"))
-        except Exception as e:  # pylint: disable=broad-except  (safetensors' own errors)
+        except Exception as e:  # safetensors' own errors
             raise WeightLoadError(f"{file} is not a readable safetensors file "
                                   f"({str(e).splitlines()[0]})") from None
     found: dict[str, tuple[Any, bool, str]] = {}
@@ -354,7 +355,7 @@ def host_array(x: Any) -> np.ndarray:
     """``x`` as one host numpy array, gathered from any mesh and any process
     (:func:`sparsejax.parallel.distributed.host_array`; with several processes every process must
     call it, in the same order): one tensor at a time bounds the memory."""
-    from sparsejax.parallel import distributed  # pylint: disable=g-import-not-at-top
+    from sparsejax.parallel import distributed
     return distributed.host_array(x)
 
 
@@ -406,7 +407,7 @@ def save_hf(model: Decoder, folder: str | os.PathLike, *, tokenizer: Any = None,
     Sharded params (any mesh, any number of processes) are gathered tensor by tensor;
     with several processes every process must call this and only process 0 writes.
     """
-    from sparsejax.parallel import distributed  # pylint: disable=g-import-not-at-top
+    from sparsejax.parallel import distributed
     folder = os.fspath(folder)
     main = distributed.is_main()
     tensors = hf_state_dict(model, dtype, keep=main)

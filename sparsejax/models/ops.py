@@ -54,7 +54,7 @@ class Transposed:
         return self.weight.dtype
 
     @property
-    def T(self):  # pylint: disable=invalid-name
+    def T(self):
         return self.weight
 
     def __jax_array__(self):

@@ -25,9 +25,16 @@ import jax.numpy as jnp
 import optax
 
 from sparsejax.optim import adamw_math
-from sparsejax.optim.sparse import (FusedOptimizer, ScalarOrSchedule, StepInfo, all_finite,
-                             check_dense_grads, adamw_scalars, unzip_tree, clip_compressed)
-
+from sparsejax.optim.sparse import (
+    FusedOptimizer,
+    ScalarOrSchedule,
+    StepInfo,
+    adamw_scalars,
+    all_finite,
+    check_dense_grads,
+    clip_compressed,
+    unzip_tree,
+)
 from sparsejax.types import PyTree
 
 

@@ -12,11 +12,11 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from sparsejax.optim.sparse import StepInfo, all_finite, clip_compressed
 from sparsejax.parallel.sharding import mask_shardings, rows_local
-
 from sparsejax.types import PyTree
 
 

@@ -29,12 +29,12 @@ import optax
 
 from sparsejax import backends
 from sparsejax import masks as masks_lib
+from sparsejax.masks.indexing import as_bits as _as_bits
+from sparsejax.masks.indexing import gather, gather_bits, scatter, scatter_bits
 from sparsejax.optim import adamw_math
 from sparsejax.optim.adamw_math import AdamWScalars
-from sparsejax.masks.indexing import as_bits as _as_bits
-from sparsejax.masks.indexing import gather, gather_bits, scatter, scatter_bits  # noqa: F401  (re-exported)
-
 from sparsejax.types import PyTree
+
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 
 
@@ -146,7 +146,7 @@ def _step_tensor(param, grad_active, idx, mu, nu, master, scalars, backend, ok=N
 
 def _step_batched(params, grads, idx, mu, nu, master, scalars, backend, tensors_per_launch):
     """All tensors' fused steps through the multi-tensor kernel (few launches)."""
-    from sparsejax.kernels import indexed_adamw  # pylint: disable=g-import-not-at-top
+    from sparsejax.kernels import indexed_adamw
     is_none = lambda x: x is None
     leaves = [jax.tree.leaves(t, is_leaf=is_none) for t in (params, grads, idx, mu, nu, master)]
     treedef = jax.tree.structure(params)
@@ -222,7 +222,7 @@ def adamw_scalars(count, learning_rate, b1, b2, eps, eps_root, weight_decay) -> 
 def unzip_tree(tree_of_tuples: PyTree, n: int) -> tuple[PyTree, ...]:
     """A tree of n-tuples (one per tensor) as n trees."""
     is_tuple = lambda x: isinstance(x, tuple) and len(x) == n
-    return tuple(jax.tree.map(lambda t: t[j], tree_of_tuples, is_leaf=is_tuple)
+    return tuple(jax.tree.map(lambda t, j=j: t[j], tree_of_tuples, is_leaf=is_tuple)
                  for j in range(n))
 
 
@@ -317,8 +317,9 @@ def sparse_adamw(mask: PyTree, learning_rate: ScalarOrSchedule, b1: float = 0.9,
     The update rule and defaults are those of ``optax.adamw`` (Loshchilov & Hutter's
     decoupled weight decay, multiplied by the learning rate), applied only at the
     active entries; off the mask the updates are exactly zero (``-0.0``, the zero that
-    leaves every param bit for bit under addition), whatever the gradient holds there. ``learning_rate`` may be a schedule of the step count. Works
-    under ``optax.inject_hyperparams`` and after ``optax.clip_by_global_norm``.
+    leaves every param bit for bit under addition), whatever the gradient holds there.
+    ``learning_rate`` may be a schedule of the step count. Works under
+    ``optax.inject_hyperparams`` and after ``optax.clip_by_global_norm``.
 
     Moments are kept in float32 (``mu`` in ``mu_dtype`` if given), even for bf16
     params: at ``k`` entries this costs little and loses nothing.

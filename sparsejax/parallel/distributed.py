@@ -92,7 +92,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         ValueError: bad or incomplete launch settings, or JAX already computed (one line).
     """
     settings = launch_settings(coordinator, num_processes, process_id)
-    import jax  # pylint: disable=g-import-not-at-top
+    import jax
     if jax.distributed.is_initialized():
         return True
     if settings is None:
@@ -140,7 +140,7 @@ def is_main() -> bool:
 def barrier(name: str) -> None:
     """Waits until every process reaches the barrier ``name`` (no-op for one process)."""
     if is_multiprocess():
-        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
 
 
@@ -149,10 +149,10 @@ def host_array(x):
     devices of other processes is gathered (``process_allgather``; then every process
     must call this, in the same order, and each gets the whole array); anything else is
     fetched (``jax.device_get``)."""
-    import numpy as np  # pylint: disable=g-import-not-at-top
+    import numpy as np
     jax = _jax()
     if jax is not None and isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        from jax.experimental import multihost_utils
         if x.is_fully_replicated:
             return np.asarray(x.addressable_data(0))
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
@@ -161,7 +161,7 @@ def host_array(x):
 
 def to_host(tree):
     """:func:`host_array` of every leaf of ``tree`` (one tensor at a time)."""
-    import jax  # pylint: disable=g-import-not-at-top
+    import jax
     return jax.tree.map(host_array, tree)
 
 
@@ -169,6 +169,6 @@ def broadcast_flag(value: bool) -> bool:
     """Process 0's ``value`` on every process (so all processes take the same branch)."""
     if not is_multiprocess():
         return bool(value)
-    import numpy as np  # pylint: disable=g-import-not-at-top
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    import numpy as np
+    from jax.experimental import multihost_utils
     return bool(multihost_utils.broadcast_one_to_all(np.asarray(bool(value), np.int32)))

@@ -56,7 +56,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sparsejax.types import PyTree
 
@@ -233,7 +234,7 @@ def constrain(tree: PyTree, shardings: PyTree | None) -> PyTree:
 def step_communicates(mask: PyTree, param_sh: PyTree) -> list[str]:
     """Paths of the tensors whose optimizer step cannot stay on their devices: a split
     weight whose mask leaf is flat, or is row-balanced but the weight is not split on rows."""
-    from sparsejax.masks.core import path_str  # pylint: disable=g-import-not-at-top
+    from sparsejax.masks.core import path_str
     out = []
     for (path, idx), psh in zip(jax.tree_util.tree_flatten_with_path(mask)[0],
                                 jax.tree.leaves(param_sh)):

@@ -138,7 +138,7 @@ def parse_number(text: Any, *, strip_percent: bool = True, embedded: bool = True
         if len(candidates) == 1 and "frac" not in s and "/" not in s:
             return _decimal(_signed(s, candidates[0]))
         return None
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
 
 
@@ -165,7 +165,7 @@ def score_completion(completion: Any, gold: Any, *, strip_percent: bool = True) 
     try:
         predicted = extract_answer(completion_text(completion))
         return 1.0 if answers_match(predicted, gold_answer(gold), strip_percent=strip_percent) else 0.0
-    except Exception:  # noqa: BLE001
+    except Exception:
         return 0.0
 
 

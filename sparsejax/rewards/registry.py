@@ -76,13 +76,13 @@ def load_reward_function(spec: str) -> Callable[..., list[float]]:
             module = importlib.util.module_from_spec(module_spec)
             sys.modules[module_name] = module
             module_spec.loader.exec_module(module)
-        except Exception as err:  # noqa: BLE001 - any error in the user's file
+        except Exception as err:
             sys.modules.pop(module_name, None)
             raise ValueError(f"reward {spec!r}: cannot load {path}: {type(err).__name__}: {err}") from None
     else:
         try:
             module = importlib.import_module(target)
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             raise ValueError(f"reward {spec!r}: cannot import module {target!r}: "
                              f"{type(err).__name__}: {err}") from None
     fn = getattr(module, name, None)

@@ -89,7 +89,7 @@ class _Worker:
         try:
             self.proc.kill()
             self.proc.wait(timeout=5)
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
 
 

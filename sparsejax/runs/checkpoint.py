@@ -50,9 +50,9 @@ import orbax.checkpoint as ocp
 
 from sparsejax.parallel import distributed
 from sparsejax.runs import run_dir
-from sparsejax.runs.fingerprint import checksums, fingerprints, tensor_specs  # noqa: F401
-
+from sparsejax.runs.fingerprint import checksums, fingerprints, tensor_specs
 from sparsejax.types import PyTree
+
 MANIFEST = "manifest.json"
 STATE = "state"
 FORMAT = 2
@@ -363,7 +363,7 @@ class CheckpointManager:
         try:
             with ocp.StandardCheckpointer() as ckpt:
                 restored = ckpt.restore(os.path.join(path, STATE), target)
-        except Exception as e:  # pylint: disable=broad-except  # any unreadable state
+        except Exception as e:  # any unreadable state
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise CheckpointError(f"checkpoint {path} is damaged ({type(e).__name__}: "
                                   f"{first})") from None

@@ -87,7 +87,7 @@ class JsonlWriter:
         parent = os.path.dirname(self.path)
         if parent:
             os.makedirs(parent, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._file = open(self.path, "a", encoding="utf-8")
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         record = {"step": int(step), **{str(k): _json_safe(v) for k, v in scalars.items()}}
@@ -131,7 +131,7 @@ class WandbWriter:
     """
 
     def __init__(self, *, project: str | None = None, name: str | None = None, config: Mapping | None = None,
-                 dir: str | os.PathLike | None = None, **init_kwargs: Any):  # noqa: A002 - wandb's name
+                 dir: str | os.PathLike | None = None, **init_kwargs: Any):
         wandb = _import("wandb")
         if dir is not None:
             os.makedirs(dir, exist_ok=True)
@@ -162,7 +162,7 @@ class MultiWriter:
         for writer in self.writers:
             try:
                 writer.close()
-            except Exception as err:  # noqa: BLE001 - close the others first
+            except Exception as err:
                 errors.append(err)
         if errors:
             raise errors[0]
@@ -210,7 +210,7 @@ def create_writer(report_to: str | Sequence[str], out_dir: str | os.PathLike, *,
     ``$WANDB_PROJECT`` or ``"sparsejax"``. In a run of several processes only process 0
     writes metrics: elsewhere the names are checked and an empty writer comes back.
     """
-    from sparsejax.parallel import distributed  # pylint: disable=g-import-not-at-top
+    from sparsejax.parallel import distributed
     out_dir = os.fspath(out_dir)
     writers: list[MetricWriter] = []
     names = check_report_to(report_to)

@@ -13,7 +13,6 @@ import jax
 import numpy as np
 
 
-
 def to_python(value: Any) -> Any:
     """JSON-safe scalars from jax/numpy values (non-finite floats become None)."""
     if isinstance(value, Mapping):
@@ -51,7 +50,7 @@ class MetricsLog:
 
     def __init__(self, path: str | os.PathLike, *, resume_step: int | None = None,
                  final_step: int | None = None, writer: Any = None):
-        from sparsejax.parallel import distributed  # pylint: disable=g-import-not-at-top
+        from sparsejax.parallel import distributed
         self.path = os.fspath(path)
         self.writer = writer
         self.active = distributed.is_main()
@@ -68,13 +67,13 @@ class MetricsLog:
         kept = [r for r in rows if r.get("step", -1) < resume_step
                 or (keep_evals and r.get("kind") != "train"
                     and r.get("step", -1) == resume_step)]
-        from sparsejax.runs import run_dir  # pylint: disable=g-import-not-at-top
+        from sparsejax.runs import run_dir
         run_dir.atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: Mapping[str, Any]) -> None:
         if not self.active:
             return
-        from sparsejax.runs import run_dir  # pylint: disable=g-import-not-at-top
+        from sparsejax.runs import run_dir
         line = json.dumps(to_python(record)) + "\n"
         with run_dir.disk_errors(self.path):
             with open(self.path, "a", encoding="utf-8") as f:
@@ -140,7 +139,7 @@ def peak_memory_bytes() -> int | None:
     """Peak device memory in use, where the backend reports it (GPU), else None."""
     try:
         stats = jax.local_devices()[0].memory_stats()
-    except Exception:  # pylint: disable=broad-except
+    except Exception:
         return None
     return None if not stats else stats.get("peak_bytes_in_use")
 
@@ -149,9 +148,9 @@ def plot_curves(records: Sequence[Mapping[str, Any]], path: str | os.PathLike, *
                 title: str = "", keys: Sequence[str] = ("reward_mean", "accuracy"),
                 eval_key: str = "eval_accuracy") -> str:
     """Training curves (one panel per key, eval points overlaid) written to a PNG."""
-    import matplotlib  # pylint: disable=g-import-not-at-top
+    import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+    import matplotlib.pyplot as plt
     train = [r for r in records if r.get("kind", "train") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)

@@ -1,6 +1,6 @@
 """What every trainer run holds and checkpoints, and the life of a run around its steps.
 
-A run (see DESIGN.md, "A run is a unit that survives") locks its output folder, refuses
+A run (a unit that survives any stop) locks its output folder, refuses
 an earlier run's outputs unless it resumes or overwrites them, stores its identity in
 every checkpoint and checks it on resume, restores the newest intact checkpoint, stops
 cleanly on SIGINT/SIGTERM (see :mod:`sparsejax.runs.signals`), and finishes with the
@@ -27,13 +27,11 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from sparsejax.runs import checkpoint as ckpt_lib
 from sparsejax.parallel import distributed
-from sparsejax.runs import run_dir
-from sparsejax.runs import signals
+from sparsejax.runs import checkpoint as ckpt_lib
+from sparsejax.runs import run_dir, signals
 from sparsejax.runs.reporting import MetricsLog, read_metrics
 from sparsejax.trainable.base import Trainable, memory_record, tree_bytes
-
 from sparsejax.types import PyTree
 
 
@@ -41,7 +39,7 @@ def tree_digest(tree: PyTree) -> str:
     """A short SHA-256 of the arrays (or JSON-able values) of ``tree``; the same for any
     layout of the arrays (sharded ones are gathered tensor by tensor: with several
     processes every process must call it)."""
-    from sparsejax.models.hf_io import host_array  # pylint: disable=g-import-not-at-top
+    from sparsejax.models.hf_io import host_array
     h = hashlib.sha256()
     for leaf in jax.tree.leaves(tree):
         a = np.ascontiguousarray(host_array(leaf) if isinstance(leaf, jax.Array)
@@ -107,7 +105,7 @@ class PolicyRun:
     def _trainable_identity(self) -> dict[str, Any]:
         """The sparse settings with ``mask_strategy="auto"`` resolved to the strategy the
         run draws with, so a run from before ``auto`` existed resumes under it."""
-        from sparsejax.trainable.sparse import mask_strategy  # pylint: disable=g-import-not-at-top
+        from sparsejax.trainable.sparse import mask_strategy
         out = _config_dict(self.trainable_cfg)
         if out.get("mask_strategy") == "auto":
             out["mask_strategy"] = mask_strategy(self.trainable_cfg,
@@ -309,7 +307,7 @@ class PolicyRun:
             last = final_eval_fn()
             log.write(last)
             if main:
-                from sparsejax.runs.reporting import to_python  # pylint: disable=g-import-not-at-top
+                from sparsejax.runs.reporting import to_python
                 run_dir.write_json_atomic(os.path.join(self.out_dir, "final_eval.json"),
                                           to_python(last))
         if main:

@@ -82,7 +82,7 @@ def disk_errors(path: str | os.PathLike) -> Iterator[None]:
         yield
     except DiskFullError:
         raise
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
         if is_disk_full(e):
             raise DiskFullError(path) from None
         raise

@@ -38,7 +38,7 @@ class Interrupted(KeyboardInterrupt):
 _state = {"defer": 0, "signum": None, "step": None}
 
 
-def _handler(signum, frame):  # pylint: disable=unused-argument
+def _handler(signum, frame):
     if _state["defer"] and _state["signum"] is None:
         _state["signum"] = signum
         return

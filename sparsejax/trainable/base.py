@@ -28,7 +28,6 @@ import numpy as np
 import optax
 
 from sparsejax.trainable.reference import BasePolicy
-
 from sparsejax.types import PyTree
 
 
@@ -123,15 +122,16 @@ def tree_bytes(tree: PyTree) -> int:
 
 def save_hf_model(folder: str, graphdef: Any, params: PyTree, tokenizer: Any = None) -> str:
     """The policy in Hugging Face format (safetensors + config + tokenizer)."""
-    from flax import nnx  # pylint: disable=g-import-not-at-top
-    from sparsejax.models.hf_io import save_hf  # pylint: disable=g-import-not-at-top
+    from flax import nnx
+
+    from sparsejax.models.hf_io import save_hf
     return save_hf(nnx.merge(graphdef, params), folder, tokenizer=tokenizer)
 
 
 def trainer_mesh(mesh: Any, config_mesh: str, trainable: Trainable | None = None) -> Any:
     """A trainer's mesh: its ``mesh=`` argument, else its config's ``mesh`` field; a given
     trainable must have been built on the same mesh (its ``mesh``)."""
-    from sparsejax.parallel.sharding import as_mesh, mesh_name  # pylint: disable=g-import-not-at-top
+    from sparsejax.parallel.sharding import as_mesh, mesh_name
     mesh = as_mesh(mesh if mesh is not None else config_mesh)
     if trainable is not None:
         theirs = trainable.mesh
@@ -147,6 +147,6 @@ def memory_record(trainable: Trainable, params: PyTree, opt_state: PyTree, mesh:
                   ) -> dict[str, Any]:
     """The layout part of a run's first metrics record: the mesh and bytes per device
     of params, optimizer state and gradient accumulator."""
-    from sparsejax.parallel.sharding import mesh_name  # pylint: disable=g-import-not-at-top
+    from sparsejax.parallel.sharding import mesh_name
     return {"mesh": mesh_name(mesh), "devices": 1 if mesh is None else int(mesh.size),
             **trainable.memory_report(params, opt_state)}

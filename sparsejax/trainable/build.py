@@ -7,7 +7,6 @@ from typing import Any
 from sparsejax.config import AdapterConfig, TrainableConfig
 from sparsejax.config.adapter import check_ratios_file
 from sparsejax.trainable.base import Trainable
-
 from sparsejax.types import PyTree
 
 
@@ -34,16 +33,16 @@ def build_trainable(config: TrainableConfig, params: PyTree, *,
     if adapter is not None and adapter.kind != "none":
         return _lora(config, params, adapter, mesh, model_name)
     if config.dense and mask is None:
-        from sparsejax.trainable.full import FullFinetuning  # pylint: disable=g-import-not-at-top
+        from sparsejax.trainable.full import FullFinetuning
         return FullFinetuning(config, params, mesh=mesh)
-    from sparsejax.trainable.sparse import SparseEntries  # pylint: disable=g-import-not-at-top
+    from sparsejax.trainable.sparse import SparseEntries
     return SparseEntries(config, params, mask, mesh=mesh)
 
 
 def _lora(config: TrainableConfig, params: PyTree, adapter: AdapterConfig, mesh: Any,
           model_name: str | None) -> Trainable:
-    from sparsejax import lora  # pylint: disable=g-import-not-at-top
-    from sparsejax.trainable.lora import LoraAdapter  # pylint: disable=g-import-not-at-top
+    from sparsejax import lora
+    from sparsejax.trainable.lora import LoraAdapter
     cfg = lora.LoraConfig(rank=adapter.lora_rank, alpha=adapter.lora_alpha,
                           targets=adapter.lora_targets, rslora=adapter.lora_rslora)
     factors = lora.init_adapters(params, cfg, seed=adapter.lora_seed)

@@ -21,7 +21,6 @@ from sparsejax.optim.sparse import global_norm
 from sparsejax.parallel import sharding as sharding_lib
 from sparsejax.trainable import reference as reference_lib
 from sparsejax.trainable.base import StepReport, learning_rate_schedule, save_hf_model
-
 from sparsejax.types import PyTree
 
 

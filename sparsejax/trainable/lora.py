@@ -31,22 +31,19 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-
 import numpy as np
 
 from sparsejax import masks as masks_lib
-from sparsejax.parallel import sharding as sharding_lib
 from sparsejax.backends import resolve_backend
-from sparsejax.lora.adapters import (Adapters, LoraConfig, LoraWeight, attach, check_adapters,
-                                     detach, init_adapters)
+from sparsejax.lora.adapters import Adapters, LoraConfig, LoraWeight, attach, check_adapters, detach, init_adapters
 from sparsejax.lora.masked import apply_mask, full_masks
 from sparsejax.lora.peft_io import save_merged_hf, save_peft
 from sparsejax.masks.indexing import gather, scatter
 from sparsejax.optim.sharded import per_shard_update
 from sparsejax.optim.sparse import fused_sparse_adamw
+from sparsejax.parallel import sharding as sharding_lib
 from sparsejax.trainable import reference as reference_lib
 from sparsejax.trainable.base import StepReport, learning_rate_schedule
-
 from sparsejax.types import PyTree
 
 

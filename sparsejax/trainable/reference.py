@@ -1,7 +1,7 @@
 """The base (reference) policy of the KL term and of DPO, as a "what trains" variant keeps it.
 
-A trainer scores the base policy without knowing which variant trains (DESIGN.md, "What
-trains: one seam"): it asks its updater for a :class:`BasePolicy` once, tells it
+A trainer scores the base policy without knowing which variant trains: it asks its
+trainable (:mod:`sparsejax.trainable.base`) for a :class:`BasePolicy` once, tells it
 :meth:`~BasePolicy.before_change` before the params first stop being the base (an
 update, a restored checkpoint), and scores inside :func:`scoring`. Two keepings:
 

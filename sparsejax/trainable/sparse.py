@@ -35,7 +35,6 @@ from sparsejax.optim.sparse import SparseAdamWState, fused_sparse_adamw, global_
 from sparsejax.parallel import sharding as sharding_lib
 from sparsejax.trainable import reference as reference_lib
 from sparsejax.trainable.base import StepReport, learning_rate_schedule, save_hf_model
-
 from sparsejax.types import PyTree
 
 
@@ -106,7 +105,7 @@ class SparseEntries:
         if sharding_lib.fsdp_size(mesh) > 1:
             sharding_lib.warn_if_step_communicates(self.mask, p_sh)
         if self._local_opt is not None:
-            from sparsejax.optim.sharded import per_shard_update  # pylint: disable=g-import-not-at-top
+            from sparsejax.optim.sharded import per_shard_update
             self._update = per_shard_update(self._local_opt.update, mesh, p_sh, self.mask,
                                             self.cfg.max_grad_norm)
         self.shardings = {"params": p_sh, "mask": m_sh}

@@ -45,25 +45,29 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparsejax.runs import checkpoint as ckpt_lib
-from sparsejax.parallel.distributed import host_array, to_host
+from sparsejax.config import DPOConfig, TrainableConfig
+from sparsejax.data.order import prompt_order
 from sparsejax.losses.dpo import dpo_loss
 from sparsejax.models.decoder import reconfigure
 from sparsejax.models.logprobs import completion_logprobs
 from sparsejax.parallel import sharding as sharding_lib
-from sparsejax.config import TrainableConfig
-from sparsejax.config import DPOConfig
-from sparsejax.trainers.dpo_data import (EncodedPairs, Pair, completion_text,  # noqa: F401
-                                         encode_pairs, right_pad, split_pair, visited_pairs)
-from sparsejax.trainable import reference as reference_lib
-from sparsejax.runs.run import PolicyRun, tree_digest
-from sparsejax.data.order import prompt_order
+from sparsejax.parallel.distributed import host_array, to_host
+from sparsejax.runs import checkpoint as ckpt_lib
 from sparsejax.runs.reporting import compile_seconds, peak_memory_bytes, plot_curves
+from sparsejax.runs.run import PolicyRun, tree_digest
+from sparsejax.trainable import reference as reference_lib
 from sparsejax.trainable.base import Trainable, trainer_mesh
 from sparsejax.trainable.build import build_trainable
-
+from sparsejax.trainers.dpo_data import (  # noqa: F401
+    EncodedPairs,
+    Pair,
+    completion_text,
+    encode_pairs,
+    right_pad,
+    split_pair,
+    visited_pairs,
+)
 from sparsejax.types import PyTree
-
 
 # ---------------------------------------------------------------------- trainer
 
@@ -313,7 +317,7 @@ class DPOTrainer(PolicyRun):
             evaluate = None
             if eval_enc is not None:
                 eval_ref = np.stack(self.reference_logprobs(eval_enc), axis=1)
-                evaluate = lambda: self._evaluate_encoded(eval_enc, eval_ref)  # noqa: E731
+                evaluate = lambda: self._evaluate_encoded(eval_enc, eval_ref)
             record = {"train_pairs": enc.num_pairs, "prompt_width": enc.prompt_tokens.shape[1],
                       "completion_width": enc.chosen_tokens.shape[1]}
             return lambda: self.train_step(enc, ref), evaluate, record

@@ -11,8 +11,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from sparsejax.generation.sampler import bucket_length, left_pad, pad_token_id
 from sparsejax.data.order import prompt_order
+from sparsejax.generation.sampler import bucket_length, left_pad, pad_token_id
 
 Pair = Mapping[str, Any]
 Messages = Sequence[Mapping[str, str]]
@@ -40,7 +40,7 @@ class EncodedPairs(NamedTuple):
     def num_pairs(self) -> int:
         return int(self.prompt_tokens.shape[0])
 
-    def take(self, indices: np.ndarray) -> "EncodedPairs":
+    def take(self, indices: np.ndarray) -> EncodedPairs:
         """The pairs at ``indices`` (repeats allowed)."""
         return EncodedPairs(*(x[indices] for x in self))
 

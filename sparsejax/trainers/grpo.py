@@ -1,6 +1,6 @@
 """GRPO (Shao et al., DeepSeekMath) with sparse or full finetuning.
 
-One step, as in DESIGN.md's spine::
+One step::
 
     prompts --sampler(policy, KV cache)--> completions --reward fn--> rewards
       --group--> advantages --> log-probs (policy [, reference]) --> grpo_loss
@@ -26,24 +26,24 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparsejax.runs import checkpoint as ckpt_lib
 from sparsejax import losses
-from sparsejax.parallel.distributed import host_array
-from sparsejax.parallel import sharding as sharding_lib
-from sparsejax.models.decoder import reconfigure
-from sparsejax.models.logprobs import completion_logprobs
+from sparsejax.config import GRPOConfig, TrainableConfig
 from sparsejax.data.order import prompt_order
 from sparsejax.generation.rollouts import rollout
 from sparsejax.generation.sampler import SamplingParams, bucket_length, left_pad
-from sparsejax.config import GRPOConfig, TrainableConfig
-from sparsejax.trainable import reference as reference_lib
-from sparsejax.runs.run import PolicyRun, tree_digest
-from sparsejax.trainers.grpo_step import micro_batch_grads
+from sparsejax.models.decoder import reconfigure
+from sparsejax.models.logprobs import completion_logprobs
+from sparsejax.parallel import sharding as sharding_lib
+from sparsejax.parallel.distributed import host_array
+from sparsejax.runs import checkpoint as ckpt_lib
 from sparsejax.runs.reporting import compile_seconds, peak_memory_bytes, plot_curves
+from sparsejax.runs.run import PolicyRun, tree_digest
+from sparsejax.trainable import reference as reference_lib
 from sparsejax.trainable.base import Trainable, trainer_mesh
 from sparsejax.trainable.build import build_trainable
-
+from sparsejax.trainers.grpo_step import micro_batch_grads
 from sparsejax.types import PyTree
+
 RewardFn = Callable[[Sequence[str], Sequence[Any]], Sequence[float]]
 
 
@@ -309,7 +309,7 @@ class GRPOTrainer(PolicyRun):
                            + [np.asarray([str(a) for a in answers])])
         evaluate = None
         if eval_prompt_ids is not None and eval_answers is not None:
-            evaluate = lambda: self.evaluate(eval_prompt_ids, eval_answers)  # noqa: E731
+            evaluate = lambda: self.evaluate(eval_prompt_ids, eval_answers)
 
         def prepare():
             return lambda: self.train_step(prompt_ids, answers), evaluate, {}

@@ -16,7 +16,6 @@ from sparsejax import losses
 from sparsejax.config import GRPOConfig
 from sparsejax.models.logprobs import completion_logprobs
 from sparsejax.trainable.base import Trainable
-
 from sparsejax.types import PyTree
 
 
