@@ -158,7 +158,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         fail(str(e))
     print(f"training {trainer.trainable.num_trainable(params):,} of "
           f"{sum(x.size for x in jax.tree.leaves(params)):,} parameters "
-          f"({training.what_trains(adapter, sparse)}), "
+          f"({trainer.trainable.describe()}), "
           f"LR {sparse.learning_rate}, {len(train):,} pairs", file=sys.stderr)
     model_dir = os.path.join(args.out_dir, "final_model")
     final = training.train_with_writer(

@@ -157,7 +157,7 @@ def main(argv: Sequence[str] | None = None, task: str | None = None,
         args, params, sparse, adapter, mesh, [GRPOConfig])
     print(f"training {trainer.trainable.num_trainable(params):,} of "
           f"{sum(x.size for x in jax.tree.leaves(params)):,} parameters "
-          f"({training.what_trains(adapter, sparse)}), "
+          f"({trainer.trainable.describe()}), "
           f"LR {sparse.learning_rate}, {len(train_ids):,} prompts, reward "
           f"{' + '.join(f'{w:g} * {n}' for n, _, w in reward.components)}", file=sys.stderr)
     model_dir = os.path.join(args.out_dir, "final_model")

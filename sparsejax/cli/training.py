@@ -130,13 +130,6 @@ def build_trainer(make: Callable[..., Any], args: argparse.Namespace, params: An
         fail(f"--mask-path {args.mask_path!r}: {e}" if args.mask_path else message)
 
 
-def what_trains(adapter: AdapterConfig, sparse: TrainableConfig) -> str:
-    """A few words on what a run trains, for its first line."""
-    if adapter.kind != "none":
-        return f"{adapter.kind} adapter, rank {adapter.lora_rank}, frozen base"
-    return "full finetuning" if sparse.dense else f"sparsity {sparse.sparsity}"
-
-
 def adapter_run_info(adapter: AdapterConfig) -> dict[str, Any]:
     """The adapter settings for the run's identity (a resume must not change them)."""
     if adapter.kind == "none":

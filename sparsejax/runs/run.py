@@ -51,7 +51,8 @@ def tree_digest(tree: PyTree) -> str:
 
 
 def _config_dict(cfg: Any) -> dict[str, Any]:
-    d = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg))
+    d = cfg if isinstance(cfg, Mapping) else (
+        dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg)))
     return {k: v for k, v in d.items() if k not in run_dir.RESUMABLE}
 
 
@@ -96,21 +97,11 @@ class PolicyRun:
                "trainable": self.trainable.num_trainable(self.params),
                "mask": (None if self.trainable.mask is None
                         else tree_digest(self.trainable.mask)),
-               "config": _config_dict(self.cfg), "trainable_config": self._trainable_identity(),
+               "config": _config_dict(self.cfg), "trainable_config": _config_dict(self.trainable.settings()),
                "run": dict(self.run_info or {})}
         if data is not None:
             out["data"] = data
         return json.loads(json.dumps(out, default=str))
-
-    def _trainable_identity(self) -> dict[str, Any]:
-        """The sparse settings with ``mask_strategy="auto"`` resolved to the strategy the
-        run draws with, so a run from before ``auto`` existed resumes under it."""
-        from sparsejax.trainable.sparse import mask_strategy
-        out = _config_dict(self.trainable_cfg)
-        if out.get("mask_strategy") == "auto":
-            out["mask_strategy"] = mask_strategy(self.trainable_cfg,
-                                                 self.trainable.mesh)
-        return out
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 import optax
 
-from sparsejax.trainable.reference import BasePolicy
+from sparsejax.trainable.reference import BasePolicy, SwappedValues
 from sparsejax.types import PyTree
 
 
@@ -60,6 +60,9 @@ class Trainable(Protocol):
 
     def describe(self) -> str:
         """A few words on what trains, for a run's first line."""
+
+    def settings(self) -> dict[str, Any]:
+        """The settings a resume must not change (they join the run's identity)."""
 
     def policy_params(self, params: PyTree) -> PyTree:
         """The params the decoder sees, built from the base ``params`` (placed on the
@@ -104,6 +107,36 @@ class Trainable(Protocol):
     def memory_report(self, params: PyTree, opt_state: PyTree) -> dict[str, int]:
         """Bytes per device of the params, the optimizer state and the gradient
         accumulator."""
+
+
+class TrainsMaskedValues:
+    """Checkpoints and the base policy of a variant whose trained state is the values at
+    a mask's entries (sparse entries of the params, the factors of a LoRA adapter).
+
+    The subclass provides ``active_values(params, opt_state)`` (the trained values) and
+    ``swap_active(params, indices, values) -> (params, previous values)`` (in place). A
+    checkpoint holds only the optimizer state (with the mask) and the trained values;
+    the base policy is the base values swapped in to score (no second model copy).
+    """
+
+    active_values: Callable[[PyTree, PyTree], PyTree]
+    swap_active: Callable[[PyTree, PyTree, PyTree], tuple[PyTree, PyTree]]
+
+    def checkpoint_tree(self, params: PyTree, opt_state: PyTree) -> dict[str, PyTree]:
+        return {"opt_state": opt_state, "active_values": self.active_values(params, opt_state)}
+
+    def restore_policy(self, params: PyTree, tree: dict[str, PyTree]
+                       ) -> tuple[PyTree, PyTree]:
+        """``params`` must be the policy params the run started from: the trained values
+        are written into them in place, bit for bit."""
+        opt_state = tree["opt_state"]
+        params, _ = self.swap_active(params, opt_state.indices, tree["active_values"])
+        return params, opt_state
+
+    def base_policy(self, params: PyTree, opt_state: PyTree, *, on_host: bool = False
+                    ) -> BasePolicy:
+        del on_host
+        return SwappedValues(params, opt_state, self.active_values, self.swap_active)
 
 
 def learning_rate_schedule(cfg: Any) -> optax.Schedule:

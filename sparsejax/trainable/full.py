@@ -10,6 +10,7 @@ On a mesh the params, gradients and state are laid out by the rule table of
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -49,6 +50,9 @@ class FullFinetuning:
 
     def describe(self) -> str:
         return "full finetuning"
+
+    def settings(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.cfg)
 
     # ------------------------------------------------------------------ state
 

@@ -25,6 +25,7 @@ row-balanced layout (every entry of every row, so a row-split factor steps local
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from typing import Any
@@ -42,8 +43,7 @@ from sparsejax.masks.indexing import gather, scatter
 from sparsejax.optim.sharded import per_shard_update
 from sparsejax.optim.sparse import fused_sparse_adamw
 from sparsejax.parallel import sharding as sharding_lib
-from sparsejax.trainable import reference as reference_lib
-from sparsejax.trainable.base import StepReport, learning_rate_schedule
+from sparsejax.trainable.base import StepReport, TrainsMaskedValues, learning_rate_schedule
 from sparsejax.types import PyTree
 
 
@@ -52,7 +52,7 @@ def _has_lora(tree: PyTree) -> bool:
         tree, is_leaf=lambda x: isinstance(x, LoraWeight)))
 
 
-class LoraAdapter:
+class LoraAdapter(TrainsMaskedValues):
     """A LoRA adapter trains (see the module docstring).
 
     Args:
@@ -110,6 +110,9 @@ class LoraAdapter:
                     local.update, self.mesh, f_sh, self.mask, cfg.max_grad_norm)
 
     sparse_grads = False
+
+    def settings(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.cfg)
 
     def describe(self) -> str:
         return f"{self.kind} adapter, rank {self.lora.rank}, frozen base"
@@ -208,25 +211,6 @@ class LoraAdapter:
         return attach(params, factors, self.lora.scale), opt_state, report
 
     # ------------------------------------------------------------------ checkpoints
-
-    def checkpoint_tree(self, params: PyTree, opt_state: PyTree) -> dict[str, PyTree]:
-        """Only the optimizer state (with the mask) and the trained factor values."""
-        return {"opt_state": opt_state, "active_values": self.active_values(params, opt_state)}
-
-    def restore_policy(self, params: PyTree, tree: dict[str, PyTree]
-                       ) -> tuple[PyTree, PyTree]:
-        """``(params, opt_state)`` from a restored :meth:`checkpoint_tree`; ``params`` are
-        the policy params the run started from (:meth:`policy_params`)."""
-        opt_state = tree["opt_state"]
-        params, _ = self.swap_active(params, opt_state.indices, tree["active_values"])
-        return params, opt_state
-
-    def base_policy(self, params: PyTree, opt_state: PyTree, *, on_host: bool = False
-                    ) -> reference_lib.BasePolicy:
-        """The base policy: the initial factor values swapped in (adapter off when fresh)."""
-        del on_host
-        return reference_lib.SwappedValues(params, opt_state, self.active_values,
-                                           self.swap_active)
 
     def active_values(self, params: PyTree, opt_state: PyTree) -> PyTree:
         """The trained values (the factor entries on the mask)."""

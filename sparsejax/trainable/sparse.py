@@ -21,6 +21,7 @@ the devices) and ``per_tensor`` (the papers' draw) without one.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -33,8 +34,7 @@ from sparsejax.backends import resolve_backend
 from sparsejax.masks.indexing import gather, gather_bits, scatter_bits
 from sparsejax.optim.sparse import SparseAdamWState, fused_sparse_adamw, global_norm
 from sparsejax.parallel import sharding as sharding_lib
-from sparsejax.trainable import reference as reference_lib
-from sparsejax.trainable.base import StepReport, learning_rate_schedule, save_hf_model
+from sparsejax.trainable.base import StepReport, TrainsMaskedValues, learning_rate_schedule, save_hf_model
 from sparsejax.types import PyTree
 
 
@@ -55,7 +55,7 @@ def build_mask(cfg: Any, params: PyTree, mesh: Any = None) -> PyTree:
                                  strategy=mask_strategy(cfg, mesh))
 
 
-class SparseEntries:
+class SparseEntries(TrainsMaskedValues):
     """The entries of a mask train (implements :class:`~sparsejax.trainable.base.Trainable`).
 
     Args:
@@ -91,6 +91,11 @@ class SparseEntries:
                 backend=cfg.backend)
         self._update = None
         self.shardings: dict[str, PyTree] | None = None  # "params" and "mask"
+
+    def settings(self) -> dict[str, Any]:
+        """The config with ``mask_strategy="auto"`` resolved to the strategy the mask was
+        drawn with, so a checkpoint of either spelling resumes under the other."""
+        return {**dataclasses.asdict(self.cfg), "mask_strategy": mask_strategy(self.cfg, self.mesh)}
 
     def describe(self) -> str:
         return f"sparsity {self.cfg.sparsity}" if self.cfg.mask_path is None else (
@@ -178,25 +183,6 @@ class SparseEntries:
             info.grad_norm if norm is None else norm, info.skipped)
 
     # ------------------------------------------------------------------ checkpoints
-
-    def checkpoint_tree(self, params: PyTree, opt_state: PyTree) -> dict[str, PyTree]:
-        """The optimizer state (with the mask) and the ``k`` trained values."""
-        return {"opt_state": opt_state, "active_values": self.active_values(params, opt_state)}
-
-    def restore_policy(self, params: PyTree, tree: dict[str, PyTree]
-                       ) -> tuple[PyTree, PyTree]:
-        """``params`` must be the base params the run started from (the trained values
-        are written into them in place)."""
-        opt_state = tree["opt_state"]
-        params, _ = self.swap_active(params, opt_state.indices, tree["active_values"])
-        return params, opt_state
-
-    def base_policy(self, params: PyTree, opt_state: PyTree, *, on_host: bool = False
-                    ) -> reference_lib.BasePolicy:
-        """The base values of the active entries, swapped in to score."""
-        del on_host
-        return reference_lib.SwappedValues(params, opt_state, self.active_values,
-                                           self.swap_active)
 
     @staticmethod
     @jax.jit
