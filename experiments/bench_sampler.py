@@ -196,7 +196,7 @@ def run_batch(graphdef, params, config, work, sp, rows, key) -> dict:
         tokens, mask = sampling.left_pad(chunk, work["pad_id"])
         static = dict(sampling=sp, pad_id=work["pad_id"])
         t0 = time.perf_counter()
-        compiled = sampling._generate.lower(
+        compiled = sampling.generate_program.lower(
             graphdef, params, tokens, mask, key, **static).compile()
         compile_s += time.perf_counter() - t0
         t0 = time.perf_counter()

@@ -209,7 +209,7 @@ def plan_sampler(graphdef, params, config, args) -> dict:
     sds = jax.ShapeDtypeStruct
     prompts = sds((args.prompts_per_step, lp), jnp.int32)
     key = jax.eval_shape(lambda: jax.random.key(0))
-    fn = jax.jit(rollouts._rollout_program, static_argnums=0,
+    fn = jax.jit(rollouts.rollout_program, static_argnums=0,
                  static_argnames=tuple(static))
     gen = memory(fn.lower(graphdef, params, prompts, prompts, key, **static).compile())
     itemsize = np.dtype(config.dtype).itemsize

@@ -252,11 +252,12 @@ def _logits_fn(model):
     return lambda h: ops.matmul(h, head, preferred_element_type=jnp.float32)
 
 
-def _rollout_program(graphdef, params, prompt_tokens, prompt_mask, key, *, sampling,
-                     num_samples, num_slots, chunk, pad_id, batch_sharding=None,
-                     width_buckets=1, shard_multiple=1):
-    """The traced program: shared prefill, then the slot loop in phases of shrinking
-    width. Returns ``(tokens, logps, decode_steps, slot_steps)``. See :func:`rollout`."""
+def rollout_program(graphdef, params, prompt_tokens, prompt_mask, key, *, sampling,
+                    num_samples, num_slots, chunk, pad_id, batch_sharding=None,
+                    width_buckets=1, shard_multiple=1):
+    """The traced program behind :func:`rollout`: shared prefill, then the slot loop in
+    phases of shrinking width. Returns ``(tokens, logps, decode_steps, slot_steps)``;
+    planners and benchmarks lower it on their shapes (``experiments/memory_plan.py``)."""
     model = nnx.merge(graphdef, params)
     config = model.config
     num_prompts, lp = prompt_tokens.shape
@@ -462,7 +463,7 @@ def rollout(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Any, promp
     compiled = _COMPILED.get(sig)
     if compiled is None:
         t0 = time.perf_counter()
-        fn = jax.jit(_rollout_program, static_argnums=0,
+        fn = jax.jit(rollout_program, static_argnums=0,
                      static_argnames=tuple(static))
         compiled = fn.lower(graphdef, params, tokens, mask, key, **static).compile()
         compile_s = time.perf_counter() - t0

@@ -243,7 +243,9 @@ def sample_token(logits: jax.Array, key: jax.Array, sampling: SamplingParams
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "pad_id"))
-def _generate(graphdef, params, prompt_tokens, prompt_mask, key, *, sampling, pad_id):
+def generate_program(graphdef, params, prompt_tokens, prompt_mask, key, *, sampling, pad_id):
+    """The compiled program behind :func:`generate` (left-padded prompts in, device arrays
+    out: ``(tokens, logps, mask)``); planners and benchmarks lower it on their shapes."""
     config: DecoderConfig = nnx.merge(graphdef, params).config
     b, p = prompt_tokens.shape
     n = sampling.max_new_tokens
@@ -304,7 +306,7 @@ def generate(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Any,
             extra = target - width
             tokens = np.pad(tokens, ((0, 0), (extra, 0)), constant_values=pad_id)
             mask = np.pad(mask, ((0, 0), (extra, 0)))
-    out_tokens, logps, out_mask = _generate(graphdef, params, tokens, mask, key,
+    out_tokens, logps, out_mask = generate_program(graphdef, params, tokens, mask, key,
                                             sampling=sampling, pad_id=int(pad_id))
     return SampleOutput(jnp.asarray(tokens), jnp.asarray(mask), out_tokens, logps, out_mask,
                         jnp.sum(out_mask, axis=1))

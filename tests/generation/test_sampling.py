@@ -182,7 +182,7 @@ def test_prompt_bucketing_avoids_recompiles(qwen_tiny):
         tokens, mask = sampling.left_pad(seqs, pad_id=0, length=width)
         out = sampling.generate(graphdef, params, tokens, mask, jax.random.key(0), SAMPLED)
         assert out.prompt_tokens.shape == (3, 8)
-        size = sampling._generate._cache_size()
+        size = sampling.generate_program._cache_size()
         assert before is None or size == before
         before = size
     assert [sampling.bucket_length(n) for n in (1, 9, 64, 65, 200)] == [8, 16, 64, 128, 256]
