@@ -1,4 +1,4 @@
-"""Flax NNX decoders for Llama 3.x and Qwen2/2.5 with Hugging Face weight I/O.
+"""Flax NNX decoders for Llama 3.x, Qwen2/2.5 and Qwen3 with Hugging Face weight I/O.
 
 * :mod:`~sparsejax.models.config`: :class:`DecoderConfig`, :func:`from_hf_config`, presets
   (numpy only: importing it does not import jax).

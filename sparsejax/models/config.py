@@ -1,4 +1,4 @@
-"""The decoder's configuration: one frozen dataclass for Llama 3.x and Qwen2/2.5.
+"""The decoder's configuration: one frozen dataclass for Llama 3.x, Qwen2/2.5 and Qwen3.
 
 The config is kept apart from the module code (:mod:`sparsejax.models.decoder`) so
 that it can be built, compared, hashed (it is a static argument of jitted functions)
@@ -9,7 +9,7 @@ file, or a path to the model folder) in either the old layout (``rope_theta`` an
 ``rope_scaling`` at the top level, as on the Hub) or the transformers 5 layout
 (``rope_parameters``). :meth:`DecoderConfig.to_hf_config` writes the old layout,
 which transformers 4.x and 5.x both read. :data:`PRESETS` holds the exact shapes of
-the public Qwen2.5 and Llama 3.x checkpoints.
+the public Qwen2.5, Qwen3 (dense) and Llama 3.x checkpoints.
 """
 
 from __future__ import annotations
@@ -51,11 +51,11 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
-    """Shapes and numerics of a Llama 3.x / Qwen2 decoder-only transformer.
+    """Shapes and numerics of a Llama 3.x / Qwen2 / Qwen3 decoder-only transformer.
 
     Attributes:
-        model_type: ``"llama"`` or ``"qwen2"`` (what ``config.json`` names it; only used
-            to write the config back).
+        model_type: ``"llama"``, ``"qwen2"`` or ``"qwen3"`` (what ``config.json`` names
+            it; used to write the config back and as ``qk_norm``'s default).
         vocab_size, hidden_size, intermediate_size, num_layers: the usual shapes.
         num_heads: query heads; ``num_kv_heads`` key/value heads (GQA when fewer;
             ``num_heads`` must be a multiple of ``num_kv_heads``).
@@ -65,6 +65,9 @@ class DecoderConfig:
         rope_scaling: :class:`RopeScaling` for ``llama3`` scaling, or None.
         tie_word_embeddings: the output projection is the transposed embedding table.
         qkv_bias / o_bias / mlp_bias: which projections carry a bias (Qwen2: q, k, v).
+        qk_norm: an RMSNorm (weight of size ``head_dim``, epsilon ``rms_norm_eps``) on
+            each query and key head before RoPE (Qwen3's ``q_norm`` / ``k_norm``);
+            None (the default) means ``model_type == "qwen3"``.
         max_position_embeddings: the context length the checkpoint advertises.
         bos_token_id, eos_token_ids, pad_token_id: special tokens from the config
             (``eos_token_ids`` is a tuple; Llama 3 Instruct has several).
@@ -100,6 +103,7 @@ class DecoderConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool | None = None
     max_position_embeddings: int = 2048
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -113,6 +117,8 @@ class DecoderConfig:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type {self.model_type!r} is not one of "
                              f"{SUPPORTED_MODEL_TYPES}")
+        if self.qk_norm is None:
+            object.__setattr__(self, "qk_norm", self.model_type == "qwen3")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
                              f"num_kv_heads={self.num_kv_heads}")
@@ -148,6 +154,8 @@ class DecoderConfig:
             attn += q + 2 * kv
         if self.o_bias:
             attn += h
+        if self.qk_norm:
+            attn += 2 * self.head_dim
         mlp = 3 * h * self.intermediate_size
         if self.mlp_bias:
             mlp += 2 * self.intermediate_size + h
@@ -178,9 +186,11 @@ class DecoderConfig:
     def to_hf_config(self) -> dict[str, Any]:
         """This config as a Hugging Face ``config.json`` dict that transformers loads."""
         eos = list(self.eos_token_ids)
+        if self.qk_norm != (self.model_type == "qwen3"):
+            raise ValueError(f"{self.model_type}: qk_norm={self.qk_norm}, but only Qwen3 "
+                             "has (and always has) q/k norms")
         cfg: dict[str, Any] = {
-            "architectures": [("Qwen2ForCausalLM" if self.model_type == "qwen2"
-                               else "LlamaForCausalLM")],
+            "architectures": [_ARCHITECTURES[self.model_type]],
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -207,6 +217,14 @@ class DecoderConfig:
                 raise ValueError("Llama's attention_bias covers q, k, v and o together")
             cfg["attention_bias"] = self.qkv_bias
             cfg["mlp_bias"] = self.mlp_bias
+        elif self.model_type == "qwen3":
+            if self.qkv_bias != self.o_bias or self.mlp_bias:
+                raise ValueError("Qwen3's attention_bias covers q, k, v and o together; "
+                                 "its MLP has no bias")
+            cfg["attention_bias"] = self.qkv_bias
+            cfg["use_sliding_window"] = False
+            cfg["sliding_window"] = None
+            cfg["max_window_layers"] = self.num_layers
         else:
             if not self.qkv_bias or self.o_bias or self.mlp_bias:
                 raise ValueError("Qwen2 has biases on q, k, v only")
@@ -214,6 +232,10 @@ class DecoderConfig:
             cfg["sliding_window"] = None
             cfg["max_window_layers"] = self.num_layers
         return cfg
+
+
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                  "qwen3": "Qwen3ForCausalLM"}
 
 
 def _rope_params(cfg: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
@@ -301,6 +323,10 @@ def from_hf_config(source: Mapping[str, Any] | str | os.PathLike, *,
         raise NotImplementedError(f"hidden_act {cfg['hidden_act']!r} is not supported")
     if model_type == "qwen2" and cfg.get("use_sliding_window", False):
         raise NotImplementedError("Qwen2 sliding-window attention is not supported")
+    if model_type == "qwen3" and (cfg.get("use_sliding_window", False) or any(
+            t != "full_attention" for t in cfg.get("layer_types") or ())):
+        raise NotImplementedError("Qwen3 sliding-window attention is not supported "
+                                  "(use_sliding_window / layer_types)")
     if cfg.get("pretraining_tp", 1) not in (1, None):
         raise NotImplementedError("pretraining_tp > 1 is not supported")
     heads = int(cfg["num_attention_heads"])
@@ -311,6 +337,9 @@ def from_hf_config(source: Mapping[str, Any] | str | os.PathLike, *,
                                      ([] if eos is None else [eos])))
     if model_type == "qwen2":
         qkv_bias, o_bias, mlp_bias = True, False, False
+    elif model_type == "qwen3":  # attention_bias covers o too; the MLP never has a bias
+        qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
+        mlp_bias = False
     else:
         qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
         mlp_bias = bool(cfg.get("mlp_bias", False))
@@ -322,7 +351,9 @@ def from_hf_config(source: Mapping[str, Any] | str | os.PathLike, *,
         num_layers=int(cfg["num_hidden_layers"]),
         num_heads=heads,
         num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-        head_dim=int(cfg.get("head_dim") or hidden // heads),
+        # transformers' Qwen3Config defaults head_dim to 128, not hidden // heads.
+        head_dim=int(cfg.get("head_dim") or (128 if model_type == "qwen3"
+                                             else hidden // heads)),
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
         rope_scaling=scaling,
@@ -330,6 +361,7 @@ def from_hf_config(source: Mapping[str, Any] | str | os.PathLike, *,
         qkv_bias=qkv_bias,
         o_bias=o_bias,
         mlp_bias=mlp_bias,
+        qk_norm=model_type == "qwen3",
         max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=eos_ids,
@@ -354,6 +386,15 @@ def _qwen25(hidden, inter, layers, heads, kv, vocab, tie, max_pos) -> DecoderCon
         param_dtype="bfloat16")
 
 
+def _qwen3(hidden, inter, layers, heads, kv, tie) -> DecoderConfig:
+    return DecoderConfig(
+        model_type="qwen3", vocab_size=151936, hidden_size=hidden, intermediate_size=inter,
+        num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=128,
+        rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=tie, qk_norm=True,
+        max_position_embeddings=40960, bos_token_id=151643, eos_token_ids=(151645,),
+        param_dtype="bfloat16")
+
+
 def _llama3(hidden, inter, layers, heads, kv, tie, scaling) -> DecoderConfig:
     return DecoderConfig(
         model_type="llama", vocab_size=128256, hidden_size=hidden, intermediate_size=inter,
@@ -366,10 +407,16 @@ def _llama3(hidden, inter, layers, heads, kv, tie, scaling) -> DecoderConfig:
 #: Shapes of the public base checkpoints (from their ``config.json`` on the Hub), with
 #: bfloat16 parameters. Instruct variants share the shapes (their eos differs:
 #: Qwen2.5-Instruct ``<|im_end|>`` = 151645, Llama 3 Instruct also 128008/128009).
+#: The Qwen3 presets are the released (post-trained) Qwen3 models, eos ``<|im_end|>``;
+#: the ``-Base`` checkpoints share the shapes with eos ``<|endoftext|>`` = 151643.
 PRESETS: dict[str, DecoderConfig] = {
     "Qwen2.5-0.5B": _qwen25(896, 4864, 24, 14, 2, 151936, True, 32768),
     "Qwen2.5-1.5B": _qwen25(1536, 8960, 28, 12, 2, 151936, True, 131072),
     "Qwen2.5-7B": _qwen25(3584, 18944, 28, 28, 4, 152064, False, 131072),
+    "Qwen3-0.6B": _qwen3(1024, 3072, 28, 16, 8, True),
+    "Qwen3-1.7B": _qwen3(2048, 6144, 28, 16, 8, True),
+    "Qwen3-4B": _qwen3(2560, 9728, 36, 32, 8, True),
+    "Qwen3-8B": _qwen3(4096, 12288, 36, 32, 8, False),
     "Llama-3.2-1B": _llama3(2048, 8192, 16, 32, 8, True, _LLAMA32_SCALING),
     "Llama-3.2-3B": _llama3(3072, 8192, 28, 24, 8, True, _LLAMA32_SCALING),
     "Llama-3.1-8B": _llama3(4096, 14336, 32, 32, 8, False, _LLAMA31_SCALING),

@@ -1,14 +1,18 @@
-"""One Flax NNX decoder for Llama 3.x and Qwen2/Qwen2.5.
+"""One Flax NNX decoder for Llama 3.x, Qwen2/Qwen2.5 and Qwen3 (dense).
 
-The two families differ only in configuration (:class:`DecoderConfig`): Qwen2 has
-biases on the q/k/v projections, Llama 3.1+ rescales the RoPE frequencies, sizes and
-tying differ. Everything else is the same pre-norm transformer::
+The families differ only in configuration (:class:`DecoderConfig`): Qwen2 has
+biases on the q/k/v projections, Qwen3 RMS-normalizes each query and key head before
+RoPE (``qk_norm``: ``q_norm`` / ``k_norm``, weights of size ``head_dim``), Llama 3.1+
+rescales the RoPE frequencies, sizes and tying differ. Everything else is the same
+pre-norm transformer::
 
     h = embed[tokens]
     for each layer:
         h = h + o_proj(attention(rope(q_proj(rms(h))), rope(k_proj(rms(h))), v_proj(rms(h))))
         h = h + down_proj(silu(gate_proj(rms(h))) * up_proj(rms(h)))
     logits = rms(h) @ (embed.T if tied else lm_head)
+
+(with ``qk_norm``, ``rope(q_norm(q_proj(...)))`` and ``rope(k_norm(k_proj(...)))`` per head).
 
 Layout: every kernel is a 2-D ``(in, out)`` matrix (the transpose of the HF
 ``nn.Linear`` weight), so each parameter corresponds to exactly one HF tensor and the
@@ -153,7 +157,9 @@ def attention(config: DecoderConfig, q: jax.Array, k: jax.Array, v: jax.Array,
 
 
 class Attention(nnx.Module):
-    """Self-attention with RoPE, GQA and an optional KV cache."""
+    """Self-attention with RoPE, GQA, optional per-head q/k RMSNorm (Qwen3) and an
+    optional KV cache (the q/k norms apply before RoPE and before the cache write, so
+    the cache holds normalized, rotated keys on every path)."""
 
     def __init__(self, config: DecoderConfig, rngs: nnx.Rngs):
         c, dt = config, config.dtype
@@ -163,12 +169,17 @@ class Attention(nnx.Module):
         self.k_proj = Dense(c.hidden_size, kv_dim, use_bias=c.qkv_bias, dtype=dt, rngs=rngs)
         self.v_proj = Dense(c.hidden_size, kv_dim, use_bias=c.qkv_bias, dtype=dt, rngs=rngs)
         self.o_proj = Dense(q_dim, c.hidden_size, use_bias=c.o_bias, dtype=dt, rngs=rngs)
+        if c.qk_norm:  # absent otherwise: a Llama / Qwen2 graph is unchanged
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dt)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dt)
 
     def __call__(self, x, cos, sin, mask, cache: LayerCache | None, cache_index):
         c = self.config
         b, t, _ = x.shape
-        q = apply_rope(self.q_proj(x).reshape(b, t, c.num_heads, c.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim), cos, sin)
+        q = self.q_proj(x).reshape(b, t, c.num_heads, c.head_dim)
+        q = apply_rope(self.q_norm(q) if c.qk_norm else q, cos, sin)
+        k = self.k_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+        k = apply_rope(self.k_norm(k) if c.qk_norm else k, cos, sin)
         v = self.v_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
         if cache is not None and hasattr(cache, "attend"):
             # A cache that stores and attends by itself (sparsejax.generation.rollouts.SlotCache).
@@ -295,7 +306,7 @@ def cached_mask(kv_valid: jax.Array, cache_index, num_new: int) -> jax.Array:
 
 
 class Decoder(nnx.Module):
-    """A Llama 3.x / Qwen2 causal language model.
+    """A Llama 3.x / Qwen2 / Qwen3 causal language model.
 
     ``Decoder(config, rngs=nnx.Rngs(0))`` builds random weights (normal, std 0.02;
     norms 1; biases 0); :func:`sparsejax.models.load_hf` fills them from a checkpoint.

@@ -48,6 +48,7 @@ SAFETENSORS_SINGLE = "model.safetensors"
 FIELDS = {
     "i": r"\d+",
     "attn": r"q_proj|k_proj|v_proj|o_proj",
+    "qk_norm": r"q_norm|k_norm",
     "mlp": r"gate_proj|up_proj|down_proj",
     "kind": r"weight|bias",
 }
@@ -93,6 +94,8 @@ WEIGHT_RULES: tuple[WeightRule, ...] = (
     WeightRule("model.layers.{i}.self_attn.{attn}.weight", "layers.{i}.attn.{attn}.kernel",
                transpose=True),
     WeightRule("model.layers.{i}.self_attn.{attn}.bias", "layers.{i}.attn.{attn}.bias"),
+    WeightRule("model.layers.{i}.self_attn.{qk_norm}.weight",
+               "layers.{i}.attn.{qk_norm}.weight"),
     WeightRule("model.layers.{i}.mlp.{mlp}.weight", "layers.{i}.mlp.{mlp}.kernel",
                transpose=True),
     WeightRule("model.layers.{i}.mlp.{mlp}.bias", "layers.{i}.mlp.{mlp}.bias"),
@@ -332,7 +335,7 @@ def load_hf(source: str | os.PathLike, *, config: DecoderConfig | None = None,
             param_dtype: str = "float32", attention_impl: str = "auto",
             sharding: ShardingSpec = None, strict: bool = True,
             revision: str | None = None) -> Decoder:
-    """A :class:`Decoder` with the weights of a HF Llama 3.x / Qwen2 checkpoint.
+    """A :class:`Decoder` with the weights of a HF Llama 3.x / Qwen2 / Qwen3 checkpoint.
 
     Args:
         source: a local folder (``config.json`` + safetensors) or a Hub repo id
