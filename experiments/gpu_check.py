@@ -242,7 +242,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         epilog="Parts: " + ", ".join(PART_NAMES) + ". See the module docstring.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default=None, help="output folder (default "
-                        "experiments/results/gpu_check_<device kind>_<UTC time>)")
+                        "runs/gpu_check_<device kind>_<UTC time>)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="wall-clock budget for all parts (default 480; 900 with --tiny)")
     parser.add_argument("--only", default=None,
@@ -303,7 +303,7 @@ def main(argv=None) -> int:
     optional = [pip for mod, pip in OPTIONAL.items() if importlib.util.find_spec(mod) is None]
     stamp = datetime.datetime.now(datetime.UTC)
     out = Path(args.out) if args.out else (
-        ROOT / "experiments" / "results" / f"gpu_check_{'tiny' if args.tiny else 'gpu'}_"
+        Path("runs") / f"gpu_check_{'tiny' if args.tiny else 'gpu'}_"
         f"{stamp:%Y%m%d-%H%M%S}")
     for sub in ("parts", "logs"):
         (out / sub).mkdir(parents=True, exist_ok=True)

@@ -31,9 +31,9 @@ Modules: this file (flags, presets, which sections run), ``toy_runs.py`` (the ta
 the SFT base, one GRPO run), ``toy_sparse.py`` ((a)-(g)), ``toy_lora.py`` ((h)),
 ``toy_report.py`` (verdicts, ``results.md``, plots).
 
-    python experiments/toy_rlvr.py              # the default run (~8-10 min, 2 CPU cores)
+    python experiments/toy_rlvr.py              # the default run (~8-10 min, 2 CPU cores) -> runs/toy_rlvr/
     python experiments/toy_rlvr.py --sections lora --steps 60 --lora-seeds 3 \\
-        --out-dir experiments/results/toy_rlvr_lora   # the README's LoRA table (h only)
+        --out-dir experiments/results/toy_rlvr_lora   # the committed LoRA table (h only)
     python experiments/toy_rlvr.py --quick --out-dir /tmp/toy   # CI smoke run (~2 min)
 """
 
@@ -65,9 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--quick", action="store_true",
                         help="tiny CI configuration (< 2 minutes); writes to "
-                             "experiments/results/toy_rlvr_quick/ unless --out-dir is given")
+                             "runs/toy_rlvr_quick/ unless --out-dir is given")
     parser.add_argument("--out-dir", default=None,
-                        help="results folder (default experiments/results/toy_rlvr/)")
+                        help="results folder (default runs/toy_rlvr/; the committed results "
+                             "are in experiments/results/toy_rlvr/)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the data splits, model init, SFT and GRPO sampling")
     parser.add_argument("--steps", type=int, default=None, help="GRPO steps per run")
@@ -185,9 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         preset = dataclasses.replace(preset, steps=args.steps)
     if args.lora_seeds is not None:
         preset = dataclasses.replace(preset, lora_seeds=tuple(range(args.lora_seeds)))
-    here = os.path.dirname(os.path.abspath(__file__))
-    out_dir = args.out_dir or os.path.join(
-        here, "results", "toy_rlvr_quick" if args.quick else "toy_rlvr")
+    out_dir = args.out_dir or os.path.join("runs", "toy_rlvr_quick" if args.quick else "toy_rlvr")
     os.makedirs(out_dir, exist_ok=True)
     # One run per folder at a time; Ctrl-C / SIGTERM stop it with one line. The run keeps
     # no checkpoints (it is a few minutes and deterministic: rerun it), and its result
