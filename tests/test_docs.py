@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from paths import REPO
 
 ROOT = REPO

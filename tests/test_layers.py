@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from paths import REPO
 
 ROOT = REPO

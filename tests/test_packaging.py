@@ -8,6 +8,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+
 from paths import REPO
 from tiny_models import save_tiny_qwen2
 

@@ -9,6 +9,7 @@ import ast
 import re
 
 import pytest
+
 from paths import REPO
 
 README = REPO / "README.md"

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from paths import SHARED
 
 from sparsejax import masks
 from sparsejax import sparse_backward as sparse_grads
@@ -28,6 +27,8 @@ from sparsejax.models.logprobs import completion_logprobs
 from sparsejax.optim.sparse import gather
 from sparsejax.trainable import build_trainable
 from sparsejax.trainers import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, TrainableConfig
+
+from paths import SHARED
 
 REL = 1e-5
 TOKENIZER = SHARED / "tokenizers" / "qwen2.5"

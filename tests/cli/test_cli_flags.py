@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from paths import REPO
 
 from sparsejax.cli import config_file, dpo, grpo, tasks
 from sparsejax.cli import main as console
@@ -33,6 +32,8 @@ from sparsejax.cli.settings import (
 from sparsejax.config import AdapterConfig, DPOConfig, GRPOConfig, RunConfig, TrainableConfig, names
 from sparsejax.config.adapter import ADAPTERS
 from sparsejax.config.trainable import SPARSE_GRADS
+
+from paths import REPO
 
 ROOT = REPO
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from paths import TEST_DATA
 
 from sparsejax.data.dataset import load_prompt_dataset, render_prompts
 from sparsejax.data.presets import TASKS, get_task, load_task_split
+
+from paths import TEST_DATA
 
 MATH_TINY = TEST_DATA / "math_tiny.jsonl"
 

@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import pytest
+
 from paths import REPO
 
 ROOT = REPO

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from paths import REPO
 
 SCRIPT = REPO / "experiments" / "memory_plan.py"

@@ -9,9 +9,10 @@ import sys
 
 import numpy as np
 import pytest
-from paths import REPO
 
 from sparsejax.data import toy_task as tt
+
+from paths import REPO
 
 ROOT = str(REPO)
 

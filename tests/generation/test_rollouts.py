@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from paths import SHARED
 from test_sampling import build_hf, prompts
 from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -18,6 +17,9 @@ from sparsejax.generation import rollouts
 from sparsejax.generation import sampler as sampling
 from sparsejax.models import completion_logprobs, load_hf
 from sparsejax.models.decoder import _xla_attention
+
+from paths import SHARED
+from references import hf_greedy
 
 #: Sampled settings of these tests: top-k and top-p on, ten stop tokens (so some
 #: completions stop early and others run to the budget).
@@ -38,15 +40,6 @@ def qwen_tiny(tmp_path_factory):
     build_hf("qwen2", folder, seed=2)
     return load_hf(folder)
 
-
-def hf_greedy(hf, tokens, mask, n, eos):
-    hf.generation_config.eos_token_id = eos
-    with torch.no_grad():
-        out = hf.generate(input_ids=torch.tensor(tokens, dtype=torch.long),
-                          attention_mask=torch.tensor(mask, dtype=torch.long),
-                          do_sample=False, max_new_tokens=n, pad_token_id=0)
-    out = out[:, tokens.shape[1]:].numpy()
-    return np.pad(out, ((0, 0), (0, n - out.shape[1])))   # HF stops when all rows are done
 
 
 def test_greedy_equals_transformers_and_batch_sampler(tiny):

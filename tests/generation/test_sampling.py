@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from paths import REPO
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from sparsejax.generation import sampler as sampling
 from sparsejax.models import apply, completion_logprobs, load_hf, logprobs_from_hidden, token_logprobs
+
+from paths import REPO
+from references import cached_logits
 
 ROOT = REPO
 SHARED = ROOT.parent / "shared"
@@ -83,15 +85,8 @@ def test_kv_cache_decode_logits_equal_full_forward(tiny):
         graphdef, params, jnp.asarray(full_tokens), jnp.asarray(full_mask)))
 
     p = tokens.shape[1]
-    cache = sampling.init_cache(model.config, tokens.shape[0], p + steps + 3)
-    logits, cache = jax.jit(sampling.prefill, static_argnums=0)(
-        graphdef, params, jnp.asarray(tokens), jnp.asarray(mask), cache)
-    step = jax.jit(sampling.decode_step, static_argnums=0)
-    got = [np.asarray(logits)]
-    for t in range(steps):
-        logits, cache = step(graphdef, params, jnp.asarray(cont[:, t], jnp.int32), cache)
-        got.append(np.asarray(logits))
-    got = np.stack(got, axis=1)                      # [B, steps + 1, V]
+    got, cache = cached_logits(sampling, model.config, graphdef, params, tokens, mask, cont,
+                               p + steps + 3)
     np.testing.assert_allclose(got, full[:, p - 1:], atol=1e-4, rtol=0)
     assert int(cache.index) == p + steps
     np.testing.assert_array_equal(np.asarray(cache.next_pos), mask.sum(1) + steps)

@@ -326,8 +326,9 @@ _TOKENIZER = []
 
 def tokenizer():
     if not _TOKENIZER:
-        from tiny_models import QWEN_TOKENIZER
         from transformers import AutoTokenizer
+
+        from tiny_models import QWEN_TOKENIZER
         _TOKENIZER.append(AutoTokenizer.from_pretrained(QWEN_TOKENIZER))
     return _TOKENIZER[0]
 

@@ -19,12 +19,13 @@ import sys
 import numpy as np
 import pytest
 from flax import nnx
-from paths import REPO
 
 from sparsejax import lora
 from sparsejax.data import toy_task as tt
 from sparsejax.lora import __main__ as cli
 from sparsejax.models import load_hf
+
+from paths import REPO
 
 ROOT = REPO
 DEMO = ROOT / "sparsejax" / "demo"

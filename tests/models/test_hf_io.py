@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from paths import SHARED
 from safetensors.numpy import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
@@ -24,6 +23,8 @@ from transformers import (
 )
 
 from sparsejax.models import WEIGHT_RULES, WeightLoadError, apply, hf_io, load_hf, load_hf_params, save_hf
+
+from paths import SHARED
 
 STORIES = SHARED / "models" / "stories260K"
 

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from paths import SHARED
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from sparsejax.models import PRESETS, DecoderConfig, apply, from_hf_config, load_hf, preset
+
+from paths import SHARED
 
 STORIES = SHARED / "models" / "stories260K"
 ATOL = 1e-4

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from paths import SHARED
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
@@ -27,6 +26,9 @@ from sparsejax.models import PRESETS, DecoderConfig, apply, from_hf_config, load
 from sparsejax.models.decoder import init_model
 from sparsejax.models.logprobs import completion_logprobs
 from sparsejax.optim.sparse import gather
+
+from paths import SHARED
+from references import cached_logits, hf_greedy
 
 ATOL = 1e-4
 TOKENIZER = SHARED / "tokenizers" / "qwen2.5"
@@ -91,15 +93,6 @@ def hf_logits(hf, tokens, mask) -> np.ndarray:
                   position_ids=torch.tensor(pos)).logits.float().numpy()
 
 
-def hf_greedy(hf, tokens, mask, n, eos):
-    hf.generation_config.eos_token_id = eos
-    with torch.no_grad():
-        out = hf.generate(input_ids=torch.tensor(tokens, dtype=torch.long),
-                          attention_mask=torch.tensor(mask, dtype=torch.long),
-                          do_sample=False, max_new_tokens=n, pad_token_id=0)
-    out = out[:, tokens.shape[1]:].numpy()
-    return np.pad(out, ((0, 0), (0, n - out.shape[1])))  # HF stops once all rows are done
-
 
 # ----------------------------------------------------------------------------- forward
 
@@ -158,15 +151,9 @@ def test_kv_cache_decode_logits_equal_full_forward(tiny):
     full = forward(graphdef, params, np.concatenate([tokens, cont], 1),
                    np.concatenate([mask, np.ones_like(cont)], 1))
     p = tokens.shape[1]
-    cache = sampling.init_cache(model.config, tokens.shape[0], p + steps + 2)
-    logits, cache = jax.jit(sampling.prefill, static_argnums=0)(
-        graphdef, params, jnp.asarray(tokens), jnp.asarray(mask), cache)
-    step = jax.jit(sampling.decode_step, static_argnums=0)
-    got = [np.asarray(logits)]
-    for t in range(steps):
-        logits, cache = step(graphdef, params, jnp.asarray(cont[:, t], jnp.int32), cache)
-        got.append(np.asarray(logits))
-    np.testing.assert_allclose(np.stack(got, 1), full[:, p - 1:], atol=ATOL, rtol=0)
+    got, _ = cached_logits(sampling, model.config, graphdef, params, tokens, mask,
+                           cont[:, :steps], p + steps + 2)
+    np.testing.assert_allclose(got, full[:, p - 1:], atol=ATOL, rtol=0)
 
 
 # ----------------------------------------------------------------------------- generation

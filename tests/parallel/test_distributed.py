@@ -18,9 +18,10 @@ import subprocess
 import sys
 
 import pytest
-from paths import REPO
 
 from sparsejax.parallel import distributed
+
+from paths import REPO
 
 ROOT = REPO
 WORKER = ROOT / "tests" / "helpers" / "distributed_worker.py"

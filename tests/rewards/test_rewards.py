@@ -8,7 +8,6 @@ from fractions import Fraction
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from paths import SHARED
 
 from sparsejax.data import (
     BOXED_INSTRUCTION,
@@ -31,6 +30,8 @@ from sparsejax.rewards import (
     parse_number,
     score_completion,
 )
+
+from paths import SHARED
 
 GSM8K_DIR = SHARED / "data" / "gsm8k"
 QWEN_TOKENIZER = SHARED / "tokenizers" / "qwen2.5"

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from paths import REPO
 
 from sparsejax.runs import checkpoint as ckpt_lib
 from sparsejax.runs import run_dir, signals
 from sparsejax.runs.reporting import MetricsLog, read_metrics
+
+from paths import REPO
 
 ROOT = REPO
 SHARED = ROOT.parent / "shared"

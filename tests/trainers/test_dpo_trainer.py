@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from paths import REPO
 from safetensors.numpy import load_file
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 from sparsejax.config import DPOConfig, TrainableConfig
 from sparsejax.models import load_hf
 from sparsejax.trainers.dpo import DPOTrainer, encode_pairs, split_pair
+
+from paths import REPO
 
 ROOT = REPO
 TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "qwen2.5"

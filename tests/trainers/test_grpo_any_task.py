@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from paths import REPO, TEST_DATA
 
 from sparsejax.runs.reporting import MetricsLog, read_metrics
+
+from paths import REPO, TEST_DATA
 
 ROOT = REPO
 SHARED = ROOT.parent / "shared"

@@ -10,7 +10,6 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from paths import REPO
 from safetensors.numpy import load_file
 from transformers import AutoTokenizer
 
@@ -18,6 +17,8 @@ from sparsejax.data.order import prompt_order
 from sparsejax.models import config as model_config
 from sparsejax.models.decoder import init_model
 from sparsejax.trainers import GRPOConfig, GRPOTrainer, TrainableConfig
+
+from paths import REPO
 
 ROOT = REPO
 SHARED = ROOT.parent / "shared"

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from paths import SHARED
 from safetensors.numpy import load_file
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
@@ -21,6 +20,8 @@ from sparsejax.config import DPOConfig, TrainableConfig
 from sparsejax.models import load_hf
 from sparsejax.trainable.lora import LoraAdapter
 from sparsejax.trainers.dpo import DPOTrainer
+
+from paths import SHARED
 
 TOKENIZER = SHARED / "tokenizers" / "qwen2.5"
 PAIRS = [{"prompt": f"Is {i} + {i} = {2 * i}?", "chosen": "yes", "rejected": "no"}
