@@ -95,7 +95,7 @@ def compile_seconds(jitted, *args) -> dict[str, float]:
 
 
 def trainer_step_row(shapes, params, compressed, density, args, k, n, dense_ms):
-    """The trainers' optimizer step (``Updater.apply``: clipping, skip-on-non-finite and
+    """The trainers' optimizer step (``Trainable.apply``: clipping, skip-on-non-finite and
     master values for bf16 params) on compressed float32 gradients: compile seconds and
     ms/step, and its distance to the same step taken without the skip guard."""
     from sparsejax.config import TrainableConfig

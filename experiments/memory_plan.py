@@ -142,7 +142,7 @@ def tree_bytes(tree) -> int:
                    for x in jax.tree.leaves(tree)))
 
 
-def plan_training(graphdef, params, sparse_cfg, grpo_cfg, mask, args) -> dict:
+def plan_training(graphdef, params, trainable_cfg, grpo_cfg, mask, args) -> dict:
     """Per-part bytes and per-phase peaks of one training step (see the module docstring)."""
     import jax
     import jax.numpy as jnp
@@ -150,7 +150,7 @@ def plan_training(graphdef, params, sparse_cfg, grpo_cfg, mask, args) -> dict:
     from sparsejax.trainable import build_trainable
     from sparsejax.trainers.grpo_step import micro_batch_grads
 
-    trainable = build_trainable(sparse_cfg, params, mask=mask)
+    trainable = build_trainable(trainable_cfg, params, mask=mask)
     opt_state = jax.eval_shape(trainable.init, params)
     # The trainer's own micro-batch function, on abstract shapes.
     grad_step = functools.partial(micro_batch_grads, graphdef, trainable, grpo_cfg)
@@ -321,7 +321,7 @@ def main(argv=None) -> int:
                               logprob_chunk_size=args.logprob_chunk_size, remat=args.remat)
         extra = {"sparse_grads": args.sparse_grads} if "sparse_grads" in {
             f.name for f in __import__("dataclasses").fields(TrainableConfig)} else {}
-        sparse_cfg = TrainableConfig(sparsity=args.sparsity, mask_strategy=args.mask_strategy,
+        trainable_cfg = TrainableConfig(sparsity=args.sparsity, mask_strategy=args.mask_strategy,
                                   **extra)
     except ValueError as e:
         fail(str(e))
@@ -348,7 +348,7 @@ def main(argv=None) -> int:
     else:
         print("compiling the sparse training step...", file=sys.stderr)
         plans[f"sparse {args.sparsity:g}"] = finish(
-            plan_training(graphdef, params, sparse_cfg, grpo_cfg, mask, args), sampler, decode)
+            plan_training(graphdef, params, trainable_cfg, grpo_cfg, mask, args), sampler, decode)
     if not args.no_dense and not args.sampler_only:
         print("compiling the dense AdamW training step...", file=sys.stderr)
         plans["dense AdamW"] = finish(plan_training(
