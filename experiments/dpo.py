@@ -1,4 +1,5 @@
-"""DPO (sigmoid, IPO, hinge, robust) with sparse (default: 1% of the weights) or full finetuning.
+"""DPO and its family (IPO, SimPO, ORPO, MPO, ...) with sparse (default: 1% of the weights)
+or full finetuning.
 
 The ``sparsejax dpo`` command as a script; the code, the flags and their help are in
 ``sparsejax/cli/dpo.py`` (``--help`` lists them):

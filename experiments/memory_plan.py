@@ -3,9 +3,9 @@
 Compiles, with abstract shapes only (``jax.eval_shape``: no weights allocated) and for
 XLA's CPU backend, the trainer's own functions at the run's real shapes:
 
-* the micro-batch gradient of the GRPO loss (:func:`sparsejax.trainers.grpo_step.micro_batch_grads`, which
-  goes through the trainable's gradient path: the sparse backward or dense grad + gather),
-* the accumulation of a micro-batch gradient into the accumulator,
+* the micro-batch gradient of the GRPO loss summed into the donated accumulator
+  (:func:`sparsejax.trainers.grpo_step.accumulate_micro_batch`, which goes through the
+  trainable's gradient path: the sparse backward or dense grad + gather),
 * the optimizer step (``Trainable.apply``: the fused sparse AdamW, or ``optax.adamw``),
 * the sampler's program (``sparsejax.generation.rollouts``: shared prefill and the decode slots,
   what the GRPO trainer runs), and one step of ``sparsejax.generation.sampler.decode_step`` (the
@@ -148,21 +148,22 @@ def plan_training(graphdef, params, trainable_cfg, grpo_cfg, mask, args) -> dict
     import jax.numpy as jnp
 
     from sparsejax.trainable import build_trainable
-    from sparsejax.trainers.grpo_step import micro_batch_grads
+    from sparsejax.trainable.base import zero_gradient
+    from sparsejax.trainers.grpo_step import accumulate_micro_batch
 
     trainable = build_trainable(trainable_cfg, params, mask=mask)
     opt_state = jax.eval_shape(trainable.init, params)
     # The trainer's own micro-batch function, on abstract shapes.
-    grad_step = functools.partial(micro_batch_grads, graphdef, trainable, grpo_cfg)
+    grad_step = functools.partial(accumulate_micro_batch, graphdef, trainable, grpo_cfg)
     sds = jax.ShapeDtypeStruct
     b, p, c = args.micro_batch_size, args.prompt_length, args.completion_length
     batch = {"prompt_tokens": sds((b, p), jnp.int32), "prompt_mask": sds((b, p), jnp.int32),
              "tokens": sds((b, c), jnp.int32), "mask": sds((b, c), jnp.int32),
              "advantages": sds((b,), jnp.float32)}
     num_items = sds((), jnp.float32)
-    grad = memory(jax.jit(grad_step).lower(params, opt_state, batch, num_items).compile())
-    grads = jax.eval_shape(grad_step, params, opt_state, batch, num_items)[2]
-    acc = memory(jax.jit(lambda a, g: jax.tree.map(jnp.add, a, g)).lower(grads, grads).compile())
+    grads = jax.eval_shape(functools.partial(zero_gradient, trainable), params, opt_state)
+    grad = memory(jax.jit(grad_step, donate_argnums=0).lower(
+        grads, params, opt_state, batch, num_items).compile())
     step = memory(type(trainable).apply.lower(trainable, params, grads, opt_state).compile())
 
     p_bytes, acc_bytes = tree_bytes(params), tree_bytes(grads)
@@ -174,10 +175,9 @@ def plan_training(graphdef, params, trainable_cfg, grpo_cfg, mask, args) -> dict
         opt_parts = {"moments": tree_bytes(opt_state), "master_values": 0, "mask_indices": 0}
     opt_bytes = tree_bytes(opt_state)
     resident = p_bytes + opt_bytes
-    phases = {
-        "micro_batch_gradient": resident + acc_bytes + grad["argument"] - p_bytes - opt_bytes
-        + grad["output"] + grad["temp"],
-        "accumulate": resident + acc["argument"] + acc["output"] + acc["temp"],
+    phases = {  # the accumulator is an argument of the micro-batch program (donated)
+        "micro_batch_gradient": resident + acc_bytes + tree_bytes(batch) + grad["output"]
+        - grad["alias"] + grad["temp"],
         "optimizer_step": resident + step["argument"] - p_bytes - opt_bytes + step["output"]
         - step["alias"] + step["temp"],
     }
@@ -186,8 +186,7 @@ def plan_training(graphdef, params, trainable_cfg, grpo_cfg, mask, args) -> dict
             "params": p_bytes, "optimizer_state": opt_bytes, **opt_parts,
             "gradient_accumulator": acc_bytes, "activations_temporaries": grad["temp"],
             "step_temporaries": step["temp"], "phases": phases,
-            "compiled": {"micro_batch_gradient": grad, "accumulate": acc,
-                         "optimizer_step": step}, "_resident": resident}
+            "compiled": {"micro_batch_gradient": grad, "optimizer_step": step}, "_resident": resident}
 
 
 def plan_sampler(graphdef, params, config, args) -> dict:
@@ -263,8 +262,7 @@ def finish(train: dict, sampler: dict | None, decode: dict | None = None) -> dic
                     and k != "compiled"})
         out["compiled"] = dict(out["compiled"], decode_step=decode["compiled"])
         out["peak_decode_step"] = train["_resident"] + decode["_extra"]
-    out["peak_gradient"] = max(train["phases"]["micro_batch_gradient"],
-                               train["phases"]["accumulate"])
+    out["peak_gradient"] = train["phases"]["micro_batch_gradient"]
     out["peak_step"] = train["phases"]["optimizer_step"]
     if sampler is not None:
         out.update({k: v for k, v in sampler.items() if not k.startswith("_")

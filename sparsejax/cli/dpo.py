@@ -1,4 +1,5 @@
-"""DPO (sigmoid, IPO, hinge, robust) with sparse (default: 1% of the weights) or full finetuning.
+"""DPO and its family (IPO, SimPO, ORPO, MPO, ...) with sparse (default: 1% of the weights)
+or full finetuning.
 
 The data are preference pairs: ``prompt`` (text or chat messages), ``chosen``, ``rejected``
 (text, or messages whose last assistant turn is the completion; without ``prompt`` the
@@ -10,6 +11,9 @@ swaps the base values of its active entries in place to score it (no second copy
     sparsejax dpo --model ./Qwen2.5-0.5B-Instruct --dataset ./prefs \\
         --steps 200 --sparsity 0.99 --lr 1e-4                  # prefs/train.jsonl (+ test.jsonl)
     sparsejax dpo --dataset pairs.jsonl --sparsity 0 --lr 1e-6
+    sparsejax dpo --loss-type sigmoid --loss-type bco_pair --loss-type sft \\
+        --loss-weights 0.8 --loss-weights 0.2 --loss-weights 1      # MPO: a weighted sum
+    sparsejax dpo --loss-type simpo --beta 2 --simpo-gamma 0.5        # SimPO: no reference
     sparsejax dpo --config runs/dpo/config.yaml --out-dir runs/dpo_again
 
 Writes ``metrics.jsonl``, ``checkpoints/``, ``curves.png``, ``final_eval.json``,
@@ -57,8 +61,13 @@ def _looks_local(name: str) -> bool:
             or os.path.exists(name))
 
 
-def load_pairs(name: str, split: str, limit: int | None) -> list[dict[str, Any]]:
-    """Preference pairs of ``split`` from a hub dataset, a .jsonl file or a folder."""
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+def load_pairs(name: str, split: str, limit: int | None, columns: Sequence[str] = PAIR_COLUMNS,
+               what: str = "pairs") -> list[dict[str, Any]]:
+    """Preference pairs of ``split`` from a hub dataset, a .jsonl file or a folder (of a
+    hub dataset, the ``columns`` it has)."""
     if _looks_local(name):
         path = os.path.expanduser(name)
         if os.path.isdir(path):
@@ -77,15 +86,16 @@ def load_pairs(name: str, split: str, limit: int | None) -> list[dict[str, Any]]
                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
         if limit is not None:
             ds = ds.select(range(min(limit, len(ds))))
-        keep = [c for c in ("prompt", "chosen", "rejected") if c in ds.column_names]
+        keep = [c for c in columns if c in ds.column_names]
         rows = ds.select_columns(keep).to_list()
     rows = rows[:limit] if limit is not None else rows
     if not rows:
-        raise ValueError(f"dataset {name!r} split {split!r} has no pairs")
+        raise ValueError(f"dataset {name!r} split {split!r} has no {what}")
     return rows
 
 
-def eval_pairs_of(args: argparse.Namespace) -> list[dict[str, Any]] | None:
+def eval_pairs_of(args: argparse.Namespace, columns: Sequence[str] = PAIR_COLUMNS
+                  ) -> list[dict[str, Any]] | None:
     """The eval pairs (the first ``--eval-limit``; all with none), or None (no eval split,
     or a single-file dataset)."""
     if not args.eval_split:
@@ -95,7 +105,7 @@ def eval_pairs_of(args: argparse.Namespace) -> list[dict[str, Any]] | None:
         if not os.path.isdir(path) or not os.path.isfile(
                 os.path.join(path, f"{args.eval_split}.jsonl")):
             return None
-    return load_pairs(args.dataset, args.eval_split, args.eval_limit)
+    return load_pairs(args.dataset, args.eval_split, args.eval_limit, columns)
 
 
 def check_pairs(pairs: list[dict[str, Any]], what: str) -> None:

@@ -8,7 +8,7 @@ dataclass into an argument group:
   underscores (``--lr`` -> ``lr``), so a ``--config`` file names settings as the flags do;
 * the type comes from the annotation: ``int``, ``float``, ``str``; ``X | None`` takes the
   word ``none`` for None; ``bool`` is ``--name`` / ``--no-name``; ``tuple[X, ...]`` is a
-  flag that repeats (each use adds a value);
+  flag that repeats (each use adds a value; the values given replace the default);
 * the default, help and choices are the field's.
 
 :func:`build` makes the dataclass from the parsed namespace; its ``__post_init__`` checks
@@ -106,10 +106,23 @@ def _parser_of(spec: FlagSpec) -> Callable[[str], Any]:
     return parse
 
 
+class _RepeatAction(argparse._AppendAction):
+    """``append``, but the first use replaces the default (a non-empty tuple) rather than
+    adding to it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = getattr(namespace, self.dest, None)
+        items = [] if items is None or items is self.default else list(items)
+        items.append(values)
+        setattr(namespace, self.dest, items)
+
+
 def _help(field: dataclasses.Field, spec: FlagSpec) -> str:
     text = field.metadata.get("help") or ""
     default = field.default
-    if (spec.kind is not bool and not spec.repeat and default not in (None, "")
+    if spec.repeat and default not in (None, ()) and "default" not in text:
+        text += f" (default: {' '.join(map(str, default))})"
+    elif (spec.kind is not bool and not spec.repeat and default not in (None, "")
             and "default" not in text):
         text += f" (default: {default})"
     return text.replace("%", "%%")  # argparse formats help with %
@@ -145,11 +158,12 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, title: str | None = No
         if field.metadata.get("metavar"):
             kw["metavar"] = field.metadata["metavar"]
         if spec.repeat:
-            kw.update(action="append", type=_parser_of(dataclasses.replace(spec, repeat=False)),
-                      default=None)
-            if field.default not in (None, ()):
+            if not (field.default is None or isinstance(field.default, tuple)):
                 raise TypeError(f"{cls.__name__}.{spec.field}: a repeated flag's default is "
-                                "None or ()")
+                                "None or a tuple")
+            kw.update(action=_RepeatAction,
+                      type=_parser_of(dataclasses.replace(spec, repeat=False)),
+                      default=field.default)
         elif spec.kind is bool:
             kw.update(action=argparse.BooleanOptionalAction, default=field.default)
         else:

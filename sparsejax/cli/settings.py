@@ -140,3 +140,14 @@ class DPODataArgs:
 
     def __post_init__(self):
         check_fields(self, {"limit": {"low": 1, "allow_none": True}})
+
+
+@dataclasses.dataclass(frozen=True)
+class KTODataArgs(DPODataArgs):
+    """Labelled examples (``prompt``, ``completion``, ``label``; preference pairs are
+    unpaired): a hub dataset, a .jsonl file or a folder of ``<split>.jsonl``."""
+
+    dataset: str = setting(
+        "trl-lib/kto-mix-14k", "hub dataset id (datasets.load_dataset), a .jsonl file, or a "
+        "folder with <split>.jsonl [and <eval-split>.jsonl]")
+    limit: int | None = setting(None, "use only the first N rows")

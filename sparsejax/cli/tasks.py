@@ -11,7 +11,7 @@ import argparse
 import importlib.util
 import json
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 from sparsejax.cli.checks import check_jsonl
 from sparsejax.cli.settings import TASK_NAMES  # noqa: F401  (re-exported)
@@ -123,22 +123,46 @@ def data_is_local(args: argparse.Namespace) -> bool:
         for kw in data_sources(args).values())
 
 
-def load_data(args: argparse.Namespace) -> dict[str, tuple[list, list[str]] | None]:
-    """``{"train": (messages, answers), "eval": ... or None}``; GSM8K golds reduced to the
-    number after ``####`` (what the reward and the logs show)."""
-    from sparsejax.data.dataset import load_prompt_dataset
+class TaskData(NamedTuple):
+    """One split's prompts (chat messages), gold answers and columns for the reward."""
+
+    messages: list
+    answers: list[str]
+    columns: dict[str, list]
+
+
+def load_data(args: argparse.Namespace) -> dict[str, TaskData | None]:
+    """``{"train": TaskData, "eval": TaskData or None}``; GSM8K golds reduced to the
+    number after ``####`` (what the reward and the logs show). ``columns`` are every field
+    of the rows as read (the reward's keyword arguments), less those named like the
+    reward's own arguments (``completions``, ``answers``, ``prompts``, ``completion_ids``)."""
+    from sparsejax.data.dataset import read_prompt_data
     from sparsejax.data.gsm8k import parse_gold_answer
+    from sparsejax.rewards.arguments import RESERVED_ARGUMENTS
     out = {}
     for which, kw in data_sources(args).items():
         if kw is None:
             out[which] = None
             continue
-        ds = load_prompt_dataset(kw.pop("source"), **kw)
-        answers = list(ds["answer"])
+        data = read_prompt_data(kw.pop("source"), **kw)
+        answers = data.answers
         if args.task == "gsm8k":
             answers = [parse_gold_answer(a) if "####" in a else a for a in answers]
-        out[which] = (list(ds["messages"]), answers)
+        columns = {k: v for k, v in data.columns.items() if k not in RESERVED_ARGUMENTS}
+        out[which] = TaskData(data.messages, answers, columns)
     return out
+
+
+def check_reward_columns(reward: Any, data: dict[str, TaskData | None]) -> None:
+    """A one-line ValueError if a reward term names a column (a parameter without a
+    default) that the train or eval data lack."""
+    from sparsejax.rewards.arguments import check_reward_arguments
+    for which, split in data.items():
+        if split is not None:
+            try:
+                check_reward_arguments(reward, ["prompts", "completion_ids", *split.columns])
+            except ValueError as e:
+                raise ValueError(f"--reward ({which} data): {e}") from None
 
 
 def run_identity(args: argparse.Namespace, reward: Any,

@@ -121,7 +121,7 @@ def build_trainer(make: Callable[..., Any], args: argparse.Namespace, params: An
     from sparsejax.trainable import build_trainable
     try:
         trainable = build_trainable(sparse, params, adapter=adapter, mesh=mesh,
-                                    model_name=args.model)
+                                    model_name=args.model, total_steps=args.steps)
         return make(trainable=trainable)
     except Exception as e:  # a mask that does not fit
         if not args.mask_path and not isinstance(e, ValueError):

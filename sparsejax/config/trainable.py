@@ -6,7 +6,7 @@ import dataclasses
 
 from sparsejax.config import names
 from sparsejax.config.fields import check_choice, check_fields, setting
-from sparsejax.config.names import BACKENDS
+from sparsejax.config.names import BACKENDS, LR_SCHEDULER_TYPES
 
 MASK_STRATEGIES = ("auto", *names.MASK_STRATEGIES)
 SPARSE_GRADS = ("auto", "on", "off")
@@ -22,7 +22,10 @@ class TrainableConfig:
     ``mask_path`` selects the trained entries and the fused sparse AdamW steps them. A LoRA
     adapter (:class:`~sparsejax.config.AdapterConfig`) uses the optimizer settings here.
     ``learning_rate=None`` is 1e-4 for sparse entries and 1e-6 for full finetuning (the
-    paper's); ``max_grad_norm`` None or <= 0 disables clipping.
+    paper's); ``max_grad_norm`` None or <= 0 disables clipping. The learning rate warms up
+    linearly from 0 over ``warmup_steps`` (or ``ceil(warmup_ratio x steps)``), then stays
+    (``constant``) or decays to 0 at the run's last step (``linear``, ``cosine``), as
+    transformers' ``get_scheduler`` (whose ``constant_with_warmup`` is ``constant`` here).
     """
 
     sparsity: float = setting(0.99, "fraction of weights frozen; 0 = full finetuning (AdamW)")
@@ -36,6 +39,12 @@ class TrainableConfig:
         None, f"learning rate (default: {SPARSE_LR:g} sparse, {FULL_LR:g} full, as the paper)",
         flag="lr")
     warmup_steps: int = setting(0, "linear warm-up of the learning rate, in steps")
+    warmup_ratio: float = setting(
+        0.0, "linear warm-up over this fraction of the run's steps (rounded up; instead of "
+        "warmup_steps)")
+    lr_scheduler_type: str = setting(
+        "constant", "the learning rate after warm-up: constant, or decaying linearly or "
+        "along a half cosine to 0 at the run's last step", choices=LR_SCHEDULER_TYPES)
     weight_decay: float = setting(0.0, "decoupled weight decay (AdamW)")
     b1: float = setting(0.9, "AdamW beta1", cli=False)
     b2: float = setting(0.999, "AdamW beta2", cli=False)
@@ -53,6 +62,7 @@ class TrainableConfig:
     def __post_init__(self):
         check_fields(self, {"sparsity": {"low": 0.0, "high": 1.0, "high_open": True},
                             "mask_seed": {"low": 0}, "warmup_steps": {"low": 0},
+                            "warmup_ratio": {"low": 0.0, "high": 1.0},
                             "weight_decay": {"low": 0.0}, "b1": {"low": 0.0, "high": 1.0,
                                                                  "high_open": True},
                             "b2": {"low": 0.0, "high": 1.0, "high_open": True},
@@ -62,6 +72,9 @@ class TrainableConfig:
         check_choice("mask_strategy", self.mask_strategy, MASK_STRATEGIES)
         check_choice("backend", self.backend, BACKENDS)
         check_choice("sparse_grads", self.sparse_grads, SPARSE_GRADS)
+        check_choice("lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULER_TYPES)
+        if self.warmup_steps > 0 and self.warmup_ratio > 0:
+            raise ValueError("warmup_steps and warmup_ratio both set; give one of them")
         if self.learning_rate is None:
             object.__setattr__(self, "learning_rate", FULL_LR if self.dense else SPARSE_LR)
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:

@@ -10,6 +10,10 @@ source looks like:
   (replacing one the data may have);
 * ``answer``: the gold answer as a string (numbers converted), passed to the reward functions.
 
+:func:`read_prompt_data` reads the same prompts and answers as plain lists and also keeps
+every column of the source rows (:class:`PromptData`): the GRPO trainer hands them to the
+reward functions as keyword arguments (:mod:`sparsejax.rewards.arguments`).
+
 Every error is one ``ValueError`` line that names the file (and line) or hub split, the row
 and the field. A ``source`` that ends in ``.jsonl``, ``.json`` or ``.parquet``, or that names
 an existing path, is a local file and never looked up on the Hub.
@@ -17,6 +21,7 @@ an existing path, is a local file and never looked up on the Hub.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterator
@@ -26,8 +31,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # datasets is imported lazily: importing it costs about a second
     import datasets
 
-__all__ = ["LOCAL_SUFFIXES", "build_prompt_messages", "is_local_source", "load_prompt_dataset",
-           "render_prompts"]
+__all__ = ["LOCAL_SUFFIXES", "PromptData", "build_prompt_messages", "is_local_source", "load_prompt_dataset",
+           "read_prompt_data", "render_prompts"]
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 _ROLES = ("system", "user", "assistant")
@@ -137,6 +142,69 @@ def build_prompt_messages(prompt: str | list[dict[str, str]], *, system_prompt: 
     return messages
 
 
+@dataclasses.dataclass
+class PromptData:
+    """Prompts, gold answers and the source's columns, one entry per row (see :func:`read_prompt_data`).
+
+    Attributes:
+        messages: the chat prompt of each row (see the module doc).
+        answers: each row's gold answer as a string.
+        columns: every field of the source rows by name, as read (the prompt and answer
+            fields included), one value per row; a row without a field has ``None`` there.
+    """
+
+    messages: list[list[dict[str, str]]]
+    answers: list[str]
+    columns: dict[str, list[Any]]
+
+
+def read_prompt_data(
+    source: str | os.PathLike,
+    *,
+    config: str | None = None,
+    split: str = "train",
+    prompt_field: str | None = None,
+    answer_field: str = "answer",
+    messages_field: str | None = None,
+    system_prompt: str | None = None,
+    instruction: str | None = None,
+    limit: int | None = None,
+) -> PromptData:
+    """Prompts, answers and all columns of a hub dataset or local file as a :class:`PromptData`.
+
+    Same arguments, checks and errors as :func:`load_prompt_dataset`, which returns the
+    ``messages`` and ``answers`` of this as a :class:`datasets.Dataset`.
+    """
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}.")
+    source = os.fspath(source)
+    if is_local_source(source):
+        rows = _local_rows(Path(source).expanduser())
+    else:
+        rows = _hub_rows(source, config, split)
+    text_field = prompt_field or "prompt"
+    messages, answers, columns = [], [], {}
+    for where, row in rows:
+        if limit is not None and len(answers) >= limit:
+            break
+        if messages_field is not None:
+            prompt = _checked_messages(_field(row, messages_field, where, "--messages-field"), where, messages_field)
+        else:
+            prompt = _field(row, text_field, where, "--prompt-field")
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f"{where}: field {text_field!r} (--prompt-field) must be a non-empty string.")
+        answers.append(_answer(_field(row, answer_field, where, "--answer-field"), where, answer_field))
+        messages.append(build_prompt_messages(prompt, system_prompt=system_prompt, instruction=instruction))
+        for key in row:
+            if key not in columns:  # a field first seen here: None in the rows before
+                columns[key] = [None] * (len(answers) - 1)
+        for key, values in columns.items():
+            values.append(row.get(key))
+    if not answers and limit != 0:
+        raise ValueError(f"--dataset {source}: no rows.")
+    return PromptData(messages, answers, columns)
+
+
 def load_prompt_dataset(
     source: str | os.PathLike,
     *,
@@ -163,34 +231,17 @@ def load_prompt_dataset(
         system_prompt, instruction: see :func:`build_prompt_messages`.
         limit: keep only the first ``limit`` rows.
 
+    The source's other columns are not in the result; :func:`read_prompt_data` keeps them.
+
     Raises:
         ValueError: one line naming the file/line (or hub split and row) and the field.
     """
     import datasets
 
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}.")
-    source = os.fspath(source)
-    if is_local_source(source):
-        rows = _local_rows(Path(source).expanduser())
-    else:
-        rows = _hub_rows(source, config, split)
-    text_field = prompt_field or "prompt"
-    messages, answers = [], []
-    for where, row in rows:
-        if limit is not None and len(answers) >= limit:
-            break
-        if messages_field is not None:
-            prompt = _checked_messages(_field(row, messages_field, where, "--messages-field"), where, messages_field)
-        else:
-            prompt = _field(row, text_field, where, "--prompt-field")
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise ValueError(f"{where}: field {text_field!r} (--prompt-field) must be a non-empty string.")
-        answers.append(_answer(_field(row, answer_field, where, "--answer-field"), where, answer_field))
-        messages.append(build_prompt_messages(prompt, system_prompt=system_prompt, instruction=instruction))
-    if not answers and limit != 0:
-        raise ValueError(f"--dataset {source}: no rows.")
-    return datasets.Dataset.from_dict({"messages": messages, "answer": answers})
+    data = read_prompt_data(source, config=config, split=split, prompt_field=prompt_field,
+                            answer_field=answer_field, messages_field=messages_field,
+                            system_prompt=system_prompt, instruction=instruction, limit=limit)
+    return datasets.Dataset.from_dict({"messages": data.messages, "answer": data.answers})
 
 
 def render_prompts(messages: list[list[dict[str, str]]], tokenizer: Any) -> list[str]:

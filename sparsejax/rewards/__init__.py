@@ -1,7 +1,9 @@
 """Verifiable rewards: answer extraction, the built-in rewards, a registry and weighted sums.
 
 Every reward is a function ``reward(completions, answers, **kwargs) -> list[float]`` (see
-:mod:`sparsejax.rewards.base`). Built-ins, by name (:data:`REWARDS`):
+:mod:`sparsejax.rewards.base`); the keyword arguments (``prompts``, ``completion_ids``, the
+data's columns) reach it as its signature asks (:mod:`.arguments`). Built-ins, by name
+(:data:`REWARDS`):
 
 * ``gsm8k``: the extracted answer equals the gold numerically (:mod:`.numeric`);
 * ``math``: LaTeX / expression equivalence with math-verify, time bounded (:mod:`.symbolic`);
@@ -11,6 +13,14 @@ Every reward is a function ``reward(completions, answers, **kwargs) -> list[floa
 ``"my_pkg.rewards:fn"``, ``"path/to/file.py:fn"``) into one weighted reward (:mod:`.registry`).
 """
 
+from sparsejax.rewards.arguments import (
+    RESERVED_ARGUMENTS,
+    call_reward,
+    check_columns,
+    check_reward_arguments,
+    repeat_rows,
+    reward_keywords,
+)
 from sparsejax.rewards.base import RewardFn, check_batch
 from sparsejax.rewards.extract import (
     MAX_SCAN_CHARS,
@@ -41,10 +51,11 @@ from sparsejax.rewards.symbolic import MathVerifier, math_reward, require_math_v
 from sparsejax.rewards.text import boxed_format_reward, exact_match_reward, format_reward, normalize_text
 
 __all__ = [
-    "MAX_NUMBER_CHARS", "MAX_SCAN_CHARS", "NUMBER_PATTERN", "REWARDS", "CombinedReward", "MathVerifier", "RewardFn",
-    "answers_match", "boxed_format_reward", "check_batch", "combine_rewards", "completion_text",
+    "MAX_NUMBER_CHARS", "MAX_SCAN_CHARS", "NUMBER_PATTERN", "RESERVED_ARGUMENTS", "REWARDS", "CombinedReward",
+    "MathVerifier", "RewardFn", "answers_match", "boxed_format_reward", "call_reward", "check_batch",
+    "check_columns", "check_reward_arguments", "combine_rewards", "completion_text",
     "exact_match_reward", "extract_answer", "extract_boxed", "format_reward", "get_reward",
     "gold_answer", "gsm8k_accuracy_reward", "last_number", "load_reward_function", "math_reward",
-    "normalize_text", "parse_number", "parse_reward_spec", "require_math_verify", "reward_from_specs",
-    "score_completion",
+    "normalize_text", "parse_number", "parse_reward_spec", "repeat_rows", "require_math_verify",
+    "reward_from_specs", "reward_keywords", "score_completion",
 ]

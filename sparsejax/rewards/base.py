@@ -6,8 +6,10 @@ A reward function is called once per batch::
 
 ``completions`` are strings or TRL's conversational form (a list of messages, see
 :func:`sparsejax.rewards.completion_text`); ``answers`` holds one gold answer per completion
-(the dataset's answer column, repeated for each completion of a prompt); extra keyword
-arguments (other dataset columns) may be passed and are ignored by the built-ins. It returns
+(the dataset's answer column, repeated for each completion of a prompt); keyword arguments
+(``prompts``, ``completion_ids`` and the dataset's columns, one value per completion: see
+:mod:`sparsejax.rewards.arguments`) reach it as far as its signature takes them, and are
+ignored by the built-ins. It returns
 one float per completion; ``nan`` marks a completion that cannot be scored (the GRPO
 advantages leave it out of the group means).
 """

@@ -13,6 +13,10 @@ A user function has the signature of every reward (:class:`sparsejax.rewards.Rew
 
 It is called once per batch and must return one finite float (or ``nan``: unscorable) per
 completion; :func:`reward_from_specs` checks that at every call, with a one-line error naming it.
+Keyword arguments (``prompts``, ``completion_ids``, the data's columns: see
+:mod:`sparsejax.rewards.arguments`) reach each term as its signature asks: all of them with
+``**kwargs``, else the ones it names (``def by_level(completions, answers, level)``); a
+function of ``(completions, answers)`` gets none.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from sparsejax.rewards.arguments import call_reward, check_reward_arguments
 from sparsejax.rewards.base import check_batch
 from sparsejax.rewards.numeric import gsm8k_accuracy_reward
 from sparsejax.rewards.symbolic import math_reward, require_math_verify
@@ -51,8 +56,8 @@ def _check_signature(fn: Any, spec: str) -> None:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):
         return  # builtins without a signature: checked at call time
-    try:
-        signature.bind(["completion"], ["answer"])
+    try:  # later parameters are keyword arguments (columns), checked against the data
+        signature.bind_partial(["completion"], ["answer"])
     except TypeError as err:
         raise ValueError(f"reward {spec!r}: must accept (completions, answers, **kwargs); {err}.") from None
 
@@ -130,7 +135,7 @@ def parse_reward_spec(spec: str) -> tuple[str, float]:
 def _call_checked(fn: Callable, name: str, completions: Sequence[Any], answers: Sequence[Any],
                   kwargs: dict) -> list[float]:
     n = check_batch(completions, answers, name)
-    values = fn(completions, answers, **kwargs)
+    values = call_reward(fn, completions, answers, kwargs, name=name)
     try:
         values = [float(v) for v in values]
     except (TypeError, ValueError):
@@ -143,8 +148,11 @@ def _call_checked(fn: Callable, name: str, completions: Sequence[Any], answers: 
 
 
 class CombinedReward:
-    """``sum_i weight_i * reward_i(completions, answers)``, each reward's output checked.
+    """``sum_i weight_i * reward_i(completions, answers, **kwargs)``, each reward's output checked.
 
+    Keyword arguments (``prompts``, ``completion_ids``, data columns) go to each term as far
+    as its signature takes them (:func:`sparsejax.rewards.arguments.call_reward`): all with
+    ``**kwargs``, else the named ones; a term that names one not given is a one-line error.
     ``last_means`` holds each component's mean over the last batch (unweighted), for logging
     (``reward/<name>`` metrics). A ``nan`` in any component makes that completion's total ``nan``.
     """
@@ -162,7 +170,12 @@ class CombinedReward:
     def names(self) -> list[str]:
         return [name for name, _, _ in self.components]
 
-    def __call__(self, completions: Sequence[Any], answers: Sequence[Any], **kwargs: Any) -> list[float]:
+    def check_arguments(self, available: Sequence[str]) -> None:
+        """One-line ``ValueError`` if a term needs a keyword (column) not in ``available``."""
+        for name, fn, _ in self.components:
+            check_reward_arguments(fn, available, name)
+
+    def __call__(self, completions: Sequence[Any], answers: Sequence[Any], /, **kwargs: Any) -> list[float]:
         total = [0.0] * check_batch(completions, answers, "combined")
         means = {}
         for name, fn, weight in self.components:

@@ -78,7 +78,9 @@ def _jax_leaf_sums(x: jax.Array) -> list[jax.Array]:
     return _lane_sums(jnp, words, index)
 
 
-_jax_sums = jax.jit(lambda leaves: [_jax_leaf_sums(x) for x in leaves])
+# One program per leaf shape: a program over all leaves at once holds the words and
+# positions of every leaf together (several times the checkpoint's size on a CPU).
+_jax_sums = jax.jit(_jax_leaf_sums)
 
 
 def _digest(lanes: Any) -> str:
@@ -88,22 +90,16 @@ def _digest(lanes: Any) -> str:
 def fingerprints(tree: PyTree) -> dict[str, str]:
     """The layout-independent checksum of each array of ``tree`` (see the module
     docstring), keyed by its path. Numpy arrays are hashed on the host; jax arrays where
-    they lie (one jitted reduction per set of devices). With several processes every
+    they lie (one jitted reduction per leaf). With several processes every
     process must call it (it runs a collective) and all get the same values."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     out: dict[str, str] = {}
-    groups: dict[Any, list[tuple[str, jax.Array]]] = {}
-    for path, leaf in leaves:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         key = jax.tree_util.keystr(path)
         if isinstance(leaf, jax.Array):
-            groups.setdefault(frozenset(d.id for d in leaf.sharding.device_set), []
-                              ).append((key, leaf))
+            out[key] = _digest(_jax_sums(leaf))
         else:
             words = _numpy_words(np.asarray(leaf))
             out[key] = _digest(_lane_sums(np, words, np.arange(words.size, dtype=np.uint32)))
-    for items in groups.values():
-        for (key, _), lanes in zip(items, _jax_sums([x for _, x in items])):
-            out[key] = _digest(lanes)
     return {k: out[k] for k in sorted(out)}
 
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from sparsejax.parallel import distributed
 from sparsejax.runs import checkpoint as ckpt_lib
 from sparsejax.runs import run_dir, signals
-from sparsejax.runs.reporting import MetricsLog, read_metrics
+from sparsejax.runs.reporting import MetricsLog, read_metrics, release_host_memory
 from sparsejax.trainable.base import Trainable, memory_record, tree_bytes
 from sparsejax.types import PyTree
 
@@ -121,6 +121,7 @@ class PolicyRun:
         """Writes the checkpoint of ``self.step`` (verified on restore)."""
         if self._identity is None:
             self._identity = self.identity()
+        release_host_memory()
         self.checkpoints.save(self.step, self._checkpoint_tree(), identity=self._identity)
 
     def _save_if_new(self) -> None:
@@ -271,6 +272,7 @@ class PolicyRun:
             signals.check(self.step, self._save_if_new)
             while self.step < cfg.steps:
                 last = step_fn()
+                release_host_memory()
                 log.write(last)
                 if on_step is not None:
                     on_step(last)

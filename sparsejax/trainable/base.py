@@ -20,10 +20,12 @@ The life of a step::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -139,13 +141,49 @@ class TrainsMaskedValues:
         return SwappedValues(params, opt_state, self.active_values, self.swap_active)
 
 
-def learning_rate_schedule(cfg: Any) -> optax.Schedule:
-    """Constant ``cfg.learning_rate`` after a linear warm-up of ``cfg.warmup_steps``."""
-    if cfg.warmup_steps <= 0:
-        return optax.constant_schedule(cfg.learning_rate)
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps),
-         optax.constant_schedule(cfg.learning_rate)], [cfg.warmup_steps])
+def warmup_steps(cfg: Any, total_steps: int | None = None) -> int:
+    """The warm-up's length: ``cfg.warmup_steps``, or ``ceil(cfg.warmup_ratio x
+    total_steps)`` when the ratio is set (transformers' rule)."""
+    ratio = getattr(cfg, "warmup_ratio", 0.0)
+    if ratio <= 0:
+        return int(cfg.warmup_steps)
+    if total_steps is None:
+        raise ValueError("warmup_ratio is a fraction of the run's steps: build the trainable "
+                         "with total_steps")
+    return math.ceil(total_steps * ratio)
+
+
+def learning_rate_schedule(cfg: Any, total_steps: int | None = None) -> optax.Schedule:
+    """The learning rate as a function of the optimizer's step count (kept in its state,
+    so a restored checkpoint goes on where it stopped).
+
+    A linear warm-up from 0 over :func:`warmup_steps`, then ``cfg.learning_rate``
+    (``lr_scheduler_type="constant"``) or a decay to 0 at step ``total_steps`` (the run's
+    steps): ``linear`` or ``cosine`` (half a cosine). Step ``k`` (from 0) gets exactly the
+    learning rate transformers' ``get_scheduler`` gives it (``constant`` is its
+    ``constant_with_warmup``, the same as its ``constant`` without warm-up); past
+    ``total_steps`` the decayed rate stays 0.
+    """
+    kind = getattr(cfg, "lr_scheduler_type", "constant")
+    lr = cfg.learning_rate
+    warmup = warmup_steps(cfg, total_steps)
+    if kind == "constant":
+        after = optax.constant_schedule(lr)
+    elif total_steps is None:
+        raise ValueError(f"lr_scheduler_type {kind} decays over the run's steps: build the "
+                         "trainable with total_steps")
+    elif kind == "linear":
+        after = optax.linear_schedule(lr, 0.0, max(1, total_steps - warmup))
+    elif kind == "cosine":
+        after = optax.cosine_decay_schedule(lr, max(1, total_steps - warmup))
+    else:
+        raise ValueError(f"unknown lr_scheduler_type {kind!r}")
+    if warmup > 0:
+        after = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+    if kind == "constant":
+        return after
+    # float32's cos(pi) is not exactly -1: the end of the decay would be -1e-8 x lr.
+    return lambda count: jnp.maximum(after(count), 0.0)
 
 
 def tree_bytes(tree: PyTree) -> int:
@@ -183,3 +221,9 @@ def memory_record(trainable: Trainable, params: PyTree, opt_state: PyTree, mesh:
     from sparsejax.parallel.sharding import mesh_name
     return {"mesh": mesh_name(mesh), "devices": 1 if mesh is None else int(mesh.size),
             **trainable.memory_report(params, opt_state)}
+
+
+def zero_gradient(trainable: Trainable, params: PyTree, opt_state: PyTree) -> PyTree:
+    """A zero gradient accumulator: the shapes, dtypes and placement of
+    ``trainable.compress`` of a gradient of ``params`` (traceable; jit it)."""
+    return jax.tree.map(jnp.zeros_like, trainable.compress(params, opt_state))

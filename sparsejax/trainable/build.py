@@ -12,7 +12,8 @@ from sparsejax.types import PyTree
 
 def build_trainable(config: TrainableConfig, params: PyTree, *,
                     adapter: AdapterConfig | None = None, mask: PyTree | None = None,
-                    mesh: Any = None, model_name: str | None = None) -> Trainable:
+                    mesh: Any = None, model_name: str | None = None,
+                    total_steps: int | None = None) -> Trainable:
     """What trains in a run, from its settings.
 
     Args:
@@ -24,6 +25,8 @@ def build_trainable(config: TrainableConfig, params: PyTree, *,
       mask: sparse entries: this mask instead of the one ``config`` draws or loads.
       mesh: lay the run out on this mesh (:mod:`sparsejax.parallel.sharding`).
       model_name: the model a ratios file must have been derived on (Partial-LoRA).
+      total_steps: the run's optimizer steps, which a decaying learning rate
+        (``lr_scheduler_type`` linear or cosine) and ``warmup_ratio`` need.
 
     Returns:
       :class:`~sparsejax.trainable.full.FullFinetuning`,
@@ -31,16 +34,16 @@ def build_trainable(config: TrainableConfig, params: PyTree, *,
       :class:`~sparsejax.trainable.lora.LoraAdapter`.
     """
     if adapter is not None and adapter.kind != "none":
-        return _lora(config, params, adapter, mesh, model_name)
+        return _lora(config, params, adapter, mesh, model_name, total_steps)
     if config.dense and mask is None:
         from sparsejax.trainable.full import FullFinetuning
-        return FullFinetuning(config, params, mesh=mesh)
+        return FullFinetuning(config, params, mesh=mesh, total_steps=total_steps)
     from sparsejax.trainable.sparse import SparseEntries
-    return SparseEntries(config, params, mask, mesh=mesh)
+    return SparseEntries(config, params, mask, mesh=mesh, total_steps=total_steps)
 
 
 def _lora(config: TrainableConfig, params: PyTree, adapter: AdapterConfig, mesh: Any,
-          model_name: str | None) -> Trainable:
+          model_name: str | None, total_steps: int | None) -> Trainable:
     from sparsejax import lora
     from sparsejax.trainable.lora import LoraAdapter
     cfg = lora.LoraConfig(rank=adapter.lora_rank, alpha=adapter.lora_alpha,
@@ -60,4 +63,4 @@ def _lora(config: TrainableConfig, params: PyTree, adapter: AdapterConfig, mesh:
                 factors, ratios, params, importance=settings.get("importance", "leverage"),
                 svd_rank=int(settings.get("svd_rank", 8)))
     return LoraAdapter(config, params, cfg, adapters=factors, mask=mask, mesh=mesh,
-                       kind=adapter.kind)
+                       kind=adapter.kind, total_steps=total_steps)

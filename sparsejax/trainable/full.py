@@ -32,16 +32,19 @@ class FullFinetuning:
       cfg: learning rate, warm-up, betas, weight decay, clipping, master weights.
       params: the base params (shapes are enough).
       mesh: a :class:`jax.sharding.Mesh` or mesh spec; None / ``""``: no placement.
+      total_steps: the run's optimizer steps (a decaying learning rate or a warm-up
+        ratio needs them).
     """
 
     mask = None
     sparse_grads = False
 
-    def __init__(self, cfg: Any, params: PyTree, *, mesh: Any = None):
+    def __init__(self, cfg: Any, params: PyTree, *, mesh: Any = None,
+                 total_steps: int | None = None):
         del params
         self.cfg = cfg
         self.mesh = sharding_lib.as_mesh(mesh)
-        self.schedule = learning_rate_schedule(cfg)
+        self.schedule = learning_rate_schedule(cfg, total_steps)
         self._opt = dense_adamw(
             self.schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
             master_weights=cfg.master_weights, skip_nonfinite=True,

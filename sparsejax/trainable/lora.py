@@ -66,16 +66,19 @@ class LoraAdapter(TrainsMaskedValues):
         (on a mesh in the row-balanced layout).
       mesh: a :class:`jax.sharding.Mesh` or mesh spec (None / ``""``: no placement).
       kind: what the run's first line calls the adapter (``lora``, ``partial-lora``...).
+      total_steps: the run's optimizer steps (a decaying learning rate or a warm-up
+        ratio needs them).
     """
 
     def __init__(self, cfg: Any, params: PyTree, lora: LoraConfig, *,
                  adapters: Adapters | None = None, mask: PyTree | None = None,
-                 seed: int = 0, mesh: Any = None, kind: str = "lora"):
+                 seed: int = 0, mesh: Any = None, kind: str = "lora",
+                 total_steps: int | None = None):
         self.kind = kind
         if _has_lora(params):
             params, _ = detach(params)
         self.cfg, self.lora = cfg, lora
-        self.schedule = learning_rate_schedule(cfg)
+        self.schedule = learning_rate_schedule(cfg, total_steps)
         adapters = init_adapters(params, lora, seed) if adapters is None else adapters
         check_adapters(params, adapters)
         self.mesh = sharding_lib.as_mesh(mesh)

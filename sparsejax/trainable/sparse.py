@@ -63,13 +63,15 @@ class SparseEntries(TrainsMaskedValues):
       params: the base params (shapes are enough).
       mask: the mask to train (default: built from ``cfg``: loaded or drawn).
       mesh: a :class:`jax.sharding.Mesh` or mesh spec; None / ``""``: no placement.
+      total_steps: the run's optimizer steps (a decaying learning rate or a warm-up
+        ratio needs them).
     """
 
     def __init__(self, cfg: Any, params: PyTree, mask: PyTree | None = None, *,
-                 mesh: Any = None):
+                 mesh: Any = None, total_steps: int | None = None):
         self.cfg = cfg
         self.mesh = sharding_lib.as_mesh(mesh)
-        self.schedule = learning_rate_schedule(cfg)
+        self.schedule = learning_rate_schedule(cfg, total_steps)
         self.mask = build_mask(cfg, params, self.mesh) if mask is None else mask
         master = cfg.master_weights
         if master is None:

@@ -3,7 +3,7 @@
 One step::
 
     pairs of step t --tokenize/pad (fixed widths)--> prompt + chosen / rejected tokens
-      --> sequence log-probs (policy; chosen and rejected in one forward pass)
+      --> per-token log-probs (policy; chosen and rejected in one forward pass)
       --> dpo_loss against the reference log-probs (precomputed once)
       --> gradients at the active entries (micro-batched, accumulated)
       --> fused sparse AdamW step (or dense optax.adamw) --> next step
@@ -25,7 +25,17 @@ reference is the base model: a sparse run swaps the base values of its ``k`` act
 entries into the params in place (:meth:`SparseEntries.swap_active`), scores and swaps back; no
 second copy of the model exists. A dense run scores with the params before they first
 change and keeps a host (CPU memory) copy of the base params only for pairs first seen
-later (:meth:`DPOTrainer.evaluate` after training). ``reference_free`` uses zeros.
+later (:meth:`DPOTrainer.evaluate` after training). ``reference_free`` uses zeros, as do
+runs whose losses all do without a reference (``sft``, ``simpo``, ``orpo``). With
+``ld_alpha`` the reference's sums are LD-DPO's weighted sums (the same reduction as the
+policy's).
+
+The loss (:func:`sparsejax.losses.dpo_loss`) gets the policy's per-token log-probs and
+completion masks, so the length-aware losses (IPO, ``sigmoid_norm``, SimPO, ORPO, the
+``sft`` term), LD-DPO and WPO's weights (``use_weighting``: a second, gradient-free
+projection of the same hidden states, :mod:`sparsejax.trainers.dpo_logps`) all apply; a
+combination of losses is one program. Evaluation computes the loss of all eval pairs at
+once from their per-token log-probs.
 
 Everything a step needs is a function of the step number (pair order) and the
 checkpoint, so ``resume`` continues exactly as an uninterrupted run would. A sparse
@@ -36,7 +46,6 @@ the model comes from the base weights the run was started from.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -48,16 +57,10 @@ from flax import nnx
 from sparsejax.config import DPOConfig, TrainableConfig
 from sparsejax.data.order import prompt_order
 from sparsejax.losses.dpo import dpo_loss
-from sparsejax.models.decoder import reconfigure
-from sparsejax.models.logprobs import completion_logprobs
-from sparsejax.parallel import sharding as sharding_lib
-from sparsejax.parallel.distributed import host_array, to_host
-from sparsejax.runs import checkpoint as ckpt_lib
-from sparsejax.runs.reporting import compile_seconds, peak_memory_bytes, plot_curves
-from sparsejax.runs.run import PolicyRun, tree_digest
-from sparsejax.trainable import reference as reference_lib
-from sparsejax.trainable.base import Trainable, trainer_mesh
-from sparsejax.trainable.build import build_trainable
+from sparsejax.losses.dpo_family import ld_sequence_logps
+from sparsejax.runs.reporting import plot_curves
+from sparsejax.runs.run import tree_digest
+from sparsejax.trainable.base import Trainable
 from sparsejax.trainers.dpo_data import (  # noqa: F401
     EncodedPairs,
     Pair,
@@ -67,13 +70,16 @@ from sparsejax.trainers.dpo_data import (  # noqa: F401
     split_pair,
     visited_pairs,
 )
+from sparsejax.trainers.dpo_logps import pair_token_logps
+from sparsejax.trainers.offline import OfflineRun
 from sparsejax.types import PyTree
 
 # ---------------------------------------------------------------------- trainer
 
 
-class DPOTrainer(PolicyRun):
-    """Trains a :class:`~sparsejax.models.Decoder` with DPO (sigmoid, IPO, hinge, robust).
+class DPOTrainer(OfflineRun):
+    """Trains a :class:`~sparsejax.models.Decoder` with a DPO-family loss (or a weighted
+    sum of several; see :func:`sparsejax.losses.dpo_loss`).
 
     Args:
         graphdef, params: ``nnx.split`` of the policy; these are also the reference.
@@ -95,32 +101,10 @@ class DPOTrainer(PolicyRun):
                  out_dir: str | os.PathLike, mask: PyTree | None = None, *,
                  chat_template: bool | None = None, trainable: Trainable | None = None,
                  mesh: Any = None):
-        self.graphdef, self.params = graphdef, params
-        self.graphdef = reconfigure(graphdef, params, remat=config.remat)
-        self.tokenizer = tokenizer
-        self.cfg, self.trainable_cfg = config, trainable_config
-        self.chat_template = chat_template
-        self.out_dir = os.fspath(out_dir)
-        os.makedirs(self.out_dir, exist_ok=True)
-        self.mesh = trainer_mesh(mesh, config.mesh, trainable)
-        if self.mesh is not None:
-            sharding_lib.check_batch("micro_batch_size", config.micro_batch_size, self.mesh)
-        # What trains: given (e.g. a sparsejax.trainable.LoraAdapter) or built from the config.
-        self.trainable = (build_trainable(trainable_config, params, mask=mask, mesh=self.mesh)
-                          if trainable is None else trainable)
-        self.params = params = self.trainable.policy_params(params)
-        self.opt_state = self.trainable.init(params)
-        # The reference, kept as the variant keeps it: the base values of the k trained
-        # entries, or (full finetuning) the params themselves until they first change,
-        # then a host copy.
-        self.base_policy = (None if config.reference_free else
-                            self.trainable.base_policy(params, self.opt_state, on_host=True))
-        self.step = 0
-        self.checkpoints = ckpt_lib.CheckpointManager(
-            os.path.join(self.out_dir, "checkpoints"), keep=config.keep_checkpoints)
-        self._grad_fn = jax.jit(self._micro_batch_grads, donate_argnums=3)
-        self._zero_grads = jax.jit(self._zeros_like_compressed)
+        super().__init__(graphdef, params, tokenizer, config, trainable_config, out_dir, mask,
+                         chat_template=chat_template, trainable=trainable, mesh=mesh)
         self._logps_fn = jax.jit(self._sequence_logps)
+        self._tokens_fn = jax.jit(self._token_logps)
         self._loss_fn = jax.jit(self._loss)
 
     # ------------------------------------------------------------------ pieces
@@ -131,73 +115,43 @@ class DPOTrainer(PolicyRun):
                             max_completion_length=self.cfg.max_completion_length,
                             chat_template=self.chat_template)
 
-    def _sequence_logps(self, params: PyTree, batch: Mapping[str, jax.Array]
-                        ) -> tuple[jax.Array, jax.Array]:
-        """Summed completion log-probs ``([B] chosen, [B] rejected)``, one forward pass."""
-        prompt = jnp.concatenate([batch["prompt_tokens"]] * 2, axis=0)
-        prompt_mask = jnp.concatenate([batch["prompt_mask"]] * 2, axis=0)
-        tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]], axis=0)
-        mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)
-        logps = completion_logprobs(self.graphdef, params, prompt, prompt_mask, tokens, mask,
-                                    chunk_size=self.cfg.logprob_chunk_size)
-        seq = logps.sum(axis=-1)
-        n = batch["prompt_tokens"].shape[0]
-        return seq[:n], seq[n:]
+    def _token_logps(self, params: PyTree, batch: Mapping[str, jax.Array]
+                     ) -> dict[str, jax.Array]:
+        """Per-token completion log-probs ``{"chosen", "rejected"}`` ``[B, C]`` (with
+        ``use_weighting`` also WPO's ``"chosen_sq"``, ``"rejected_sq"``), one forward pass."""
+        return pair_token_logps(self.graphdef, params, batch,
+                                chunk_size=self.cfg.logprob_chunk_size,
+                                with_sq=self.cfg.use_weighting)
 
-    def _loss(self, chosen, rejected, batch):
-        cfg = self.cfg
-        return dpo_loss(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"],
-                        beta=cfg.beta, loss_type=cfg.loss_type,
-                        label_smoothing=cfg.label_smoothing,
-                        chosen_lengths=batch["chosen_mask"].sum(axis=-1),
-                        rejected_lengths=batch["rejected_mask"].sum(axis=-1))
+    def _sequence_logps(self, params: PyTree, batch: Mapping[str, jax.Array]) -> jax.Array:
+        """``[B, 2]`` (chosen, rejected) summed completion log-probs (LD-DPO's weighted
+        sums with ``ld_alpha``), one forward pass."""
+        tokens = pair_token_logps(self.graphdef, params, batch,
+                                  chunk_size=self.cfg.logprob_chunk_size)
+        chosen, rejected = ld_sequence_logps(tokens["chosen"], tokens["rejected"],
+                                             batch["chosen_mask"], batch["rejected_mask"],
+                                             self.cfg.ld_alpha)
+        return jnp.stack([chosen, rejected], axis=1)
 
-    def _micro_batch_grads(self, params, opt_state, batch, acc, weight):
-        """Loss and metrics of one micro-batch; ``acc + weight * gradient`` (compressed)."""
+    def _loss(self, tokens: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]):
+        """:func:`dpo_loss` of per-token log-probs against ``batch``'s reference sums."""
+        return dpo_loss(tokens["chosen"], tokens["rejected"], batch["ref_chosen"],
+                        batch["ref_rejected"], chosen_mask=batch["chosen_mask"],
+                        rejected_mask=batch["rejected_mask"],
+                        chosen_log_sum_sq_probs=tokens.get("chosen_sq"),
+                        rejected_log_sum_sq_probs=tokens.get("rejected_sq"),
+                        **self.cfg.loss_options())
 
-        def loss_fn(p):
-            chosen, rejected = self._sequence_logps(p, batch)
-            return self._loss(chosen, rejected, batch)
-
-        (loss, metrics), grads = self.trainable.value_and_grad(loss_fn, params, opt_state)
-        acc = jax.tree.map(lambda a, g: a + (weight * g).astype(a.dtype), acc, grads)
-        return {"loss": loss, **metrics}, acc
-
-    def _zeros_like_compressed(self, params, opt_state):
-        """A zero gradient accumulator (the compressed gradient's shapes)."""
-        return jax.tree.map(jnp.zeros_like, self.trainable.compress(params, opt_state))
-
-    def _score(self, params: PyTree, enc: EncodedPairs, needed: np.ndarray | None = None
-               ) -> np.ndarray:
-        """``[N, 2]`` (chosen, rejected) log-probs, ``micro_batch_size`` pairs at a time.
-
-        Chunks are fixed slices of the dataset (the last padded by repeating its last
-        pair), so a pair's value never depends on ``needed``; pairs not needed are NaN.
-        """
-        n, mb = enc.num_pairs, self.cfg.micro_batch_size
-        out = np.full((n, 2), np.nan, np.float32)
-        for start in range(0, n, mb):
-            idx = np.arange(start, min(start + mb, n))
-            if needed is not None and not needed[idx].any():
-                continue
-            padded = np.concatenate([idx, np.full(mb - len(idx), idx[-1])])
-            chosen, rejected = self._logps_fn(
-                params, sharding_lib.put_batch(enc.take(padded)._asdict(), self.mesh))
-            out[idx, 0] = host_array(chosen)[:len(idx)]
-            out[idx, 1] = host_array(rejected)[:len(idx)]
-        return out
-
-    def _keep_base(self) -> None:
-        """Before the params first change (the base policy keeps what it needs)."""
-        if self.base_policy is not None:
-            self.base_policy.before_change(self.params)
+    def _batch_loss(self, params: PyTree, batch: Mapping[str, jax.Array]):
+        return self._loss(self._token_logps(params, batch), batch)
 
     def _as_encoded(self, pairs: Sequence[Pair] | EncodedPairs) -> EncodedPairs:
         return pairs if isinstance(pairs, EncodedPairs) else self.encode(pairs)
 
     def sequence_logprobs(self, pairs: Sequence[Pair] | EncodedPairs
                           ) -> tuple[np.ndarray, np.ndarray]:
-        """Summed completion log-probs ``([N] chosen, [N] rejected)`` under the policy."""
+        """Summed completion log-probs ``([N] chosen, [N] rejected)`` under the policy
+        (LD-DPO's weighted sums with ``ld_alpha``)."""
         out = self._score(self.params, self._as_encoded(pairs))
         return out[:, 0], out[:, 1]
 
@@ -208,15 +162,15 @@ class DPOTrainer(PolicyRun):
         As the variant keeps the base policy (:mod:`sparsejax.trainable.reference`):
         sparse runs swap the base values of the active entries in and back out (in
         place); dense runs use the params while untouched, else the host copy. Zeros
-        for ``reference_free``. With ``needed``, only chunks holding needed pairs are
-        scored (the rest are NaN).
+        for ``reference_free`` (or losses that use no reference). LD-DPO's weighted sums
+        with ``ld_alpha``. With ``needed``, only chunks holding needed pairs are scored
+        (the rest are NaN).
         """
         enc = self._as_encoded(pairs)
-        if self.cfg.reference_free:
+        if not self.cfg.needs_reference:
             zeros = np.zeros(enc.num_pairs, np.float32)
             return zeros, zeros.copy()
-        with reference_lib.scoring(self, self.base_policy) as params:
-            out = self._score(params, enc, needed)
+        out = self._score_reference(enc, needed)
         return out[:, 0], out[:, 1]
 
     # ------------------------------------------------------------------ steps
@@ -224,71 +178,31 @@ class DPOTrainer(PolicyRun):
     def train_step(self, enc: EncodedPairs, ref: np.ndarray) -> dict[str, Any]:
         """One DPO step on the pairs of ``self.step``; ``ref`` is ``[N, 2]``."""
         cfg = self.cfg
-        t0, c0 = time.perf_counter(), compile_seconds()
         order = prompt_order(enc.num_pairs, self.step, cfg.batch_size, cfg.seed)
-        mb = cfg.micro_batch_size
-        num_micro = cfg.batch_size // mb
-        acc = self._zero_grads(self.params, self.opt_state)
-        micro_metrics = []
-        for s in range(0, cfg.batch_size, mb):
-            idx = order[s:s + mb]
+        batches = []
+        for s in range(0, cfg.batch_size, cfg.micro_batch_size):
+            idx = order[s:s + cfg.micro_batch_size]
             batch = enc.take(idx)._asdict()
             batch["ref_chosen"], batch["ref_rejected"] = ref[idx, 0], ref[idx, 1]
-            batch = sharding_lib.put_batch(batch, self.mesh)
-            metrics, acc = self._grad_fn(self.params, self.opt_state, batch, acc,
-                                         np.float32(1.0 / num_micro))
-            micro_metrics.append(metrics)
-        micro_metrics = to_host(micro_metrics)
-        self._keep_base()
-        lr = float(self.trainable.schedule(self.step))
-        self.params, self.opt_state, report = self.trainable.apply(self.params, acc,
-                                                                 self.opt_state)
-        jax.block_until_ready(self.params)
-        step_time = time.perf_counter() - t0
-        tokens = enc.take(order).num_tokens()
-        record = {"kind": "train", "step": self.step,
-                  **{k: float(np.mean([m[k] for m in micro_metrics]))
-                     for k in micro_metrics[0]},
-                  "grad_norm": float(report.grad_norm), "skipped": bool(report.skipped),
-                  "learning_rate": lr, "step_time": step_time, "tokens": tokens,
-                  "compile_time": compile_seconds() - c0,
-                  # steady-state speed: the step's compilation is reported on its own
-                  "tokens_per_s": tokens / max(step_time - (compile_seconds() - c0), 1e-9)}
-        peak = peak_memory_bytes()
-        if peak is not None:
-            record["peak_memory_bytes"] = peak
-        self.step += 1
-        return record
+            batches.append(batch)
+        return self._run_step(batches, enc.take(order).num_tokens())
 
     def _evaluate_encoded(self, enc: EncodedPairs, ref: np.ndarray) -> dict[str, Any]:
-        logps = self._score(self.params, enc)
+        tokens = self._score(self.params, enc, fn=self._tokens_fn)
         batch = {"ref_chosen": ref[:, 0], "ref_rejected": ref[:, 1],
                  "chosen_mask": enc.chosen_mask, "rejected_mask": enc.rejected_mask}
-        loss, metrics = self._loss_fn(logps[:, 0], logps[:, 1], batch)
+        loss, metrics = self._loss_fn(tokens, batch)
         return {"kind": "eval", "step": self.step, "eval_loss": float(loss),
                 "eval_accuracy": float(metrics["rewards/accuracies"]),
                 **{f"eval_{k}": float(v) for k, v in metrics.items()
                    if k != "rewards/accuracies"},
                 "eval_pairs": enc.num_pairs}
 
-    def _eval_subset(self, pairs: Sequence[Pair]) -> Sequence[Pair]:
-        limit = self.cfg.eval_limit
-        return pairs if limit is None else pairs[:limit]
-
     def evaluate(self, pairs: Sequence[Pair]) -> dict[str, Any]:
         """DPO loss, reward accuracy and margins on (the first ``eval_limit`` of) ``pairs``."""
         enc = self.encode(self._eval_subset(pairs))
         ref = np.stack(self.reference_logprobs(enc), axis=1)
         return self._evaluate_encoded(enc, ref)
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def _extra_state(self) -> dict[str, Any]:
-        return {"data_position": np.asarray(self.step * self.cfg.batch_size, np.int64)}
-
-    def _load_extra_state(self, tree: dict[str, Any]) -> None:
-        del tree
-        self._keep_base()  # the params are about to stop being the base
 
     # ------------------------------------------------------------------ the run
 
@@ -338,10 +252,5 @@ class DPOTrainer(PolicyRun):
                 for r in rows]
         plot_curves(rows, path, keys=("loss", "rewards/margins", "accuracy"),
                     eval_key="eval_accuracy",
-                    title=f"DPO ({self.cfg.loss_type}), "
+                    title=f"DPO ({'+'.join(self.cfg.loss_type)}), "
                           f"{self.trainable.num_trainable(self.params):,} trainable")
-
-    def save_model(self, folder: str | os.PathLike) -> str:
-        """The current policy in Hugging Face format (safetensors + config + tokenizer)."""
-        return self.trainable.save_model(folder, self.graphdef, self.params, self.tokenizer)
-

@@ -112,12 +112,28 @@ def encode_pairs(tokenizer: Any, pairs: Sequence[Pair], *, max_prompt_length: in
     """
     if not pairs:
         raise ValueError("no preference pairs")
-    eos = tokenizer.eos_token_id
-    if eos is None:
+    prompts, chosen, rejected = zip(*(split_pair(p) for p in pairs))
+    prompt_tokens, prompt_mask = encode_prompts(tokenizer, prompts, max_prompt_length,
+                                                chat_template)
+    tokens, mask = encode_completions(tokenizer, list(chosen) + list(rejected),
+                                      max_completion_length)
+    n = len(pairs)
+    return EncodedPairs(prompt_tokens, prompt_mask, tokens[:n], mask[:n], tokens[n:], mask[n:])
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str | Messages], max_prompt_length: int,
+                   chat_template: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(tokens, mask)`` int32 ``[N, P]`` of prompts, truncated from the left to
+    ``max_prompt_length`` and left padded to the longest (bucketed, capped).
+
+    With ``chat_template`` (None: when the tokenizer has one) a string prompt is one user
+    turn and the generation prompt is added; without it prompts must be strings, encoded
+    with special tokens.
+    """
+    if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token to end completions with")
     if chat_template is None:
         chat_template = bool(getattr(tokenizer, "chat_template", None))
-    prompts, chosen, rejected = zip(*(split_pair(p) for p in pairs))
     if chat_template:
         texts = [tokenizer.apply_chat_template(
             [{"role": "user", "content": p}] if isinstance(p, str) else p,
@@ -131,18 +147,21 @@ def encode_pairs(tokenizer: Any, pairs: Sequence[Pair], *, max_prompt_length: in
         raise ValueError("a prompt encodes to no tokens: the first completion token "
                          "needs a context")
     prompt_ids = [list(p)[-max_prompt_length:] for p in prompt_ids]
-    completions = [list(c) + [eos] for c in tokenizer(list(chosen) + list(rejected),
-                                                      add_special_tokens=False)["input_ids"]]
-    completions = [c[:max_completion_length] for c in completions]
-    width_p = min(max_prompt_length, bucket_length(max(len(p) for p in prompt_ids)))
-    width_c = min(max_completion_length, bucket_length(max(len(c) for c in completions)))
-    pad = pad_token_id(tokenizer)
-    prompt_tokens, prompt_mask = left_pad(prompt_ids, pad, width_p)
-    n = len(pairs)
-    chosen_tokens, chosen_mask = right_pad(completions[:n], pad, width_c)
-    rejected_tokens, rejected_mask = right_pad(completions[n:], pad, width_c)
-    return EncodedPairs(prompt_tokens, prompt_mask, chosen_tokens, chosen_mask,
-                        rejected_tokens, rejected_mask)
+    width = min(max_prompt_length, bucket_length(max(len(p) for p in prompt_ids)))
+    return left_pad(prompt_ids, pad_token_id(tokenizer), width)
+
+
+def encode_completions(tokenizer: Any, texts: Sequence[str], max_completion_length: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """``(tokens, mask)`` int32 ``[N, C]`` of completions: plain text + EOS, truncated from
+    the right to ``max_completion_length``, right padded to the longest (bucketed, capped)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token to end completions with")
+    ids = [list(c) + [eos] for c in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    ids = [c[:max_completion_length] for c in ids]
+    width = min(max_completion_length, bucket_length(max(len(c) for c in ids)))
+    return right_pad(ids, pad_token_id(tokenizer), width)
 
 
 def visited_pairs(num_pairs: int, steps: int, batch_size: int, seed: int) -> np.ndarray:

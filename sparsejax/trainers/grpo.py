@@ -35,13 +35,14 @@ from sparsejax.models.decoder import reconfigure
 from sparsejax.models.logprobs import completion_logprobs
 from sparsejax.parallel import sharding as sharding_lib
 from sparsejax.parallel.distributed import host_array
+from sparsejax.rewards.arguments import call_reward, check_columns, check_reward_arguments, repeat_rows
 from sparsejax.runs import checkpoint as ckpt_lib
 from sparsejax.runs.reporting import compile_seconds, peak_memory_bytes, plot_curves
 from sparsejax.runs.run import PolicyRun, tree_digest
 from sparsejax.trainable import reference as reference_lib
-from sparsejax.trainable.base import Trainable, trainer_mesh
+from sparsejax.trainable.base import Trainable, trainer_mesh, zero_gradient
 from sparsejax.trainable.build import build_trainable
-from sparsejax.trainers.grpo_step import micro_batch_grads
+from sparsejax.trainers.grpo_step import accumulate_micro_batch
 from sparsejax.types import PyTree
 
 RewardFn = Callable[[Sequence[str], Sequence[Any]], Sequence[float]]
@@ -53,7 +54,10 @@ class GRPOTrainer(PolicyRun):
     Args:
         graphdef, params: ``nnx.split`` of the policy (the base model).
         tokenizer: a transformers tokenizer (decoding completions, saving the model).
-        reward_fn: ``reward_fn(completions, answers) -> rewards`` (one float each);
+        reward_fn: ``reward_fn(completions, answers, **kwargs) -> rewards`` (one float
+            each), given as keyword arguments those of ``prompts`` (each completion's
+            prompt text), ``completion_ids`` and the data's ``columns`` (see :meth:`train`)
+            that its signature takes (:func:`sparsejax.rewards.arguments.call_reward`);
             ``accuracy`` in the metrics is the fraction of rewards >= 1. A reward that
             keeps a ``last_means`` dict after each call (a
             :class:`sparsejax.rewards.CombinedReward` does: each term's batch mean) adds
@@ -91,7 +95,8 @@ class GRPOTrainer(PolicyRun):
                                    config.prompts_per_step * config.num_generations))):
                 sharding_lib.check_batch(name, size, self.mesh)
         # What trains: given (e.g. a sparsejax.trainable.LoraAdapter) or built from the config.
-        self.trainable = (build_trainable(trainable_config, params, mask=mask, mesh=self.mesh)
+        self.trainable = (build_trainable(trainable_config, params, mask=mask, mesh=self.mesh,
+                                          total_steps=config.steps)
                           if trainable is None else trainable)
         self.params = params = self.trainable.policy_params(params)
         self.opt_state = self.trainable.init(params)
@@ -103,8 +108,13 @@ class GRPOTrainer(PolicyRun):
         self.base_key = jax.random.key(config.seed)
         self.checkpoints = ckpt_lib.CheckpointManager(
             os.path.join(self.out_dir, "checkpoints"), keep=config.keep_checkpoints)
-        self._grad_fn = jax.jit(functools.partial(micro_batch_grads, self.graphdef,
-                                                  self.trainable, config))
+        # (loss, metrics, acc + grads) of a micro-batch, summed into the donated
+        # accumulator; the accumulator starts from zeros shaped and placed like a gradient.
+        self._grad_fn = jax.jit(functools.partial(accumulate_micro_batch, self.graphdef,
+                                                  self.trainable, config), donate_argnums=0)
+        self._zero_grads = jax.jit(functools.partial(zero_gradient, self.trainable))
+        self._mean_grads = jax.jit(lambda acc, n: jax.tree.map(lambda g: g / n, acc),
+                                   donate_argnums=0, static_argnums=1)
         self._logps_fn = jax.jit(self._policy_logprobs)
 
     # ------------------------------------------------------------------ pieces
@@ -157,6 +167,20 @@ class GRPOTrainer(PolicyRun):
             return {}
         return {f"{prefix}{name}": float(v) for name, v in means.items()}
 
+    def _rewards(self, texts: list[str], answers: list[Any], prompt_ids: Sequence[Sequence[int]],
+                 rows: Sequence[int], repeat: int, columns: dict[str, list[Any]] | None,
+                 samples: dict[str, np.ndarray]) -> np.ndarray:
+        """The reward of each completion (``repeat`` per prompt ``rows[j]``, prompt-major):
+        ``reward_fn(texts, answers, prompts=..., completion_ids=..., **columns)``, each
+        keyword one value per completion, passed as far as the reward's signature takes it."""
+        prompts = [self.tokenizer.decode([int(t) for t in prompt_ids[i]], skip_special_tokens=False)
+                   for i in rows]
+        kwargs = {"prompts": [p for p in prompts for _ in range(repeat)],
+                  "completion_ids": [t[m.astype(bool)].tolist()
+                                     for t, m in zip(samples["tokens"], samples["mask"])],
+                  **repeat_rows(columns or {}, rows, repeat)}
+        return np.asarray(call_reward(self.reward_fn, texts, answers, kwargs), np.float32)
+
     def _decode(self, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
         return [self.tokenizer.decode(t[m.astype(bool)].tolist(), skip_special_tokens=True)
                 for t, m in zip(tokens, mask)]
@@ -172,11 +196,26 @@ class GRPOTrainer(PolicyRun):
                                                     "tokens", "mask")], self.mesh))))
         return np.concatenate(out)
 
+    def _zero_gradient_micro_batches(self, advantages: np.ndarray) -> list[bool]:
+        """Per micro-batch: is its gradient exactly zero, so that its pass can be skipped?
+
+        With ``beta = 0`` the loss of every type is the advantage times a function of the
+        log-probs, so rows whose advantage is 0 (e.g. a group whose rewards are all equal)
+        contribute exactly zero to the gradient, whatever the normalisation (which counts
+        them all the same). A micro-batch of such rows only is skipped.
+        """
+        cfg, mb = self.cfg, self.cfg.micro_batch_size
+        if not cfg.skip_zero_advantage or cfg.beta > 0 or cfg.entropy_coef:
+            return [False] * (len(advantages) // mb)
+        zero = np.asarray(advantages) == 0
+        return [bool(zero[s:s + mb].all()) for s in range(0, len(zero), mb)]
+
     # ------------------------------------------------------------------ steps
 
-    def train_step(self, prompt_ids: Sequence[list[int]], answers: Sequence[Any]
-                   ) -> dict[str, Any]:
-        """One GRPO step on the prompts of ``self.step``; returns its metrics."""
+    def train_step(self, prompt_ids: Sequence[list[int]], answers: Sequence[Any],
+                   columns: dict[str, list[Any]] | None = None) -> dict[str, Any]:
+        """One GRPO step on the prompts of ``self.step``; returns its metrics. ``columns``
+        (name -> one value per prompt) go to the reward as keyword arguments."""
         cfg = self.cfg
         t0, c0 = time.perf_counter(), compile_seconds()
         order = prompt_order(len(prompt_ids), self.step, cfg.prompts_per_step, cfg.seed)
@@ -200,32 +239,48 @@ class GRPOTrainer(PolicyRun):
             samples[name] = samples[name][:, :width]
 
         texts = self._decode(samples["tokens"], samples["mask"])
-        rewards = np.asarray(self.reward_fn(texts, group_answers), np.float32)
+        rewards = self._rewards(texts, group_answers, prompt_ids, order, cfg.num_generations,
+                                columns, samples)
         if rewards.shape != (total,):
             raise ValueError(f"reward_fn returned {rewards.shape} rewards for {total} "
                              "completions")
         reward_terms = self._reward_terms("reward/")
         advantages = np.asarray(losses.group_advantages(
-            jnp.asarray(rewards), cfg.num_generations, scale=cfg.advantage_scale))
+            jnp.asarray(rewards), cfg.num_generations, scale=cfg.advantage_scale,
+            estimator=cfg.advantage_estimator, normalize=cfg.normalize_advantages))
         batch_all = {"prompt_tokens": samples["prompt_tokens"],
                      "prompt_mask": samples["prompt_mask"], "tokens": samples["tokens"],
                      "mask": samples["mask"], "advantages": advantages}
         if cfg.beta > 0:
             batch_all["ref_logps"] = self._reference_logprobs(samples)
+        kept = True  # completions in the loss: all, or those that stopped within the budget
+        if cfg.mask_truncated_completions:
+            stopped = np.isin(samples["tokens"], self.stop_token_ids) & (samples["mask"] > 0)
+            batch_all["truncated"] = ~stopped.any(axis=1)
+            kept = ~batch_all["truncated"][:, None]
 
         mb = cfg.micro_batch_size
         num_micro = total // mb
-        num_items = float(samples["mask"].sum()) / num_micro
-        acc, metric_sums = None, {}
-        for s in range(0, total, mb):
+        num_items = float((samples["mask"] * kept).sum()) / num_micro
+        skip = self._zero_gradient_micro_batches(advantages)
+        acc, metric_sums, computed = None, {}, 0
+        for i, s in enumerate(range(0, total, mb)):
+            if skip[i]:
+                continue
             batch = sharding_lib.put_batch({k: v[s:s + mb] for k, v in batch_all.items()},
                                            self.mesh)
-            loss, metrics, grads = self._grad_fn(self.params, self.opt_state, batch,
-                                                 num_items)
-            acc = grads if acc is None else jax.tree.map(jnp.add, acc, grads)
+            # The sum starts from +0.0, so a skipped micro-batch (whose gradient is +-0.0)
+            # would have added nothing: skipping leaves every bit, signed zeros included.
+            if acc is None:
+                acc = self._zero_grads(self.params, self.opt_state)
+            loss, metrics, acc = self._grad_fn(acc, self.params, self.opt_state, batch,
+                                               num_items)
+            computed += 1
             for k, v in {"loss": loss, **metrics}.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + v
-        acc = jax.tree.map(lambda g: g / num_micro, acc)
+        if acc is None:
+            acc = self._zero_grads(self.params, self.opt_state)
+        acc = self._mean_grads(acc, num_micro)
         self.params, self.opt_state, report = self.trainable.apply(self.params, acc,
                                                                  self.opt_state)
         jax.block_until_ready(self.params)
@@ -245,7 +300,11 @@ class GRPOTrainer(PolicyRun):
             "step_time": step_time, "compile_time": compile_seconds() - c0,
             "grad_norm": float(report.grad_norm), "skipped": bool(report.skipped),
             **reward_terms,
-            **{k: float(v) / num_micro for k, v in metric_sums.items()},
+            # the loss of a skipped micro-batch is exactly 0; the other metrics average
+            # the micro-batches that ran
+            "loss": float(metric_sums.get("loss", 0.0)) / num_micro,
+            **{k: float(v) / computed for k, v in metric_sums.items() if k != "loss"},
+            "skipped_micro_batches": num_micro - computed,
         }
         peak = peak_memory_bytes()
         if peak is not None:
@@ -253,9 +312,10 @@ class GRPOTrainer(PolicyRun):
         self.step += 1
         return record
 
-    def evaluate(self, prompt_ids: Sequence[list[int]], answers: Sequence[Any]
-                 ) -> dict[str, Any]:
-        """Accuracy on ``prompt_ids`` (greedy, or sampled at ``eval_temperature``)."""
+    def evaluate(self, prompt_ids: Sequence[list[int]], answers: Sequence[Any],
+                 columns: dict[str, Sequence[Any]] | None = None) -> dict[str, Any]:
+        """Accuracy on ``prompt_ids`` (greedy, or sampled at ``eval_temperature``); the
+        reward gets ``columns`` (name -> one value per prompt) as in :meth:`train`."""
         cfg = self.cfg
         limit = len(prompt_ids) if cfg.eval_limit is None else min(cfg.eval_limit,
                                                                    len(prompt_ids))
@@ -268,7 +328,8 @@ class GRPOTrainer(PolicyRun):
                                   num_slots=min(cfg.eval_batch_size, limit),
                                   prompts_per_call=min(cfg.eval_batch_size, limit))
         texts = self._decode(samples["tokens"], samples["mask"])
-        rewards = np.asarray(self.reward_fn(texts, list(answers[:limit])), np.float32)
+        rewards = self._rewards(texts, list(answers[:limit]), prompt_ids, range(limit), 1,
+                                check_columns(columns, len(prompt_ids), "eval_columns"), samples)
         return {"kind": "eval", "step": self.step, "eval_accuracy": float((rewards >= 1).mean()),
                 "eval_reward_mean": float(rewards.mean()), "eval_examples": limit,
                 **self._reward_terms("eval_reward/"),
@@ -292,8 +353,16 @@ class GRPOTrainer(PolicyRun):
               eval_answers: Sequence[Any] | None = None, resume: bool = False,
               progress: bool = True, overwrite: bool = False,
               final_model_dir: str | os.PathLike | None = None,
-              run_info: dict[str, Any] | None = None, writer: Any = None) -> dict[str, Any]:
+              run_info: dict[str, Any] | None = None, writer: Any = None,
+              columns: dict[str, Sequence[Any]] | None = None,
+              eval_columns: dict[str, Sequence[Any]] | None = None) -> dict[str, Any]:
         """Runs ``config.steps`` steps (continuing from a checkpoint with ``resume``).
+
+        ``columns`` (``eval_columns``): more data of each prompt, name -> one value per
+        prompt (e.g. :attr:`sparsejax.data.dataset.PromptData.columns`); the reward gets
+        each as a keyword argument, one value per completion in the completions' order,
+        with ``prompts`` and ``completion_ids``. A reward parameter (without a default)
+        that names none of them is a one-line ``ValueError`` before the first step.
 
         Writes ``metrics.jsonl``, checkpoints, ``curves.png``, ``final_eval.json``, the
         final model (with ``final_model_dir``) and ``finished.json`` under ``out_dir``
@@ -305,14 +374,19 @@ class GRPOTrainer(PolicyRun):
         """
         if len(prompt_ids) != len(answers) or not prompt_ids:
             raise ValueError("need as many answers as prompts, and at least one prompt")
+        columns = check_columns(columns, len(prompt_ids))
+        check_reward_arguments(self.reward_fn, ["prompts", "completion_ids", *columns])
+        if eval_prompt_ids is not None and eval_answers is not None:
+            eval_columns = check_columns(eval_columns, len(eval_prompt_ids), "eval_columns")
+            check_reward_arguments(self.reward_fn, ["prompts", "completion_ids", *eval_columns])
         data = tree_digest([np.asarray(p, np.int64) for p in prompt_ids]
                            + [np.asarray([str(a) for a in answers])])
         evaluate = None
         if eval_prompt_ids is not None and eval_answers is not None:
-            evaluate = lambda: self.evaluate(eval_prompt_ids, eval_answers)
+            evaluate = lambda: self.evaluate(eval_prompt_ids, eval_answers, eval_columns)
 
         def prepare():
-            return lambda: self.train_step(prompt_ids, answers), evaluate, {}
+            return lambda: self.train_step(prompt_ids, answers, columns), evaluate, {}
 
         return self.run_loop(data, prepare, resume=resume, overwrite=overwrite,
                              progress=progress, final_model_dir=final_model_dir,

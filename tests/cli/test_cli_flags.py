@@ -90,6 +90,10 @@ def test_choices_are_the_library_constants():
     assert tuple(g["loss_type"].choices) == names.GRPO_LOSS_TYPES
     assert tuple(d["loss_type"].choices) == names.DPO_LOSS_TYPES
     assert tuple(g["advantage_scale"].choices) == names.ADVANTAGE_SCALES
+    assert tuple(g["advantage_estimator"].choices) == names.ADVANTAGE_ESTIMATORS
+    assert tuple(g["importance_sampling_level"].choices) == names.IMPORTANCE_SAMPLING_LEVELS
+    assert tuple(g["lr_scheduler_type"].choices) == tuple(d["lr_scheduler_type"].choices) == (
+        names.LR_SCHEDULER_TYPES)
     assert tuple(g["remat"].choices) == tuple(d["remat"].choices) == names.REMAT_POLICIES
     assert tuple(g["backend"].choices) == names.BACKENDS
     assert tuple(g["mask_strategy"].choices) == ("auto", *names.MASK_STRATEGIES)
@@ -217,6 +221,36 @@ def test_config_file_sets_values_and_flags_override_it(tmp_path):
     assert demo.steps == 5 and demo.lr == 1e-2 and demo.reward == ["exact"]
     on = grpo.parse_args(["--config", write(tmp_path / "on.yaml", "demo: true\n")])
     assert on.demo and on.steps == 60 and on.out_dir == "runs/grpo_demo"
+
+
+def test_dpo_loss_combinations_from_flags_and_files(tmp_path):
+    """``--loss-type`` repeats (the values given replace the default ``sigmoid``), with
+    one ``--loss-weights`` each; a file gives lists; a mismatch is one line."""
+    assert build(DPOConfig, dpo.parse_args([])).loss_type == ("sigmoid",)
+    assert dpo.parse_args(["--loss-type", "ipo"]).loss_type == ["ipo"]  # not appended
+    mpo = build(DPOConfig, dpo.parse_args([
+        "--loss-type", "sigmoid", "--loss-type", "bco_pair", "--loss-type", "sft",
+        "--loss-weights", "0.8", "--loss-weights", "0.2", "--loss-weights", "1"]))
+    assert mpo.loss_type == ("sigmoid", "bco_pair", "sft") and mpo.loss_weights == (0.8, 0.2, 1.0)
+    assert mpo.needs_reference
+    path = write(tmp_path / "simpo.yaml", "loss_type: [simpo, sft]\nloss_weights: [1, 0.5]\n"
+                 "simpo_gamma: 0.8\nld_alpha: 0.3\n")
+    simpo = build(DPOConfig, dpo.parse_args(["--config", path]))
+    assert simpo.loss_type == ("simpo", "sft") and simpo.loss_weights == (1.0, 0.5)
+    assert simpo.simpo_gamma == 0.8 and simpo.ld_alpha == 0.3 and not simpo.needs_reference
+    orpo = build(DPOConfig, dpo.parse_args(["--config", path, "--loss-type", "orpo",
+                                            "--loss-weights", "2"]))
+    assert orpo.loss_type == ("orpo",) and orpo.loss_weights == (2.0,)
+    assert DPOConfig(loss_type="robust").loss_type == ("robust",)  # a string is one loss
+    with pytest.raises(ValueError) as e:
+        build(DPOConfig, dpo.parse_args(["--loss-type", "sigmoid", "--loss-type", "sft",
+                                         "--loss-weights", "1"]))
+    assert str(e.value).startswith("--loss-weights has 1 weights for 2 loss types (sigmoid+sft "
+                                   "in --loss-type)"), e.value
+    bad = write(tmp_path / "bad.yaml", "loss_type: [simpo, sft]\nloss_weights: [1]\n")
+    with pytest.raises(ValueError) as e:
+        build(DPOConfig, dpo.parse_args(["--config", bad]))
+    assert "\n" not in str(e.value) and f"loss_weights (in {bad}) has 1 weights" in str(e.value)
 
 
 @pytest.mark.parametrize("text, needle", [

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sparsejax.data.dataset import load_prompt_dataset, render_prompts
+from sparsejax.data.dataset import load_prompt_dataset, read_prompt_data, render_prompts
 from sparsejax.data.presets import TASKS, get_task, load_task_split
 
 from paths import TEST_DATA
@@ -29,6 +29,22 @@ def test_prompt_field_with_instruction_and_system_prompt(tmp_path):
     assert ds["messages"][0] == [{"role": "system", "content": "Be brief."},
                                  {"role": "user", "content": "What is 2+2?\nAnswer in \\boxed{}."}]
     assert len(load_prompt_dataset(str(path), prompt_field="q", answer_field="a", limit=1)) == 1
+
+
+def test_read_prompt_data_keeps_every_column_of_the_rows(tmp_path):
+    rows = [{"q": "2+2?", "a": 4, "level": 1}, {"q": "3+3?", "a": "6", "tags": ["x"]},
+            {"q": "4+4?", "a": 8, "level": 3}]
+    path = _write_jsonl(tmp_path / "d.jsonl", rows)
+    data = read_prompt_data(path, prompt_field="q", answer_field="a", instruction="Box it.")
+    assert data.answers == ["4", "6", "8"]
+    assert data.messages[1] == [{"role": "user", "content": "3+3?\nBox it."}]
+    # Every field as read, the prompt and answer fields included; None where a row has none.
+    assert data.columns == {"q": ["2+2?", "3+3?", "4+4?"], "a": [4, "6", 8],
+                            "level": [1, None, 3], "tags": [None, ["x"], None]}
+    assert read_prompt_data(path, prompt_field="q", answer_field="a", limit=1).columns == {
+        "q": ["2+2?"], "a": [4], "level": [1]}
+    # The Dataset keeps its two columns.
+    assert load_prompt_dataset(path, prompt_field="q", answer_field="a").column_names == ["messages", "answer"]
 
 
 def test_messages_field(tmp_path):

@@ -34,3 +34,121 @@ def cached_logits(sampling, config, graphdef, params, tokens: np.ndarray, mask: 
         logits, cache = step(graphdef, params, jnp.asarray(cont[:, t], jnp.int32), cache)
         got.append(np.asarray(logits))
     return np.stack(got, axis=1), cache
+
+
+# ---------------------------------------------------------------------- TRL's DPO losses
+
+
+class _SingleProcessAccelerator:
+    """The part of ``accelerate.Accelerator`` TRL's loss code calls, for one CPU process."""
+
+    num_processes = 1
+
+    def __init__(self):
+        import torch
+        self.device = torch.device("cpu")
+
+    def gather(self, tensor):
+        return tensor
+
+    def gather_for_metrics(self, tensor):
+        return tensor
+
+    def autocast(self):
+        import contextlib
+        return contextlib.nullcontext()
+
+
+def trl_dpo_stand_in(**attributes):
+    """A bare object with exactly the attributes TRL 1.16's ``DPOTrainer._compute_loss``
+    and ``compute_ref_log_probs`` read (``attributes`` override the defaults), whose two
+    methods are TRL's own, unbound."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    class StandIn:
+        _compute_loss = DPOTrainer._compute_loss
+        compute_ref_log_probs = DPOTrainer.compute_ref_log_probs
+
+    import torch
+    model = torch.nn.Module()  # training, not a PEFT model, no gradient checkpointing
+    model.is_gradient_checkpointing = False
+    trainer = StandIn()
+    defaults = dict(
+        model=model,
+        ref_model=None, accelerator=_SingleProcessAccelerator(),
+        args=SimpleNamespace(discopop_tau=0.05, gradient_checkpointing_kwargs=None),
+        aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
+        f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, loss_types=["sigmoid"],
+        loss_weights=[1.0], beta=0.1, label_smoothing=0.0, use_weighting=False,
+        _total_train_tokens=0, _tp_size=1,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)})
+    for key, value in {**defaults, **attributes}.items():
+        setattr(trainer, key, value)
+    return trainer
+
+
+def trl_dpo_loss(chosen, rejected, chosen_mask, rejected_mask, ref_chosen=None,
+                 ref_rejected=None, *, loss_type="sigmoid", loss_weights=None, beta=0.1,
+                 label_smoothing=0.0, ld_alpha=None, f_divergence_type="reverse_kl",
+                 f_alpha_divergence_coef=0.5, discopop_tau=0.05, log_sum_sq_probs=None,
+                 dtype="float64"):
+    """TRL 1.16's ``DPOTrainer._compute_loss`` on per-token log-probs.
+
+    ``chosen``/``rejected`` and their masks are ``[B, T]`` numpy arrays (completion
+    tokens right padded); each row becomes a sequence of one prompt token and ``T``
+    completion positions, and a stand-in model returns the given per-token log-probs.
+    The reference is ``[B]`` sums (TRL's precomputed path), ``[B, T]`` per token (a
+    stand-in reference model; TRL reduces it as the policy) or None (zeros). With
+    ``log_sum_sq_probs`` (a pair of ``[B, T]`` arrays) TRL's WPO weighting is on.
+
+    Returns ``(loss, grad wrt chosen [B, T], grad wrt rejected [B, T], metrics)``.
+    """
+    from types import SimpleNamespace
+
+    import torch
+    dtype = getattr(torch, dtype)
+    pairs, width = chosen.shape
+    tokens = torch.tensor(np.concatenate([chosen, rejected]), dtype=dtype, requires_grad=True)
+    mask = np.concatenate([chosen_mask, rejected_mask]).astype(np.int64)
+    completion_mask = torch.cat([torch.zeros((2 * pairs, 1), dtype=torch.long),
+                                 torch.tensor(mask)], 1)
+    zeros = torch.zeros((2 * pairs, width), dtype=dtype)
+
+    def outputs(log_probs, sq=None):
+        return SimpleNamespace(log_probs=log_probs, entropy=zeros, mean_logits=zeros,
+                               is_top1=torch.zeros((2 * pairs, width), dtype=torch.bool),
+                               log_sum_sq_probs=sq)
+
+    sq = None
+    if log_sum_sq_probs is not None:
+        sq = torch.tensor(np.concatenate(log_sum_sq_probs), dtype=dtype)
+    model = lambda **kwargs: outputs(tokens, sq)
+    inputs = {"input_ids": torch.zeros((2 * pairs, width + 1), dtype=torch.long),
+              "attention_mask": torch.ones((2 * pairs, width + 1), dtype=torch.long),
+              "completion_mask": completion_mask}
+    attributes = {}
+    if ref_chosen is None:
+        ref_chosen, ref_rejected = np.zeros(pairs), np.zeros(pairs)
+    if np.ndim(ref_chosen) == 2:
+        ref_tokens = torch.tensor(np.concatenate([ref_chosen, ref_rejected]), dtype=dtype)
+        attributes.update(precompute_ref_logps=False,
+                          ref_model=lambda **kwargs: outputs(ref_tokens))
+    else:
+        inputs["ref_chosen_logps"] = torch.tensor(ref_chosen, dtype=dtype)
+        inputs["ref_rejected_logps"] = torch.tensor(ref_rejected, dtype=dtype)
+    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    trainer = trl_dpo_stand_in(
+        loss_types=types, loss_weights=list(loss_weights or [1.0] * len(types)), beta=beta,
+        label_smoothing=label_smoothing, ld_alpha=ld_alpha,
+        f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
+        use_weighting=log_sum_sq_probs is not None,
+        args=SimpleNamespace(discopop_tau=discopop_tau, gradient_checkpointing_kwargs=None),
+        **attributes)
+    loss = trainer._compute_loss(model, inputs, return_outputs=False)
+    loss.backward()
+    grad = tokens.grad.numpy()
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    return loss.item(), grad[:pairs], grad[pairs:], metrics

@@ -1,4 +1,5 @@
-"""DPO-family loss: parity with TRL's own ``DPOTrainer._compute_loss`` (TRL 1.16).
+"""DPO-family loss on sequence log-probs: parity with TRL's own ``DPOTrainer._compute_loss``
+(TRL 1.16). The whole family on per-token inputs is in ``test_dpo_family.py``.
 
 TRL's method is called unbound on a minimal stand-in ``self`` with precomputed reference
 log-probs and a stand-in model whose ``log_probs`` output carries the prepared sequence
@@ -9,7 +10,6 @@ reward metrics TRL logs are compared in float64.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from types import SimpleNamespace
 
 import jax
@@ -22,41 +22,7 @@ dpo_trainer = pytest.importorskip("trl.trainer.dpo_trainer")
 
 from sparsejax.losses import dpo_loss  # noqa: E402
 
-DPOTrainer = dpo_trainer.DPOTrainer
-
-
-class _SingleProcessAccelerator:
-    num_processes = 1
-    device = torch.device("cpu")
-
-    def gather(self, tensor):
-        return tensor
-
-    def gather_for_metrics(self, tensor):
-        return tensor
-
-
-class _TRLDPOStandIn:
-    """A bare object carrying exactly the attributes ``DPOTrainer._compute_loss`` reads."""
-
-    _compute_loss = DPOTrainer._compute_loss
-
-    def __init__(self, loss_type: str, beta: float, label_smoothing: float):
-        self.model = SimpleNamespace(training=True)
-        self.accelerator = _SingleProcessAccelerator()
-        self.args = SimpleNamespace()
-        self.aux_loss_enabled = False
-        self.ld_alpha = None
-        self.precompute_ref_logps = True
-        self.f_divergence_type = "reverse_kl"
-        self.loss_types = [loss_type]
-        self.loss_weights = [1.0]
-        self.beta = beta
-        self.label_smoothing = label_smoothing
-        self.use_weighting = False
-        self._total_train_tokens = 0
-        self._tp_size = 1
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+from references import trl_dpo_stand_in  # noqa: E402
 
 
 def _trl_dpo(chosen, rejected, ref_chosen, ref_rejected, lengths, *, loss_type, beta, label_smoothing):
@@ -85,7 +51,7 @@ def _trl_dpo(chosen, rejected, ref_chosen, ref_rejected, lengths, *, loss_type, 
         "ref_chosen_logps": torch.tensor(ref_chosen, dtype=torch.float64),
         "ref_rejected_logps": torch.tensor(ref_rejected, dtype=torch.float64),
     }
-    trainer = _TRLDPOStandIn(loss_type, beta, label_smoothing)
+    trainer = trl_dpo_stand_in(loss_types=[loss_type], beta=beta, label_smoothing=label_smoothing)
     loss = trainer._compute_loss(model, inputs, return_outputs=False)
     loss.backward()
     grad = seq_logps.grad.numpy()

@@ -1,4 +1,5 @@
-"""GRPO and DPO on a mesh of 8 host CPU devices equal the one-device run; the trainers'
+"""GRPO and DPO (also a weighted sum of DPO-family losses with LD-DPO, an f-divergence and
+WPO weights) on a mesh of 8 host CPU devices equal the one-device run; the trainers'
 optimizer step stays on its devices for row-balanced masks; bad layouts fail in one line.
 
 XLA's device count is fixed when JAX starts, so the 8-device cases run in ONE subprocess
@@ -86,7 +87,12 @@ SCRIPT = textwrap.dedent(r"""
         t.records = [t.train_step(prompts, answers) for _ in range(3)]
         return t
 
-    def dpo(mesh, sparsity, strategy, lora=False):
+    # A weighted sum of DPO-family losses with LD-DPO, an f-divergence and WPO weights.
+    FAMILY = dict(loss_type=("sigmoid", "ipo", "sft", "discopop"),
+                  loss_weights=(1.0, 0.5, 0.3, 1.0), ld_alpha=0.5, use_weighting=True,
+                  f_divergence_type="js_divergence")
+
+    def dpo(mesh, sparsity, strategy, lora=False, family=False):
         graphdef, params = model()
         trainable = None
         if lora:  # the seam's LoRA variant (rank 8 on every projection), fresh B = 0
@@ -95,7 +101,8 @@ SCRIPT = textwrap.dedent(r"""
             trainable = LoraAdapter(TrainableConfig(learning_rate=1e-2), params,
                                   LoraConfig(rank=8), seed=1, mesh=mesh)
         config = DPOConfig(steps=3, batch_size=8, micro_batch_size=8, mesh=mesh,
-                           max_prompt_length=8, max_completion_length=8, remat="none")
+                           max_prompt_length=8, max_completion_length=8, remat="none",
+                           **(FAMILY if family else {}))
         sparse = TrainableConfig(sparsity=sparsity, learning_rate=1e-2 if sparsity else 1e-3,
                               mask_strategy=strategy, sparse_grads="on")
         t = DPOTrainer(graphdef, params, tok, config, sparse, tempfile.mkdtemp(),
@@ -112,8 +119,10 @@ SCRIPT = textwrap.dedent(r"""
         print("CASE", key, json.dumps(value), flush=True, file=sys.stderr)
     CASES = json.loads(sys.argv[1]) if len(sys.argv) > 1 else None
     lora_dpo = lambda mesh, sparsity, strategy: dpo(mesh, sparsity, strategy, lora=True)
+    family_dpo = lambda mesh, sparsity, strategy: dpo(mesh, sparsity, strategy, family=True)
     for name, run, kinds in (("grpo", grpo, ("sparse", "dense")),
-                             ("dpo", dpo, ("sparse", "dense")), ("dpo", lora_dpo, ("lora",))):
+                             ("dpo", dpo, ("sparse", "dense")), ("dpo", lora_dpo, ("lora",)),
+                             ("dpo", family_dpo, ("family",))):
         for kind in kinds:
             sparsity = 0.0 if kind == "dense" else 0.9
             if CASES is not None and f"{name}/{kind}" not in CASES:
@@ -122,7 +131,8 @@ SCRIPT = textwrap.dedent(r"""
             ref = run("", sparsity, "row_balanced")
             base = host(ref.params)
             init = host(ref.trainable.policy_params(model()[1]))  # LoRA: with fresh factors
-            for mesh in (("data=2,fsdp=4",) if kind == "lora" else ("fsdp=8", "data=2,fsdp=4")):
+            for mesh in (("data=2,fsdp=4",) if kind in ("lora", "family")
+                         else ("fsdp=8", "data=2,fsdp=4")):
                 t = run(mesh, sparsity, "auto")
                 report(f"{name}/{kind}/{mesh}", {
                     "cpu_s": time.process_time() - t0,
@@ -235,7 +245,8 @@ def result():
 
 @pytest.mark.parametrize("trainer, kind, mesh", [
     (t, k, m) for t in ("grpo", "dpo") for k in ("sparse", "dense")
-    for m in ("fsdp=8", "data=2,fsdp=4")] + [("dpo", "lora", "data=2,fsdp=4")])
+    for m in ("fsdp=8", "data=2,fsdp=4")] + [("dpo", "lora", "data=2,fsdp=4"),
+                                             ("dpo", "family", "data=2,fsdp=4")])
 def test_sharded_run_equals_one_device(result, trainer, kind, mesh):
     r = result[f"{trainer}/{kind}/{mesh}"]
     assert r["changed"] > 1e-3, r  # training moved the params (the check can fail)
@@ -249,6 +260,9 @@ def test_sharded_run_equals_one_device(result, trainer, kind, mesh):
     assert mem["optimizer_state_bytes_per_device"] < mem1["optimizer_state_bytes_per_device"]
     assert mem["grad_accumulator_bytes_per_device"] < mem1["grad_accumulator_bytes_per_device"]
     assert mem["devices"] == 8 and mem1["devices"] == 1, r
+    if kind == "family":  # the loss family learns (the one-device run, which the mesh equals)
+        losses = [loss for loss, _ in r["metrics_1"]]
+        assert losses[-1] < losses[0], r
 
 
 @pytest.mark.parametrize("backend", ["xla", "interpret"])

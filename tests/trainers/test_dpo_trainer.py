@@ -21,8 +21,10 @@ from safetensors.numpy import load_file
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 from sparsejax.config import DPOConfig, TrainableConfig
+from sparsejax.config.names import DPO_LOSS_TYPES
 from sparsejax.models import load_hf
 from sparsejax.trainers.dpo import DPOTrainer, encode_pairs, split_pair
+from sparsejax.trainers.dpo_logps import pair_token_logps
 
 from paths import REPO
 
@@ -181,6 +183,67 @@ def test_dense_reference_after_training_is_the_base(tiny, tmp_path):
     np.testing.assert_array_equal(np.stack(trainer.sequence_logprobs(enc)), moved)
 
 
+# ---------------------------------------------------------------------- the loss family
+
+# (WPO weights and an f-divergence train in tests/parallel/test_sharded_training.py, on one
+# device and on eight.)
+FAMILY = {
+    # Every loss type in one weighted sum (one compiled program), with LD-DPO.
+    "every_type_ld": dict(loss_type=DPO_LOSS_TYPES, label_smoothing=0.1, ld_alpha=0.5,
+                          loss_weights=tuple(0.1 if t in ("ipo", "sppo_hard") else 1.0
+                                             for t in DPO_LOSS_TYPES)),
+    # Losses that use no reference: none is scored.
+    "simpo_orpo": dict(loss_type=("simpo", "orpo", "sft"), beta=2.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY))
+def test_loss_family_trains_the_tiny_model(tiny, tmp_path, name):
+    options = FAMILY[name]
+    trainer = _trainer(tiny, tmp_path, 0.9, **options)
+    # Chosen completions longer than the rejected ones (LD-DPO's tail is not empty).
+    pairs = [{"prompt": f"Is {i} even?", "chosen": f"yes, {i} is even", "rejected": "no"}
+             for i in (2, 4)]
+    enc = trainer.encode(pairs)
+    assert (enc.chosen_mask.sum(1) > enc.rejected_mask.sum(1)).all()
+    ref = np.stack(trainer.reference_logprobs(enc), axis=1)
+    uses_reference = name != "simpo_orpo"
+    assert (trainer.base_policy is not None) == uses_reference
+    if not uses_reference:
+        np.testing.assert_array_equal(ref, 0.0)
+    records = [trainer.train_step(enc, ref) for _ in range(4)]
+    assert all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in records), records
+    if uses_reference:  # the policy starts as the reference, reduced the same way
+        assert abs(records[0]["rewards/margins"]) < 1e-5, records[0]
+    assert records[-1]["loss"] < records[0]["loss"], [r["loss"] for r in records]
+    assert records[-1]["rewards/margins"] > records[0]["rewards/margins"]
+    if name == "every_type_ld":  # the whole-set loss from per-token log-probs, as a step's
+        final = trainer._evaluate_encoded(enc, ref)
+        np.testing.assert_allclose(final["eval_loss"], trainer.train_step(enc, ref)["loss"],
+                                   rtol=1e-5)
+        assert final["eval_accuracy"] == 1.0, final
+
+
+def test_wpo_statistic_matches_transformers(tiny):
+    """``log sum_v p(v)^2`` per completion token (WPO), against the torch model."""
+    graphdef, params = nnx.split(load_hf(tiny["model"]))
+    enc = encode_pairs(tiny["tok"], [{"prompt": "Hello", "chosen": "Hi there", "rejected": "no"}],
+                       max_prompt_length=16, max_completion_length=8)
+    got = pair_token_logps(graphdef, params, enc._asdict(), chunk_size=5, with_sq=True)
+    plain = pair_token_logps(graphdef, params, enc._asdict(), chunk_size=5)
+    prompt = enc.prompt_tokens[0][enc.prompt_mask[0] == 1].tolist()
+    for side in ("chosen", "rejected"):
+        np.testing.assert_array_equal(got[side], plain[side])
+        mask = getattr(enc, f"{side}_mask")[0]
+        comp = getattr(enc, f"{side}_tokens")[0][mask == 1].tolist()
+        with torch.no_grad():
+            logits = tiny["hf"](input_ids=torch.tensor([prompt + comp])).logits[0].double()
+        logp = torch.log_softmax(logits, -1)[len(prompt) - 1:len(prompt) - 1 + len(comp)]
+        want = torch.logsumexp(2 * logp, -1).numpy()
+        np.testing.assert_allclose(np.asarray(got[f"{side}_sq"])[0, :len(comp)], want, atol=1e-4)
+        assert np.all(np.asarray(got[f"{side}_sq"])[0, len(comp):] == 0)
+
+
 # ---------------------------------------------------------------------- CLI
 
 
@@ -286,6 +349,15 @@ def cli():
     (["--batch-size", "3"], "multiple"),
     (["--loss-type", "hinge", "--label-smoothing", "0.1"], "--label-smoothing"),
     (["--eval-limit", "0"], "--eval-limit must be >= 1"),
+    (["--loss-type", "sigmoid", "--loss-type", "nope"], "--loss-type"),
+    (["--loss-type", "sigmoid", "--loss-type", "sft", "--loss-weights", "1"],
+     "--loss-weights has 1 weights for 2 loss types"),
+    (["--loss-weights", "1", "--loss-weights", "2"], "--loss-weights has 2 weights for 1"),
+    (["--loss-type", "exo_pair"], "--label-smoothing must be > 0"),
+    (["--loss-type", "aot", "--use-weighting"], "--use-weighting"),
+    (["--loss-type", "bco_pair", "--f-divergence-type", "js_divergence"], "--f-divergence-type"),
+    (["--ld-alpha", "1.5"], "--ld-alpha"),
+    (["--discopop-tau", "0"], "--discopop-tau"),
 ])
 def test_cli_bad_arguments_fail_in_one_line(tiny, cli, capsys, extra, needle):
     if "COLUMNS" in extra:

@@ -69,7 +69,8 @@ def test_gsm8k_preset_gives_the_prompts_and_golds_of_the_gsm8k_loader(cli):
     got = cli.load_data(args)
     for which, split, n in (("train", "train", 5), ("eval", "test", 3)):
         ref = gsm8k.load_gsm8k(split, data_dir=data_dir, limit=n)
-        messages, answers = got[which]
+        messages, answers, columns = got[which]
+        assert columns["answer"] == list(ref["answer"])  # the raw field, beside the parsed gold
         assert answers == list(ref["gold"]) and len(answers) == n
         assert render_prompts(messages, tok) == [
             gsm8k.format_prompt(q, tok, system_prompt="Be brief.") for q in ref["question"]]
@@ -109,6 +110,9 @@ def test_metrics_log_fans_records_out_to_a_writer(tmp_path):
     (["--dataset", "DATA", "--reward", "nosuch.py:fn"], "file not found"),
     (["--dataset", "DATA", "--reward", "REWARDS:missing"], "no attribute 'missing'"),
     (["--dataset", "DATA", "--reward", "exact=abc"], "not a number"),
+    (["--dataset", "DATA", "--reward", "REWARDS:needs_level"],
+     "--reward (train data): reward 'needs_level': no column 'level' for its parameter; "
+     "available: answer, completion_ids, prompt, prompts."),
     (["--dataset", "DATA", "--reward", "exact", "--prompt-field", "question"],
      "no field 'question' (--prompt-field)"),
     (["--dataset", "DATA", "--reward", "exact", "--answer-field", "gold"],
@@ -125,6 +129,8 @@ def test_bad_flags_and_data_fail_in_one_line_before_heavy_work(cli, tmp_path, ca
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
     (tmp_path / "rewards.py").write_text("def score(completions, answers):\n"
+                                         "    return [0.0] * len(completions)\n"
+                                         "def needs_level(completions, answers, level):\n"
                                          "    return [0.0] * len(completions)\n")
     (tmp_path / "datadir").mkdir()
     subs = {"DATA": str(data), "DATADIR": str(tmp_path / "datadir"),
@@ -148,6 +154,107 @@ def test_other_scripts_check_report_to(script):
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "--report-to" in lines[0], proc.stderr
     assert not os.path.exists("/tmp/never-written")
+
+
+# ---------------------------------------------------------------------- reward columns
+
+
+def test_a_reward_asking_for_a_missing_column_fails_before_the_first_step(tmp_path):
+    from flax import nnx
+    from transformers import AutoTokenizer
+
+    from sparsejax.config import GRPOConfig, TrainableConfig
+    from sparsejax.data import toy_task
+    from sparsejax.models.decoder import init_model
+    from sparsejax.trainers.grpo import GRPOTrainer
+
+    def by_level(completions, answers, level):
+        return [float(x) for x in level]
+
+    from sparsejax.cli.tasks import DEMO_DIR
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_DIR)
+    graphdef, params = nnx.split(init_model(toy_task.model_config(tokenizer, hidden_size=16,
+                                                                  num_heads=2, num_kv_heads=1)))
+    trainer = GRPOTrainer(graphdef, params, tokenizer, by_level,
+                          GRPOConfig(steps=1, prompts_per_step=2, num_generations=2,
+                                     micro_batch_size=4, generation_batch_size=4),
+                          TrainableConfig(sparsity=0.9), tmp_path / "run")
+    ids = [[3, 4], [5, 6]]
+    for kwargs in ({"columns": {"difficulty": [1, 2]}},
+                   {"columns": {"level": [1, 2]}, "eval_prompt_ids": ids,
+                    "eval_answers": ["1", "2"], "eval_columns": {"difficulty": [1, 2]}}):
+        with pytest.raises(ValueError) as err:
+            trainer.train(ids, ["1", "2"], progress=False, **kwargs)
+        assert "\n" not in str(err.value)
+        assert str(err.value) == ("reward 'by_level': no column 'level' for its parameter; "
+                                  "available: completion_ids, difficulty, prompts.")
+    assert trainer.step == 0 and not (tmp_path / "run" / "metrics.jsonl").exists()
+    with pytest.raises(ValueError, match="column 'level' has 1 values; expected one per prompt"):
+        trainer.train(ids, ["1", "2"], columns={"level": [1]}, progress=False)
+
+
+USER_COLUMN_REWARDS = '''
+import json, os
+
+def everything(completions, answers, **kwargs):
+    """Logs every argument it gets."""
+    with open(os.environ["REWARD_LOG"], "a", encoding="utf-8") as f:
+        f.write(json.dumps({"completions": completions, "answers": answers, **kwargs}) + "\\n")
+    return [0.0] * len(completions)
+
+def by_level(completions, answers, level):
+    return [float(x) / 10 for x in level]
+
+def plain(completions, answers):
+    return [1.0] * len(completions)
+'''
+
+
+def test_cli_rewards_get_every_column_in_completion_order(cli, tmp_path, monkeypatch, capsys):
+    """``grpo --dataset f.jsonl --reward module:function`` with an extra column: a reward
+    with ``**kwargs`` gets every column (each row repeated per sample, in the completions'
+    order), ``prompts`` and ``completion_ids``; one that names ``level`` gets it; one of
+    ``(completions, answers)`` still works."""
+    from transformers import AutoTokenizer
+
+    from sparsejax.data.order import prompt_order
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b), "level": a % 7, "meta": {"id": i}}
+            for i, (a, b) in enumerate(((12, 30), (5, 61), (40, 3), (33, 3)))]
+    data = tmp_path / "task.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "column_rewards.py").write_text(USER_COLUMN_REWARDS)
+    log = tmp_path / "log.jsonl"
+    monkeypatch.setenv("REWARD_LOG", str(log))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["--model", cli.DEMO_DIR, "--dataset", str(data), "--eval-dataset", str(data),
+                     "--instruction", "", "--reward", "column_rewards:everything",
+                     "--reward", "column_rewards:by_level,column_rewards:plain=0.5",
+                     "--steps", "1", "--prompts-per-step", "2", "--num-generations", "3",
+                     "--max-new-tokens", "3", "--micro-batch-size", "6",
+                     "--generation-batch-size", "6", "--eval-batch-size", "4", "--seed", "3",
+                     "--eval-every", "0", "--save-every", "0", "--dtype", "float32",
+                     "--out-dir", str(tmp_path / "out"), "--no-progress"])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    train, ev = [json.loads(line) for line in log.read_text().splitlines()]
+    order = [int(i) for i in prompt_order(len(rows), 0, 2, 3) for _ in range(3)]
+    assert len(set(order)) == 2
+    assert set(train) == {"completions", "answers", "prompts", "completion_ids", "prompt",
+                          "answer", "level", "meta"}
+    for key in ("answer", "prompt", "level", "meta"):
+        assert train[key] == [rows[i][key] for i in order], key
+        assert ev[key] == [r[key] for r in rows], key
+    assert train["answers"] == [rows[i]["answer"] for i in order]
+    tok = AutoTokenizer.from_pretrained(cli.DEMO_DIR)
+    rendered = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}],
+                                        add_generation_prompt=True, tokenize=False) for r in rows]
+    assert [tok(p, add_special_tokens=False)["input_ids"] for p in train["prompts"]] == \
+        [tok(rendered[i], add_special_tokens=False)["input_ids"] for i in order]
+    assert [tok.decode(ids, skip_special_tokens=True) for ids in train["completion_ids"]] == \
+        train["completions"]
+    step = next(r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if r["kind"] == "train")
+    assert step["reward/by_level"] == pytest.approx(sum(rows[i]["level"] for i in order) / 60)
+    assert step["reward/plain"] == 1.0 and step["reward/everything"] == 0.0
 
 
 # ---------------------------------------------------------------------- script runs

@@ -184,8 +184,8 @@ def test_training_batch_is_trimmed_to_the_longest_completion(tokenizer, tmp_path
                           stop_token_ids=range(len(tokenizer)))
     widths = []
     grad_fn = trainer._grad_fn
-    trainer._grad_fn = lambda p, s, batch, n: widths.append(batch["tokens"].shape[1]) \
-        or grad_fn(p, s, batch, n)
+    trainer._grad_fn = lambda acc, p, s, batch, n: widths.append(batch["tokens"].shape[1]) \
+        or grad_fn(acc, p, s, batch, n)
     record = trainer.train_step([[1, 2, 3], [4, 5]], ["1", "2"])
     assert record["completion_length"] == 1.0
     assert widths == [8]  # bucket_length(1), not max_new_tokens

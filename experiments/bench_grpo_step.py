@@ -1,0 +1,331 @@
+"""Benchmark: whole GRPO steps, TRL's ``GRPOTrainer`` against sparsejax, on one machine.
+
+The arms train the same model on the same chat-templated GSM8K prompts (same order), with
+the same group shape, completion budget, temperature, loss and micro-batch, one optimizer
+step per generation batch, and the same reward function:
+
+* ``trl``: TRL's ``GRPOTrainer`` (torch AdamW, transformers ``generate``), full finetuning;
+* ``sparse``: sparsejax at ``--sparsity`` (default 0.99), random per-tensor mask;
+* ``full``: sparsejax full finetuning (dense AdamW).
+
+With ``--rollouts`` it compares the sampling alone instead, on the same prompts:
+
+* ``generate``: one batched transformers ``generate`` over all ``prompts x generations``
+  left-padded rows (the fastest way a user calls transformers for a group);
+* ``rollout``: the GRPO trainer's rollouts (shared prefill, decode slots) at the trainer's
+  default settings.
+
+Each arm runs ``--steps`` steps; the first (compilation, warm-up) is reported apart and
+the rest are timed. Prints, per arm, the whole step, its sampling, the rest (scoring,
+forward/backward, optimizer), compilation, and completion tokens per second of whole
+steps, then each sparsejax arm's ratio to TRL. Writes JSON (device, versions, date,
+commit, command) to ``--out`` (default under ``runs/benchmarks/``).
+
+    sparsejax smollm2                                        # the real model, once
+    python experiments/bench_grpo_step.py                    # SmolLM2-135M, 8 x 8 x 128
+    python experiments/bench_grpo_step.py --tiny             # smoke run on the demo model
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+ARMS = ("trl", "sparse", "full")
+ROLLOUT_ARMS = ("generate", "rollout")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None,
+                   help="HF checkpoint folder (default: `sparsejax smollm2`'s SmolLM2-135M)")
+    p.add_argument("--gsm8k-dir", default=None,
+                   help="folder with GSM8K train.jsonl (default: the hub's openai/gsm8k)")
+    p.add_argument("--tiny", action="store_true",
+                   help="smoke mode: the shipped demo model and task, 2 steps of 4 x 4 x 8")
+    p.add_argument("--arms", default=None,
+                   help=f"comma-separated subset of {ARMS} (with --rollouts: {ROLLOUT_ARMS})")
+    p.add_argument("--rollouts", action="store_true",
+                   help="time the sampling alone: transformers' generate vs the rollouts")
+    p.add_argument("--prompts", type=int, default=8, help="prompts per step")
+    p.add_argument("--generations", type=int, default=8, help="samples per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--loss", default="dapo")
+    p.add_argument("--steps", type=int, default=3, help="steps per arm (the first is warm-up)")
+    p.add_argument("--sparsity", type=float, default=0.99)
+    p.add_argument("--lr", type=float, default=1e-6)
+    p.add_argument("--remat", default=None, help="sparsejax's remat (default: its default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON result (default under runs/benchmarks/)")
+    args = p.parse_args(argv)
+    choices = ROLLOUT_ARMS if args.rollouts else ARMS
+    args.arms = [a.strip() for a in (args.arms or ",".join(choices)).split(",") if a.strip()]
+    if unknown := set(args.arms) - set(choices):
+        p.error(f"--arms: unknown {sorted(unknown)}; choose from {choices}")
+    if args.steps < 2:
+        p.error("--steps must be >= 2 (the first step is warm-up)")
+    if args.tiny:
+        args.prompts, args.generations, args.max_new_tokens = 4, 4, 8
+        args.micro_batch, args.steps = 8, 2
+    return args
+
+
+def load_task(args):
+    """``(model_dir, prompts, answers, reward)``: chat-templated prompt texts, gold answers
+    and a reward ``(completions, answers) -> floats`` shared by every arm."""
+    from transformers import AutoTokenizer
+    if args.tiny:
+        from sparsejax.cli.tasks import DEMO_DIR
+        from sparsejax.data.jsonl import read_jsonl
+        from sparsejax.data.toy_task import reward_fn
+        rows = read_jsonl(os.path.join(DEMO_DIR, "train.jsonl"))
+        return DEMO_DIR, [r["prompt"] for r in rows], [r["answer"] for r in rows], reward_fn
+    from sparsejax import rewards
+    from sparsejax.data.gsm8k import load_gsm8k, with_prompts
+    from sparsejax.models.smollm2 import smollm2_checkpoint
+    model_dir = args.model or str(smollm2_checkpoint())
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    need = args.prompts * args.steps
+    data = with_prompts(load_gsm8k("train", data_dir=args.gsm8k_dir, limit=need), tokenizer)
+    return model_dir, list(data["prompt"]), list(data["gold"]), rewards.get_reward("gsm8k")
+
+
+def run_trl(args, model_dir, prompts, answers, reward, out_dir) -> dict:
+    """TRL's GRPOTrainer, full finetuning; per-step wall times from a callback."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    torch.manual_seed(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    gen_batch = args.prompts * args.generations
+    config = GRPOConfig(
+        output_dir=out_dir, max_steps=args.steps, learning_rate=args.lr,
+        per_device_train_batch_size=args.micro_batch,
+        gradient_accumulation_steps=gen_batch // args.micro_batch,
+        num_generations=args.generations, max_completion_length=args.max_new_tokens,
+        temperature=1.0, beta=0.0, loss_type=args.loss, logging_steps=1, save_strategy="no",
+        report_to=[], use_cpu=True, bf16=False, seed=args.seed, shuffle_dataset=False,
+        disable_tqdm=True)
+
+    def reward_func(completions, answer, **_):
+        return [float(r) for r in reward(completions, answer)]
+
+    data = datasets.Dataset.from_dict({"prompt": prompts[:gen_batch], "answer": answers[:gen_batch]})
+    times, tokens = [], []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            times.append(time.perf_counter() - self.t0)
+
+        def on_log(self, _args, _state, _control, logs=None, **__):
+            if logs and "completions/mean_length" in logs:
+                tokens.append(logs["completions/mean_length"] * gen_batch)
+
+    trainer = GRPOTrainer(model=model, reward_funcs=reward_func, args=config,
+                          train_dataset=data, processing_class=tokenizer, callbacks=[Timer()])
+    trainer.train()
+    return {"step_s": times, "sample_s": [None] * len(times), "compile_s": [0.0] * len(times),
+            "completion_tokens": tokens}
+
+
+def run_sparsejax(args, arm, model_dir, prompts, answers, reward, out_dir) -> dict:
+    """sparsejax's GRPOTrainer: ``arm`` is ``sparse`` or ``full``."""
+    from flax import nnx
+    from transformers import AutoTokenizer
+
+    from sparsejax.config import GRPOConfig, TrainableConfig
+    from sparsejax.models import load_hf
+    from sparsejax.trainers import GRPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    graphdef, params = nnx.split(load_hf(model_dir, param_dtype="float32"))
+    changes = {} if args.remat is None else {"remat": args.remat}
+    config = GRPOConfig(
+        steps=args.steps, prompts_per_step=args.prompts, num_generations=args.generations,
+        max_new_tokens=args.max_new_tokens, temperature=1.0, beta=0.0, loss_type=args.loss,
+        micro_batch_size=args.micro_batch,
+        generation_batch_size=args.prompts * args.generations, seed=args.seed,
+        eval_every=0, save_every=0, **changes)
+    trainable = TrainableConfig(sparsity=args.sparsity if arm == "sparse" else 0.0,
+                                learning_rate=args.lr)
+    trainer = GRPOTrainer(graphdef, params, tokenizer, reward, config, trainable, out_dir)
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    # The prompts in the order TRL reads them (no shuffling): step s takes block s.
+    out = {"step_s": [], "sample_s": [], "compile_s": [], "completion_tokens": []}
+    for step in range(args.steps):
+        block = slice(step * args.prompts, (step + 1) * args.prompts)
+        trainer.step = 0  # prompt_order(step 0) of a one-block dataset: the block in order
+        record = trainer.train_step(prompt_ids[block], answers[block])
+        out["step_s"].append(record["step_time"])
+        out["sample_s"].append(record["generation_time"])
+        out["compile_s"].append(record["compile_time"])
+        out["completion_tokens"].append(record["completion_length"]
+                                        * args.prompts * args.generations)
+        out.setdefault("skipped_micro_batches", []).append(
+            record.get("skipped_micro_batches", 0))
+    return out
+
+
+def run_generate(args, model_dir, prompts, out_dir) -> dict:
+    """transformers' batched ``generate`` over every row of each step at once."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    del out_dir
+    torch.manual_seed(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = {"step_s": [], "sample_s": [], "compile_s": [], "completion_tokens": []}
+    for step in range(args.steps):
+        rows = [p for p in prompts[step * args.prompts:(step + 1) * args.prompts]
+                for _ in range(args.generations)]
+        batch = tokenizer(rows, return_tensors="pt", padding=True, add_special_tokens=False)
+        start = time.perf_counter()
+        with torch.no_grad():
+            ids = model.generate(**batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                 max_new_tokens=args.max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id)
+        seconds = time.perf_counter() - start
+        completions = ids[:, batch["input_ids"].shape[1]:]
+        # tokens up to and including the first EOS (the rest is padding)
+        ended = (completions == tokenizer.eos_token_id).int().cumsum(1)
+        useful = int(((ended == 0) | ((ended == 1) & (completions == tokenizer.eos_token_id)))
+                     .sum())
+        for k, v in (("step_s", seconds), ("sample_s", seconds), ("compile_s", 0.0),
+                     ("completion_tokens", useful)):
+            out[k].append(v)
+    return out
+
+
+def run_rollout(args, model_dir, prompts, out_dir) -> dict:
+    """The GRPO trainer's rollouts at its default slot count, on the same prompts."""
+    import jax
+    from flax import nnx
+    from transformers import AutoTokenizer
+
+    from sparsejax.config import GRPOConfig, TrainableConfig
+    from sparsejax.generation.sampler import SamplingParams
+    from sparsejax.models import load_hf
+    from sparsejax.trainers import GRPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    graphdef, params = nnx.split(load_hf(model_dir, param_dtype="float32"))
+    config = GRPOConfig(prompts_per_step=args.prompts, num_generations=args.generations,
+                        max_new_tokens=args.max_new_tokens, micro_batch_size=args.micro_batch,
+                        seed=args.seed)
+    trainer = GRPOTrainer(graphdef, params, tokenizer, lambda c, a: [0.0] * len(c), config,
+                          TrainableConfig(sparsity=0.99), out_dir)
+    sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=1.0,
+                              stop_token_ids=trainer.stop_token_ids)
+    out = {"step_s": [], "sample_s": [], "compile_s": [], "completion_tokens": []}
+    total = args.prompts * args.generations
+    for step in range(args.steps):
+        ids = [tokenizer(p, add_special_tokens=False)["input_ids"]
+               for p in prompts[step * args.prompts:(step + 1) * args.prompts]]
+        start = time.perf_counter()
+        samples, cost = trainer._sample(
+            ids, jax.random.key(step), sampling, num_samples=args.generations,
+            num_slots=min(config.generation_batch_size, total), prompts_per_call=len(ids))
+        seconds = time.perf_counter() - start
+        for k, v in (("step_s", seconds), ("sample_s", seconds),
+                     ("compile_s", cost["compile_s"]),
+                     ("completion_tokens", int(samples["mask"].sum()))):
+            out[k].append(v)
+    return out
+
+
+def summarize(raw: dict) -> dict:
+    timed = slice(1, None)  # the first step compiles and warms up
+    step_s = raw["step_s"][timed]
+    tokens = raw["completion_tokens"][timed]
+    sample = [s for s in raw["sample_s"][timed] if s is not None]
+    return {"first_step_s": raw["step_s"][0], "step_s_median": statistics.median(step_s),
+            "sample_s_median": statistics.median(sample) if sample else None,
+            "compile_s_first": raw["compile_s"][0],
+            "compile_s_later": sum(raw["compile_s"][timed]),
+            "completion_tokens_per_s": sum(tokens) / sum(step_s), "raw": raw}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import tempfile
+
+    from bench_optimizer import write_result
+
+    model_dir, prompts, answers, reward = load_task(args)
+    need = args.prompts * args.steps
+    if len(prompts) < need:
+        sys.exit(f"error: {need} prompts needed, the task has {len(prompts)}")
+    prompts, answers = prompts[:need], answers[:need]
+    results = {}
+    for arm in args.arms:
+        print(f"--- {arm}", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            if arm == "trl":
+                raw = run_trl(args, model_dir, prompts, answers, reward, tmp)
+            elif arm == "generate":
+                raw = run_generate(args, model_dir, prompts, tmp)
+            elif arm == "rollout":
+                raw = run_rollout(args, model_dir, prompts, tmp)
+            else:
+                raw = run_sparsejax(args, arm, model_dir, prompts, answers, reward, tmp)
+        results[arm] = summarize(raw)
+        r = results[arm]
+        print(f"{arm:>6}: step {r['step_s_median']:.2f} s (first {r['first_step_s']:.1f} s), "
+              f"sampling {r['sample_s_median'] or float('nan'):.2f} s, "
+              f"{r['completion_tokens_per_s']:.1f} completion tokens/s", flush=True)
+    baseline = "generate" if args.rollouts else "trl"
+    if baseline in results:
+        base = results[baseline]["completion_tokens_per_s"]
+        for arm in results:
+            if arm != baseline:
+                results[arm][f"ratio_to_{baseline}"] = (
+                    results[arm]["completion_tokens_per_s"] / base)
+                print(f"{arm} / {baseline} (completion tokens/s of whole steps): "
+                      f"{results[arm][f'ratio_to_{baseline}']:.2f}x")
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    settings["model_dir"] = model_dir
+    name = "bench_grpo_rollouts" if args.rollouts else "bench_grpo_step"
+    write_result({"benchmark": name, **environment(), "settings": settings, "arms": results},
+                 args.out, name)
+    return 0
+
+
+def environment() -> dict:
+    """Device, versions, date, commit and command of this run."""
+    import datetime
+    import platform
+
+    import jax
+    import torch
+    import transformers
+    import trl
+
+    from sparsejax.runs import provenance
+    device = jax.devices()[0]
+    return {"device": f"{device.platform}:{device.device_kind}", "cpu_count": os.cpu_count(),
+            "load_average": os.getloadavg(),
+            "versions": {"python": platform.python_version(), "jax": jax.__version__,
+                         "torch": torch.__version__, "transformers": transformers.__version__,
+                         "trl": trl.__version__},
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "commit": provenance.git_commit(short=True),
+            "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
