@@ -60,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sparsity", type=float, default=0.99)
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--remat", default=None, help="sparsejax's remat (default: its default)")
+    p.add_argument("--no-skip", action="store_true",
+                   help="run every micro-batch's forward/backward (no skip_zero_advantage)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON result (default under runs/benchmarks/)")
     args = p.parse_args(argv)
@@ -158,7 +160,7 @@ def run_sparsejax(args, arm, model_dir, prompts, answers, reward, out_dir) -> di
         max_new_tokens=args.max_new_tokens, temperature=1.0, beta=0.0, loss_type=args.loss,
         micro_batch_size=args.micro_batch,
         generation_batch_size=args.prompts * args.generations, seed=args.seed,
-        eval_every=0, save_every=0, **changes)
+        eval_every=0, save_every=0, skip_zero_advantage=not args.no_skip, **changes)
     trainable = TrainableConfig(sparsity=args.sparsity if arm == "sparse" else 0.0,
                                 learning_rate=args.lr)
     trainer = GRPOTrainer(graphdef, params, tokenizer, reward, config, trainable, out_dir)

@@ -75,7 +75,10 @@ def run_job(args, model: Path, out_dir: Path) -> tuple[float, float, int]:
                "--micro-batch-size", str(args.micro_batch),
                "--generation-batch-size", str(args.prompts * args.generations),
                "--steps", str(args.steps), "--eval-every", "0", "--save-every", "0",
-               "--out-dir", str(out_dir), "--overwrite", "--no-progress"]
+               "--out-dir", str(out_dir), "--overwrite", "--no-progress",
+               # every micro-batch runs its forward/backward (a step's full footprint);
+               # the final evaluation reads a few problems only
+               "--no-skip-zero-advantage", "--eval-limit", str(args.prompts)]
     if args.remat:
         command += ["--remat", args.remat]
     start = time.perf_counter()
@@ -97,7 +100,9 @@ def planned_plan(args, run_config: dict) -> dict:
                  "--num-generations", str(args.generations),
                  "--generation-batch-size", str(args.prompts * args.generations),
                  "--completion-length", str(args.max_new_tokens),
-                 "--remat", run_config.get("remat", "layer"), "--out", str(out)]
+                 "--remat", run_config.get("remat", "layer"), "--out", str(out),
+                 # the job compiles with XLA's CPU defaults; so does this plan
+                 "--cpu-barrier-expansion"]
     if args.sparsity:
         plan_args.append("--no-dense")
     plan_main(plan_args)
