@@ -60,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sparsity", type=float, default=0.99)
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--remat", default=None, help="sparsejax's remat (default: its default)")
+    p.add_argument("--slots", type=int, default=None,
+                   help="decode slots of the rollouts (default: the trainer's default)")
     p.add_argument("--no-skip", action="store_true",
                    help="run every micro-batch's forward/backward (no skip_zero_advantage)")
     p.add_argument("--seed", type=int, default=0)
@@ -241,7 +243,8 @@ def run_rollout(args, model_dir, prompts, out_dir) -> dict:
         start = time.perf_counter()
         samples, cost = trainer._sample(
             ids, jax.random.key(step), sampling, num_samples=args.generations,
-            num_slots=min(config.generation_batch_size, total), prompts_per_call=len(ids))
+            num_slots=args.slots or min(config.generation_batch_size, total),
+            prompts_per_call=len(ids))
         seconds = time.perf_counter() - start
         for k, v in (("step_s", seconds), ("sample_s", seconds),
                      ("compile_s", cost["compile_s"]),
