@@ -23,9 +23,6 @@ same command.)
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -106,35 +103,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         fail(str(e))
 
     # Heavy imports after the argument and data checks, so mistakes answer at once.
-    import jax
-
-    from sparsejax.cli.loading import load_model_and_tokenizer
     from sparsejax.trainers.kto import KTOTrainer
-    try:
-        graphdef, params, tokenizer = load_model_and_tokenizer(args, mesh)
-    except ValueError as e:
-        fail(str(e))
-    trainer = training.build_trainer(
-        lambda trainable: KTOTrainer(graphdef, params, tokenizer, config, sparse, args.out_dir,
-                                     trainable=trainable, mesh=mesh),
-        args, params, sparse, adapter, mesh, [KTOConfig])
-    try:
-        trainer.encode(train[:1])  # tokenizer problems (no EOS, chat prompts) answer here
-    except ValueError as e:
-        fail(str(e))
-    print(f"training {trainer.trainable.num_trainable(params):,} of "
-          f"{sum(x.size for x in jax.tree.leaves(params)):,} parameters "
-          f"({trainer.trainable.describe()}), "
-          f"LR {sparse.learning_rate}, {len(train):,} rows", file=sys.stderr)
-    model_dir = os.path.join(args.out_dir, "final_model")
-    final = training.train_with_writer(
-        args, trainer.train, train, evals, resume=args.resume, progress=args.progress,
-        final_model_dir=model_dir, run_info={"model": args.model,
-                                             "tokenizer": args.tokenizer or args.model,
-                                             **training.adapter_run_info(adapter)})
-    print(json.dumps(final, indent=2, default=float))
-    print(f"final model: {model_dir}", file=sys.stderr)
-    return 0
+    return training.run_offline_job(args, KTOTrainer, config, sparse, adapter, mesh, train, evals,
+                                    "rows")
 
 
 def cli(argv: Sequence[str] | None = None, prog: str | None = None) -> None:

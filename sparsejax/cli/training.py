@@ -196,3 +196,42 @@ def train_with_writer(args: argparse.Namespace, train: Any, *train_args: Any,
     finally:
         if writer is not None:
             writer.close()
+
+
+def run_offline_job(args: argparse.Namespace, trainer_type: type, config: RunConfig,
+                    sparse: TrainableConfig, adapter: AdapterConfig, mesh: Any,
+                    train: Sequence[Any], evals: Sequence[Any] | None, noun: str) -> int:
+    """The rest of an offline job (DPO, KTO) once its flags and data are checked: loads the
+    model, builds ``trainer_type(graphdef, params, tokenizer, config, sparse, out_dir,
+    trainable=, mesh=)``, trains on ``train`` (``noun``: what a row is, for the summary
+    line), prints the final evaluation; returns the exit status."""
+    import json
+
+    import jax
+
+    from sparsejax.cli.loading import load_model_and_tokenizer
+    try:
+        graphdef, params, tokenizer = load_model_and_tokenizer(args, mesh)
+    except ValueError as e:
+        fail(str(e))
+    trainer = build_trainer(
+        lambda trainable: trainer_type(graphdef, params, tokenizer, config, sparse,
+                                       args.out_dir, trainable=trainable, mesh=mesh),
+        args, params, sparse, adapter, mesh, [type(config)])
+    try:
+        trainer.encode(train[:1])  # tokenizer problems (no EOS, chat prompts) answer here
+    except ValueError as e:
+        fail(str(e))
+    print(f"training {trainer.trainable.num_trainable(params):,} of "
+          f"{sum(x.size for x in jax.tree.leaves(params)):,} parameters "
+          f"({trainer.trainable.describe()}), "
+          f"LR {sparse.learning_rate}, {len(train):,} {noun}", file=sys.stderr)
+    model_dir = os.path.join(args.out_dir, "final_model")
+    final = train_with_writer(
+        args, trainer.train, train, evals, resume=args.resume, progress=args.progress,
+        final_model_dir=model_dir, run_info={"model": args.model,
+                                             "tokenizer": args.tokenizer or args.model,
+                                             **adapter_run_info(adapter)})
+    print(json.dumps(final, indent=2, default=float))
+    print(f"final model: {model_dir}", file=sys.stderr)
+    return 0
