@@ -31,9 +31,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from sparsejax.cli import training
-from sparsejax.cli.checks import check_inputs, check_jsonl
+from sparsejax.cli.checks import check_jsonl
 from sparsejax.cli.exits import fail, run_main
-from sparsejax.cli.flags import add_flags, build
+from sparsejax.cli.flags import add_flags
 from sparsejax.cli.settings import DPODataArgs
 from sparsejax.config import DPOConfig
 
@@ -119,20 +119,10 @@ def check_pairs(pairs: list[dict[str, Any]], what: str) -> None:
                              "rejected)") from e
 
 
-def check_args(args: argparse.Namespace) -> tuple[DPOConfig, Any, Any]:
-    """Every flag and the model folder, before anything heavy; returns ``(DPOConfig,
-    TrainableConfig, AdapterConfig)``. Raises a one-line ValueError."""
-    build(DPODataArgs, args)
-    sparse, adapter = training.common_configs(args)
-    config = build(DPOConfig, args)
-    check_inputs(args, adapter=adapter)
-    return config, sparse, adapter
-
-
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
     try:
-        config, sparse, adapter = check_args(args)
+        config, sparse, adapter = training.check_offline_args(args, DPODataArgs, DPOConfig)
         train = load_pairs(args.dataset, args.split, args.limit)
         check_pairs(train, "train")
         evals = eval_pairs_of(args)

@@ -27,10 +27,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from sparsejax.cli import training
-from sparsejax.cli.checks import check_inputs
 from sparsejax.cli.dpo import eval_pairs_of, load_pairs
 from sparsejax.cli.exits import fail, run_main
-from sparsejax.cli.flags import add_flags, build
+from sparsejax.cli.flags import add_flags
 from sparsejax.cli.settings import KTODataArgs
 from sparsejax.config import KTOConfig
 
@@ -74,20 +73,10 @@ def check_examples(rows: list[dict[str, Any]], what: str) -> None:
                              "label; or prompt, chosen, rejected)") from e
 
 
-def check_args(args: argparse.Namespace) -> tuple[KTOConfig, Any, Any]:
-    """Every flag and the model folder, before anything heavy; returns ``(KTOConfig,
-    TrainableConfig, AdapterConfig)``. Raises a one-line ValueError."""
-    build(KTODataArgs, args)
-    sparse, adapter = training.common_configs(args)
-    config = build(KTOConfig, args)
-    check_inputs(args, adapter=adapter)
-    return config, sparse, adapter
-
-
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
     try:
-        config, sparse, adapter = check_args(args)
+        config, sparse, adapter = training.check_offline_args(args, KTODataArgs, KTOConfig)
         train = load_examples(args.dataset, args.split, args.limit)
         check_examples(train, "train")
         evals = eval_pairs_of(args, COLUMNS)

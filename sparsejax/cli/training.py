@@ -198,6 +198,18 @@ def train_with_writer(args: argparse.Namespace, train: Any, *train_args: Any,
             writer.close()
 
 
+def check_offline_args(args: argparse.Namespace, data_type: type, config_type: type
+                       ) -> tuple[Any, TrainableConfig, AdapterConfig]:
+    """Every flag of an offline job (DPO, KTO) and the model folder, before anything heavy:
+    ``(config_type(...), TrainableConfig, AdapterConfig)``. Raises a one-line ValueError."""
+    from sparsejax.cli.checks import check_inputs
+    build(data_type, args)
+    sparse, adapter = common_configs(args)
+    config = build(config_type, args)
+    check_inputs(args, adapter=adapter)
+    return config, sparse, adapter
+
+
 def run_offline_job(args: argparse.Namespace, trainer_type: type, config: RunConfig,
                     sparse: TrainableConfig, adapter: AdapterConfig, mesh: Any,
                     train: Sequence[Any], evals: Sequence[Any] | None, noun: str) -> int:

@@ -40,13 +40,21 @@ def cached_logits(sampling, config, graphdef, params, tokens: np.ndarray, mask: 
 
 
 class _SingleProcessAccelerator:
-    """The part of ``accelerate.Accelerator`` TRL's loss code calls, for one CPU process."""
+    """The part of ``accelerate.Accelerator`` TRL's loss code calls, for one CPU process:
+    identities."""
 
     num_processes = 1
+    sync_gradients = True
 
     def __init__(self):
         import torch
         self.device = torch.device("cpu")
+
+    def pad_across_processes(self, tensor, dim=0, pad_index=0):
+        return tensor
+
+    def reduce(self, tensor, reduction="sum"):
+        return tensor
 
     def gather(self, tensor):
         return tensor
@@ -152,3 +160,51 @@ def trl_dpo_loss(chosen, rejected, chosen_mask, rejected_mask, ref_chosen=None,
     grad = tokens.grad.numpy()
     metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
     return loss.item(), grad[:pairs], grad[pairs:], metrics
+
+
+class TRLGRPOStandIn:
+    """A bare object carrying exactly the attributes TRL 1.16's
+    ``GRPOTrainer._compute_loss`` reads; its log-prob hook returns the given tensors.
+    Settings a test leaves out take TRL's defaults (no delta, no entropy bonus)."""
+
+    def __init__(self, logps, entropies, *, loss_type, importance_sampling_level, beta, epsilon,
+                 epsilon_high, use_bias_correction_kl, top_entropy_quantile,
+                 max_completion_length, delta=None, entropy_coef=0.0, sapo_temperature_pos=1.0,
+                 sapo_temperature_neg=1.05, vespo_k_pos=2.0, vespo_lambda_pos=3.0,
+                 vespo_k_neg=3.0, vespo_lambda_neg=2.0):
+        from collections import defaultdict
+        from types import SimpleNamespace
+
+        from trl.trainer.grpo_trainer import GRPOTrainer
+        for name in ("_compute_loss", "get_high_entropy_mask"):
+            setattr(self, name, getattr(GRPOTrainer, name).__get__(self))
+        self.get_gamma_weights = GRPOTrainer.get_gamma_weights
+        self.get_off_policy_mask = GRPOTrainer.get_off_policy_mask
+        self._logps, self._entropies = logps, entropies
+        self.args = SimpleNamespace(
+            use_bias_correction_kl=use_bias_correction_kl, delta=delta, steps_per_generation=1,
+            sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
+            vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+            vespo_lambda_neg=vespo_lambda_neg)
+        self.accelerator = _SingleProcessAccelerator()
+        self.model = SimpleNamespace(training=True)
+        self.aux_loss_enabled = False
+        self.top_entropy_quantile = top_entropy_quantile
+        self.off_policy_mask_threshold = None
+        self.importance_sampling_level = importance_sampling_level
+        self.beta = beta
+        self.loss_type = loss_type
+        self.epsilon_low = epsilon
+        self.epsilon_high = epsilon if epsilon_high is None else epsilon_high
+        self.use_vllm = False
+        self.vllm_importance_sampling_correction = False
+        self.current_gradient_accumulation_steps = 1
+        self.max_completion_length = max_completion_length
+        # GRPOTrainer.__init__: the static (non-adaptive) entropy bonus
+        self.entropy_coef = entropy_coef
+        self.use_adaptive_entropy = False
+        self._entropy_bonus_enabled = entropy_coef != 0.0
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+        return self._logps, self._entropies, None

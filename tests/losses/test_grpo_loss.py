@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import zlib
-from collections import defaultdict
 from types import SimpleNamespace
 
 import jax
@@ -31,58 +30,10 @@ from sparsejax.losses import (  # noqa: E402
     mean_only_advantages,
 )
 
+from references import TRLGRPOStandIn  # noqa: E402
+from references import _SingleProcessAccelerator as SingleProcessAccelerator  # noqa: E402
+
 GRPOTrainer = grpo_trainer.GRPOTrainer
-
-
-class _SingleProcessAccelerator:
-    """What ``_compute_loss`` asks of ``accelerate`` on a single process: identities."""
-
-    num_processes = 1
-
-    def pad_across_processes(self, tensor, dim=0, pad_index=0):
-        return tensor
-
-    def gather(self, tensor):
-        return tensor
-
-    def gather_for_metrics(self, tensor):
-        return tensor
-
-    def reduce(self, tensor, reduction="sum"):
-        return tensor
-
-
-class _TRLGRPOStandIn:
-    """A bare object carrying exactly the attributes ``GRPOTrainer._compute_loss`` reads."""
-
-    _compute_loss = GRPOTrainer._compute_loss
-    get_high_entropy_mask = GRPOTrainer.get_high_entropy_mask
-    get_off_policy_mask = staticmethod(GRPOTrainer.get_off_policy_mask)
-
-    def __init__(self, logps, entropies, *, loss_type, importance_sampling_level, beta, epsilon,
-                 epsilon_high, use_bias_correction_kl, top_entropy_quantile, max_completion_length):
-        self._logps = logps
-        self._entropies = entropies
-        self.args = SimpleNamespace(use_bias_correction_kl=use_bias_correction_kl, delta=None, steps_per_generation=1)
-        self.accelerator = _SingleProcessAccelerator()
-        self.model = SimpleNamespace(training=True)
-        self.aux_loss_enabled = False
-        self.top_entropy_quantile = top_entropy_quantile
-        self.off_policy_mask_threshold = None
-        self.importance_sampling_level = importance_sampling_level
-        self.beta = beta
-        self.loss_type = loss_type
-        self.epsilon_low = epsilon
-        self.epsilon_high = epsilon if epsilon_high is None else epsilon_high
-        self.use_vllm = False
-        self.vllm_importance_sampling_correction = False
-        self.current_gradient_accumulation_steps = 1
-        self.max_completion_length = max_completion_length
-        self._entropy_bonus_enabled = False
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-
-    def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
-        return self._logps, self._entropies, None
 
 
 def _random_batch(seed: int, batch: int = 6, length: int = 9, entropy_ties: bool = False):
@@ -110,7 +61,7 @@ def _trl_grpo(logps, old, ref, adv, mask, entropies, *, num_items_in_batch=None,
         torch.tensor(x, dtype=dtype) for x in (logps, old, ref, adv, mask, entropies)
     )
     logps.requires_grad_(True)
-    trainer = _TRLGRPOStandIn(logps, entropies, **config)
+    trainer = TRLGRPOStandIn(logps, entropies, **config)
     batch = logps.shape[0]
     inputs = {
         "prompt_ids": torch.zeros((batch, 2), dtype=torch.long),
@@ -217,7 +168,7 @@ def test_high_entropy_mask_matches_trl(seed, quantile):
     if seed % 2:
         entropies = np.round(entropies * 4) / 4  # ties at the threshold
     mask = (rng.uniform(size=(5, 13)) < 0.7).astype(np.float32)
-    stand_in = SimpleNamespace(accelerator=_SingleProcessAccelerator())
+    stand_in = SimpleNamespace(accelerator=SingleProcessAccelerator())
     expected = GRPOTrainer.get_high_entropy_mask(
         stand_in, torch.tensor(entropies), torch.tensor(mask), 1 - quantile
     ).numpy()

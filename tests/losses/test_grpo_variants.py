@@ -36,73 +36,15 @@ trl_utils = pytest.importorskip("trl.trainer.utils")
 from sparsejax.config import GRPOConfig  # noqa: E402
 from sparsejax.losses import group_advantages, grpo_loss, rloo_advantages  # noqa: E402
 
+from references import TRLGRPOStandIn  # noqa: E402
+from references import _SingleProcessAccelerator as SingleProcessAccelerator  # noqa: E402
+
 GRPOTrainer = grpo_trainer.GRPOTrainer
 RLOOTrainer = rloo_trainer.RLOOTrainer
 
 RTOL, ATOL = 1e-5, 1e-12  # float64 on both sides: they agree to rounding
 METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "cispo_clip_ratio",
            "vespo/phi_seq_mean", "entropy", "kl", "policy_loss")
-
-
-class _Accelerator:
-    """What the losses ask of ``accelerate`` on a single process: identities."""
-
-    num_processes = 1
-    sync_gradients = True
-
-    def pad_across_processes(self, tensor, dim=0, pad_index=0):
-        return tensor
-
-    def gather(self, tensor):
-        return tensor
-
-    def gather_for_metrics(self, tensor):
-        return tensor
-
-    def reduce(self, tensor, reduction="sum"):
-        return tensor
-
-
-class _TRLGRPO:
-    """A bare object carrying exactly the attributes ``GRPOTrainer._compute_loss`` reads."""
-
-    _compute_loss = GRPOTrainer._compute_loss
-    get_high_entropy_mask = GRPOTrainer.get_high_entropy_mask
-    get_gamma_weights = staticmethod(GRPOTrainer.get_gamma_weights)
-    get_off_policy_mask = staticmethod(GRPOTrainer.get_off_policy_mask)
-
-    def __init__(self, logps, entropies, *, loss_type, importance_sampling_level, beta, epsilon, epsilon_high,
-                 delta, use_bias_correction_kl, top_entropy_quantile, max_completion_length, entropy_coef,
-                 sapo_temperature_pos, sapo_temperature_neg, vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
-                 vespo_lambda_neg):
-        self._logps, self._entropies = logps, entropies
-        self.args = SimpleNamespace(
-            use_bias_correction_kl=use_bias_correction_kl, delta=delta, steps_per_generation=1,
-            sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
-            vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
-            vespo_lambda_neg=vespo_lambda_neg)
-        self.accelerator = _Accelerator()
-        self.model = SimpleNamespace(training=True)
-        self.aux_loss_enabled = False
-        self.top_entropy_quantile = top_entropy_quantile
-        self.off_policy_mask_threshold = None
-        self.importance_sampling_level = importance_sampling_level
-        self.beta = beta
-        self.loss_type = loss_type
-        self.epsilon_low = epsilon
-        self.epsilon_high = epsilon if epsilon_high is None else epsilon_high
-        self.use_vllm = False
-        self.vllm_importance_sampling_correction = False
-        self.current_gradient_accumulation_steps = 1
-        self.max_completion_length = max_completion_length
-        # GRPOTrainer.__init__: the static (non-adaptive) entropy bonus
-        self.entropy_coef = entropy_coef
-        self.use_adaptive_entropy = False
-        self._entropy_bonus_enabled = entropy_coef != 0.0
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-
-    def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
-        return self._logps, self._entropies, None
 
 
 def _truncate(mask, truncated):
@@ -138,7 +80,7 @@ def _trl_grpo(logps, old, ref, adv, mask, entropies, truncated, *, mask_truncate
     entropies.requires_grad_(True)
     if mask_truncated:
         mask = _truncate(mask, torch.tensor(truncated))
-    trainer = _TRLGRPO(logps, entropies, **config)
+    trainer = TRLGRPOStandIn(logps, entropies, **config)
     batch = logps.shape[0]
     inputs = {
         "prompt_ids": torch.zeros((batch, 2), dtype=torch.long),
@@ -311,7 +253,7 @@ class _TRLRLOO:
 
     def __init__(self, logps, entropies, *, epsilon, epsilon_high):
         self._logps, self._entropies = logps, entropies
-        self.accelerator = _Accelerator()
+        self.accelerator = SingleProcessAccelerator()
         self.model = SimpleNamespace(training=True)
         self.aux_loss_enabled = False
         self.epsilon_low = epsilon
