@@ -97,7 +97,7 @@ def run_grpo(ctx, variant: str) -> None:
 
     # The trainer's own seams, one per phase (instance attributes, so nothing global).
     for obj, attr, phase, block in ((trainer, "_sample", "generation", False),
-                                    (trainer, "_reference_logprobs", "reference", False),
+                                    (trainer, "_scored_logprobs", "reference", False),
                                     (trainer, "_grad_fn", "backward", True),
                                     (trainer.trainable, "apply", "optimizer", True)):
         try:

@@ -18,10 +18,14 @@ from sparsejax.config.run import RunConfig
 class GRPOConfig(RunConfig):
     """GRPO run settings (with :class:`RunConfig`'s loop, evaluation and layout).
 
-    Each step takes ``prompts_per_step`` prompts, samples ``num_generations``
-    completions for each, scores them, and takes one optimizer step on the
-    group-relative advantages (on-policy: the importance ratio is 1 and clipping only
-    matters through its gradient). With a mesh, ``micro_batch_size``,
+    Each optimizer step trains on ``prompts_per_step`` prompts with ``num_generations``
+    completions each, in micro-batches of ``micro_batch_size`` sequences. By default
+    every step samples its own completions (on-policy: the importance ratio is 1 and
+    clipping only matters through its gradient). As in TRL, one *generation batch* can
+    also feed several optimizer steps: ``steps_per_generation`` micro-batches are sampled
+    at once (a multiple of one step's), and ``num_iterations`` passes are made over them;
+    the log-probs of the policy that sampled them are then recorded, so the importance
+    ratio, clipping and ``epsilon_high`` act. With a mesh, ``micro_batch_size``,
     ``prompts_per_step`` and the generation batch must be multiples of ``data x fsdp``.
     """
 
@@ -34,6 +38,12 @@ class GRPOConfig(RunConfig):
     generation_batch_size: int = setting(128, "sequences sampled at once")
     micro_batch_size: int = setting(
         8, "sequences per forward/backward pass (gradients accumulate)")
+    num_iterations: int = setting(
+        1, "optimizer passes over each generation batch (TRL's num_iterations, the GRPO "
+        "paper's mu); above 1 the importance ratio and clipping act")
+    steps_per_generation: int | None = setting(
+        None, "micro-batches sampled at once (TRL's steps_per_generation), a multiple of "
+        "one optimizer step's; default: one step's")
     loss_type: str = setting(
         "grpo", "the policy loss and how it is averaged (TRL's loss_type; rloo: TRL's RLOO "
         "loss)", choices=GRPO_LOSS_TYPES)
@@ -103,7 +113,8 @@ class GRPOConfig(RunConfig):
             "entropy_coef": {},
             "top_entropy_quantile": {"low": 0.0, "high": 1.0, "low_open": True},
             "eval_temperature": {"low": 0.0}})
-        check_fields(self, {"num_generations": {"low": 2}})
+        check_fields(self, {"num_generations": {"low": 2}, "num_iterations": {"low": 1},
+                            "steps_per_generation": {"low": 1, "allow_none": True}})
         check_choice("loss_type", self.loss_type, GRPO_LOSS_TYPES)
         check_choice("advantage_scale", self.advantage_scale, ADVANTAGE_SCALES)
         check_choice("importance_sampling_level", self.importance_sampling_level,
@@ -120,3 +131,28 @@ class GRPOConfig(RunConfig):
         if (self.prompts_per_step * self.num_generations) % self.micro_batch_size:
             raise ValueError("prompts_per_step * num_generations must be a multiple of "
                              "micro_batch_size")
+        if self.steps_per_generation is not None and (
+                self.steps_per_generation % self.micro_batches_per_step):
+            raise ValueError(
+                f"steps_per_generation ({self.steps_per_generation}) must be a multiple of "
+                f"the micro-batches of one optimizer step (prompts_per_step * "
+                f"num_generations / micro_batch_size = {self.micro_batches_per_step})")
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        """Micro-batches whose gradients one optimizer step accumulates (TRL's
+        ``gradient_accumulation_steps``)."""
+        return self.prompts_per_step * self.num_generations // self.micro_batch_size
+
+    @property
+    def steps_per_generation_batch(self) -> int:
+        """Optimizer steps that train on one generation batch in one pass."""
+        if self.steps_per_generation is None:
+            return 1
+        return self.steps_per_generation // self.micro_batches_per_step
+
+    @property
+    def steps_per_rollout(self) -> int:
+        """Optimizer steps between two generations: ``steps_per_generation_batch *
+        num_iterations`` (1: every step samples its own completions, on-policy)."""
+        return self.steps_per_generation_batch * self.num_iterations

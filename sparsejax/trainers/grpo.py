@@ -42,6 +42,8 @@ from sparsejax.runs.run import PolicyRun, tree_digest
 from sparsejax.trainable import reference as reference_lib
 from sparsejax.trainable.base import Trainable, trainer_mesh, zero_gradient
 from sparsejax.trainable.build import build_trainable
+from sparsejax.trainers import generation_batch
+from sparsejax.trainers.generation_batch import GenerationBatch
 from sparsejax.trainers.grpo_step import accumulate_micro_batch
 from sparsejax.types import PyTree
 
@@ -92,7 +94,7 @@ class GRPOTrainer(PolicyRun):
                                ("prompts_per_step", config.prompts_per_step),
                                ("generation_batch_size", min(
                                    config.generation_batch_size,
-                                   config.prompts_per_step * config.num_generations))):
+                                   generation_batch.rows_per_generation(config)))):
                 sharding_lib.check_batch(name, size, self.mesh)
         # What trains: given (e.g. a sparsejax.trainable.LoraAdapter) or built from the config.
         self.trainable = (build_trainable(trainable_config, params, mask=mask, mesh=self.mesh,
@@ -105,6 +107,8 @@ class GRPOTrainer(PolicyRun):
         self.base_policy = (self.trainable.base_policy(params, self.opt_state)
                             if config.beta > 0 else None)
         self.step = 0
+        self.generation: GenerationBatch | None = None  # the batch being trained on
+        self.prompt_capacity = 8  # the widest prompt's padded width (set by train)
         self.base_key = jax.random.key(config.seed)
         self.checkpoints = ckpt_lib.CheckpointManager(
             os.path.join(self.out_dir, "checkpoints"), keep=config.keep_checkpoints)
@@ -185,15 +189,14 @@ class GRPOTrainer(PolicyRun):
         return [self.tokenizer.decode(t[m.astype(bool)].tolist(), skip_special_tokens=True)
                 for t, m in zip(tokens, mask)]
 
-    def _reference_logprobs(self, samples: dict[str, np.ndarray]) -> np.ndarray:
-        """Per-token log-probs under the base model, micro-batch by micro-batch."""
+    def _scored_logprobs(self, params: PyTree, samples: dict[str, np.ndarray]) -> np.ndarray:
+        """Per-token log-probs of the samples under ``params``, micro-batch by micro-batch."""
         out = []
         mb = self.cfg.micro_batch_size
-        with reference_lib.scoring(self, self.base_policy) as params:
-            for s in range(0, len(samples["tokens"]), mb):
-                out.append(host_array(self._logps_fn(params, *sharding_lib.put_batch(
-                    [samples[k][s:s + mb] for k in ("prompt_tokens", "prompt_mask",
-                                                    "tokens", "mask")], self.mesh))))
+        for s in range(0, len(samples["tokens"]), mb):
+            out.append(host_array(self._logps_fn(params, *sharding_lib.put_batch(
+                [samples[k][s:s + mb] for k in ("prompt_tokens", "prompt_mask",
+                                                "tokens", "mask")], self.mesh))))
         return np.concatenate(out)
 
     def _zero_gradient_micro_batches(self, advantages: np.ndarray) -> list[bool]:
@@ -212,18 +215,22 @@ class GRPOTrainer(PolicyRun):
 
     # ------------------------------------------------------------------ steps
 
-    def train_step(self, prompt_ids: Sequence[list[int]], answers: Sequence[Any],
-                   columns: dict[str, list[Any]] | None = None) -> dict[str, Any]:
-        """One GRPO step on the prompts of ``self.step``; returns its metrics. ``columns``
-        (name -> one value per prompt) go to the reward as keyword arguments."""
+    def _generate(self, index: int, prompt_ids: Sequence[list[int]], answers: Sequence[Any],
+                  columns: dict[str, list[Any]] | None
+                  ) -> tuple[GenerationBatch, dict[str, Any]]:
+        """Generation batch ``index``: the prompts of its optimizer steps, sampled,
+        scored and turned into training rows; with the generation's metrics."""
         cfg = self.cfg
-        t0, c0 = time.perf_counter(), compile_seconds()
-        order = prompt_order(len(prompt_ids), self.step, cfg.prompts_per_step, cfg.seed)
+        t0 = time.perf_counter()
+        steps = cfg.steps_per_generation_batch
+        order = np.concatenate([
+            prompt_order(len(prompt_ids), index * steps + j, cfg.prompts_per_step, cfg.seed)
+            for j in range(steps)])
         group_answers = [answers[i] for i in order for _ in range(cfg.num_generations)]
         sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens,
                                   temperature=cfg.temperature, top_p=cfg.top_p,
                                   top_k=cfg.top_k, stop_token_ids=self.stop_token_ids)
-        key = jax.random.fold_in(self.base_key, self.step)
+        key = jax.random.fold_in(self.base_key, index)
         total = len(order) * cfg.num_generations
         step_prompts = [list(prompt_ids[i]) for i in order]
         samples, gen = self._sample(step_prompts, key, sampling,
@@ -244,25 +251,58 @@ class GRPOTrainer(PolicyRun):
         if rewards.shape != (total,):
             raise ValueError(f"reward_fn returned {rewards.shape} rewards for {total} "
                              "completions")
-        reward_terms = self._reward_terms("reward/")
         advantages = np.asarray(losses.group_advantages(
             jnp.asarray(rewards), cfg.num_generations, scale=cfg.advantage_scale,
             estimator=cfg.advantage_estimator, normalize=cfg.normalize_advantages))
-        batch_all = {"prompt_tokens": samples["prompt_tokens"],
-                     "prompt_mask": samples["prompt_mask"], "tokens": samples["tokens"],
-                     "mask": samples["mask"], "advantages": advantages}
+        arrays = {"prompt_tokens": samples["prompt_tokens"],
+                  "prompt_mask": samples["prompt_mask"], "tokens": samples["tokens"],
+                  "mask": samples["mask"], "advantages": advantages}
+        if cfg.steps_per_rollout > 1:
+            # Trained on after updates: record the log-probs of the policy that sampled
+            # them (TRL's old_per_token_logps), so the importance ratio is live.
+            arrays["old_logps"] = self._scored_logprobs(self.params, samples)
         if cfg.beta > 0:
-            batch_all["ref_logps"] = self._reference_logprobs(samples)
+            with reference_lib.scoring(self, self.base_policy) as params:
+                arrays["ref_logps"] = self._scored_logprobs(params, samples)
         kept = True  # completions in the loss: all, or those that stopped within the budget
         if cfg.mask_truncated_completions:
             stopped = np.isin(samples["tokens"], self.stop_token_ids) & (samples["mask"] > 0)
-            batch_all["truncated"] = ~stopped.any(axis=1)
-            kept = ~batch_all["truncated"][:, None]
+            arrays["truncated"] = ~stopped.any(axis=1)
+            kept = ~arrays["truncated"][:, None]
+        if steps > 1:  # spread each group over the steps, as TRL shuffles its batch
+            rows = np.random.default_rng([cfg.seed, index]).permutation(total)
+            arrays = {k: v[rows] for k, v in arrays.items()}
+            rewards = rewards[rows]
+        # The token-count losses divide by the tokens of one optimizer step's share of
+        # the batch, per micro-batch (TRL: num_items_in_batch / steps per generation).
+        num_items = (float((samples["mask"] * kept).sum()) / steps
+                     / cfg.micro_batches_per_step)
+        lengths = samples["mask"].sum(axis=1)
+        info = {"tokens_per_s": gen["useful_tokens"] / max(gen["run_s"], 1e-9),
+                "generation_time": t_gen, "generation_compile_time": gen["compile_s"],
+                "decode_steps": int(gen["decode_steps"]),
+                "slot_occupancy": gen["useful_tokens"] / max(gen["slot_steps"], 1),
+                "completion_length": float(lengths.mean()), **self._reward_terms("reward/")}
+        return GenerationBatch(index, arrays, rewards, num_items), info
+
+    def train_step(self, prompt_ids: Sequence[list[int]], answers: Sequence[Any],
+                   columns: dict[str, list[Any]] | None = None) -> dict[str, Any]:
+        """One optimizer step (sampling a new generation batch first when its turn
+        comes); returns its metrics. ``columns`` (name -> one value per prompt) go to
+        the reward as keyword arguments."""
+        cfg = self.cfg
+        t0, c0 = time.perf_counter(), compile_seconds()
+        index, position = divmod(self.step, cfg.steps_per_rollout)
+        info = {"generation_time": 0.0, "generation_compile_time": 0.0}
+        if self.generation is None or self.generation.index != index:
+            self.generation, info = self._generate(index, prompt_ids, answers, columns)
+        batch_all = self.generation.step_rows(position, cfg.steps_per_generation_batch)
+        rewards = self.generation.rewards
+        total = len(batch_all["advantages"])
 
         mb = cfg.micro_batch_size
         num_micro = total // mb
-        num_items = float((samples["mask"] * kept).sum()) / num_micro
-        skip = self._zero_gradient_micro_batches(advantages)
+        skip = self._zero_gradient_micro_batches(batch_all["advantages"])
         acc, metric_sums, computed = None, {}, 0
         for i, s in enumerate(range(0, total, mb)):
             if skip[i]:
@@ -274,7 +314,7 @@ class GRPOTrainer(PolicyRun):
             if acc is None:
                 acc = self._zero_grads(self.params, self.opt_state)
             loss, metrics, acc = self._grad_fn(acc, self.params, self.opt_state, batch,
-                                               num_items)
+                                               self.generation.num_items)
             computed += 1
             for k, v in {"loss": loss, **metrics}.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + v
@@ -286,26 +326,24 @@ class GRPOTrainer(PolicyRun):
         jax.block_until_ready(self.params)
         step_time = time.perf_counter() - t0
 
-        lengths = samples["mask"].sum(axis=1)
         record = {
             "kind": "train", "step": self.step,
             "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
             "accuracy": float((rewards >= 1.0).mean()),
-            "completion_length": float(lengths.mean()),
+            "completion_length": float(self.generation.arrays["mask"].sum(axis=1).mean()),
             # steady-state sampling speed: compilation is reported on its own
-            "tokens_per_s": gen["useful_tokens"] / max(gen["run_s"], 1e-9),
-            "generation_time": t_gen, "generation_compile_time": gen["compile_s"],
-            "decode_steps": int(gen["decode_steps"]),
-            "slot_occupancy": gen["useful_tokens"] / max(gen["slot_steps"], 1),
+            **info,
             "step_time": step_time, "compile_time": compile_seconds() - c0,
             "grad_norm": float(report.grad_norm), "skipped": bool(report.skipped),
-            **reward_terms,
             # the loss of a skipped micro-batch is exactly 0; the other metrics average
             # the micro-batches that ran
             "loss": float(metric_sums.get("loss", 0.0)) / num_micro,
             **{k: float(v) / computed for k, v in metric_sums.items() if k != "loss"},
             "skipped_micro_batches": num_micro - computed,
         }
+        if cfg.steps_per_rollout > 1:
+            record.update(generation=index,
+                          iteration=position // cfg.steps_per_generation_batch)
         peak = peak_memory_bytes()
         if peak is not None:
             record["peak_memory_bytes"] = peak
@@ -339,12 +377,26 @@ class GRPOTrainer(PolicyRun):
 
     # ------------------------------------------------------------------ checkpoints
 
+    def identity(self, data: str | None = None) -> dict[str, Any]:
+        # steps_per_generation counts micro-batches, whose size a resume may change
+        return {**super().identity(data),
+                "steps_per_generation_batch": self.cfg.steps_per_generation_batch}
+
     def _extra_state(self) -> dict[str, Any]:
-        return {"key": jax.random.key_data(self.base_key),
-                "data_position": np.asarray(self.step * self.cfg.prompts_per_step, np.int64)}
+        cfg = self.cfg
+        generations = -(-self.step // cfg.steps_per_rollout)
+        state = {"key": jax.random.key_data(self.base_key),
+                 "data_position": np.asarray(generations * cfg.steps_per_generation_batch
+                                             * cfg.prompts_per_step, np.int64)}
+        if cfg.steps_per_rollout > 1:  # a resume continues on the same generation batch
+            state["generation"] = generation_batch.storable(self.generation, cfg,
+                                                             self.prompt_capacity)
+        return state
 
     def _load_extra_state(self, tree: dict[str, Any]) -> None:
         self.base_key = jax.random.wrap_key_data(jnp.asarray(tree["key"]))
+        if "generation" in tree:
+            self.generation = generation_batch.from_storable(tree["generation"], self.cfg)
 
     # ------------------------------------------------------------------ the run
 
@@ -379,6 +431,7 @@ class GRPOTrainer(PolicyRun):
         if eval_prompt_ids is not None and eval_answers is not None:
             eval_columns = check_columns(eval_columns, len(eval_prompt_ids), "eval_columns")
             check_reward_arguments(self.reward_fn, ["prompts", "completion_ids", *eval_columns])
+        self.prompt_capacity = bucket_length(max(len(p) for p in prompt_ids))
         data = tree_digest([np.asarray(p, np.int64) for p in prompt_ids]
                            + [np.asarray([str(a) for a in answers])])
         evaluate = None

@@ -30,7 +30,9 @@ def micro_batch_grads(graphdef: Any, trainable: Trainable, config: GRPOConfig,
       config: the run's GRPO settings (temperature, loss, clipping, KL, chunking).
       params, opt_state: the policy params and the optimizer state.
       batch: ``prompt_tokens``, ``prompt_mask`` ``[B, P]``; ``tokens``, ``mask`` ``[B, T]``;
-        ``advantages`` ``[B]``; ``ref_logps`` ``[B, T]`` when ``config.beta > 0``;
+        ``advantages`` ``[B]``; ``old_logps`` ``[B, T]`` (the sampling policy's, when a
+        generation batch feeds several optimizer steps; on-policy without);
+        ``ref_logps`` ``[B, T]`` when ``config.beta > 0``;
         ``truncated`` ``[B]`` (no stop token within the budget) when
         ``config.mask_truncated_completions``.
       num_items: the ``dapo`` / ``cispo`` / ``vespo`` losses' denominator (completion
@@ -43,7 +45,7 @@ def micro_batch_grads(graphdef: Any, trainable: Trainable, config: GRPOConfig,
             batch["mask"], temperature=config.temperature,
             chunk_size=config.logprob_chunk_size, return_entropy=True)
         return losses.grpo_loss(
-            logps, None, batch["advantages"], batch["mask"],
+            logps, batch.get("old_logps"), batch["advantages"], batch["mask"],
             ref_logps=batch.get("ref_logps"), beta=config.beta,
             use_bias_correction_kl=config.kl_bias_correction,
             epsilon=config.epsilon, epsilon_high=config.epsilon_high, delta=config.delta,

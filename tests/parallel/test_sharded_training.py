@@ -1,6 +1,7 @@
-"""GRPO and DPO (also a weighted sum of DPO-family losses with LD-DPO, an f-divergence and
-WPO weights) on a mesh of 8 host CPU devices equal the one-device run; the trainers'
-optimizer step stays on its devices for row-balanced masks; bad layouts fail in one line.
+"""GRPO (also with several updates per generation batch) and DPO (also a weighted sum of
+DPO-family losses with LD-DPO, an f-divergence and WPO weights) on a mesh of 8 host CPU
+devices equal the one-device run; the trainers' optimizer step stays on its devices for
+row-balanced masks; bad layouts fail in one line.
 
 XLA's device count is fixed when JAX starts, so the 8-device cases run in ONE subprocess
 (``XLA_FLAGS=--xla_force_host_platform_device_count=8``) that pays JAX's start once and
@@ -75,12 +76,12 @@ SCRIPT = textwrap.dedent(r"""
     def max_abs(a, b):
         return max(float(np.max(np.abs(x - y), initial=0.0)) for x, y in zip(a, b))
 
-    def grpo(mesh, sparsity, strategy):
+    def grpo(mesh, sparsity, strategy, **options):
         graphdef, params = model()
         config = GRPOConfig(steps=3, prompts_per_step=8, num_generations=2,
                             max_new_tokens=4, micro_batch_size=8, generation_batch_size=16,
                             beta=0.05 if sparsity else 0.0, mesh=mesh, eval_batch_size=8,
-                            remat="none")
+                            remat="none", **options)
         sparse = TrainableConfig(sparsity=sparsity, learning_rate=1e-2 if sparsity else 1e-3,
                               mask_strategy=strategy, sparse_grads="on")
         t = GRPOTrainer(graphdef, params, tok, reward, config, sparse, tempfile.mkdtemp())
@@ -120,7 +121,11 @@ SCRIPT = textwrap.dedent(r"""
     CASES = json.loads(sys.argv[1]) if len(sys.argv) > 1 else None
     lora_dpo = lambda mesh, sparsity, strategy: dpo(mesh, sparsity, strategy, lora=True)
     family_dpo = lambda mesh, sparsity, strategy: dpo(mesh, sparsity, strategy, family=True)
+    # two optimizer steps per generation batch, two passes: old log-probs, clipping live
+    iterations_grpo = lambda mesh, sparsity, strategy: grpo(
+        mesh, sparsity, strategy, steps_per_generation=4, num_iterations=2)
     for name, run, kinds in (("grpo", grpo, ("sparse", "dense")),
+                             ("grpo", iterations_grpo, ("iterations",)),
                              ("dpo", dpo, ("sparse", "dense")), ("dpo", lora_dpo, ("lora",)),
                              ("dpo", family_dpo, ("family",))):
         for kind in kinds:
@@ -131,7 +136,7 @@ SCRIPT = textwrap.dedent(r"""
             ref = run("", sparsity, "row_balanced")
             base = host(ref.params)
             init = host(ref.trainable.policy_params(model()[1]))  # LoRA: with fresh factors
-            for mesh in (("data=2,fsdp=4",) if kind in ("lora", "family")
+            for mesh in (("data=2,fsdp=4",) if kind in ("lora", "family", "iterations")
                          else ("fsdp=8", "data=2,fsdp=4")):
                 t = run(mesh, sparsity, "auto")
                 report(f"{name}/{kind}/{mesh}", {
@@ -246,7 +251,8 @@ def result():
 @pytest.mark.parametrize("trainer, kind, mesh", [
     (t, k, m) for t in ("grpo", "dpo") for k in ("sparse", "dense")
     for m in ("fsdp=8", "data=2,fsdp=4")] + [("dpo", "lora", "data=2,fsdp=4"),
-                                             ("dpo", "family", "data=2,fsdp=4")])
+                                             ("dpo", "family", "data=2,fsdp=4"),
+                                             ("grpo", "iterations", "data=2,fsdp=4")])
 def test_sharded_run_equals_one_device(result, trainer, kind, mesh):
     r = result[f"{trainer}/{kind}/{mesh}"]
     assert r["changed"] > 1e-3, r  # training moved the params (the check can fail)
