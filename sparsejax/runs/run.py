@@ -103,6 +103,18 @@ class PolicyRun:
             out["data"] = data
         return json.loads(json.dumps(out, default=str))
 
+    def identity_defaults(self) -> dict[str, Any]:
+        """Flattened identity key -> default, for the settings of the run's config
+        dataclasses: a checkpoint written before a setting existed resumes while the
+        setting keeps its default."""
+        out = {}
+        for prefix, cfg in (("config", self.cfg), ("trainable_config", self.trainable_cfg)):
+            if dataclasses.is_dataclass(cfg):
+                for f in dataclasses.fields(cfg):
+                    if f.default is not dataclasses.MISSING:
+                        out[f"{prefix}.{f.name}"] = json.loads(json.dumps(f.default, default=str))
+        return out
+
     # ------------------------------------------------------------------ checkpoints
 
     def _extra_state(self) -> dict[str, Any]:
@@ -141,7 +153,7 @@ class PolicyRun:
         got = self.checkpoints.restore_latest(
             self._checkpoint_tree(),
             check_identity=lambda ident, where: run_dir.check_identity(
-                ident, self._identity, where))
+                ident, self._identity, where, self.identity_defaults()))
         if got is None:
             return None
         _, tree = got

@@ -282,22 +282,32 @@ def flag_name(key: str) -> str:
     return "--" + key.rsplit(".", 1)[-1].replace("_", "-")
 
 
-def identity_differences(stored: Mapping[str, Any], current: Mapping[str, Any]
-                         ) -> list[str]:
-    """``"--flag (checkpoint X, now Y)"`` for each identity setting that differs."""
+def identity_differences(stored: Mapping[str, Any], current: Mapping[str, Any],
+                         defaults: Mapping[str, Any] | None = None) -> list[str]:
+    """``"--flag (checkpoint X, now Y)"`` for each identity setting that differs.
+
+    ``defaults`` (flattened key -> default value): a setting the checkpoint does not
+    record (it predates the setting) that is at its default now is no difference.
+    """
     a, b = flatten(stored), flatten(current)
+    defaults = defaults or {}
     diffs = []
     for key in sorted(set(a) | set(b)):
         if key.rsplit(".", 1)[-1] in RESUMABLE:
+            continue
+        if key not in a and key in defaults and json.dumps(b.get(key)) == json.dumps(
+                defaults[key]):
             continue
         if json.dumps(a.get(key), sort_keys=True) != json.dumps(b.get(key), sort_keys=True):
             diffs.append(f"{flag_name(key)} (checkpoint {a.get(key)!r}, now {b.get(key)!r})")
     return diffs
 
 
-def check_identity(stored: Mapping[str, Any], current: Mapping[str, Any], where: str) -> None:
-    """Raises ValueError naming the settings a resume changed."""
-    diffs = identity_differences(stored, current)
+def check_identity(stored: Mapping[str, Any], current: Mapping[str, Any], where: str,
+                   defaults: Mapping[str, Any] | None = None) -> None:
+    """Raises ValueError naming the settings a resume changed (see
+    :func:`identity_differences`)."""
+    diffs = identity_differences(stored, current, defaults)
     if diffs:
         raise ValueError(f"cannot resume {where}: settings differ from the checkpoint's: "
                          f"{'; '.join(diffs)} (start a new run in another --out-dir)")

@@ -382,6 +382,9 @@ class GRPOTrainer(PolicyRun):
         return {**super().identity(data),
                 "steps_per_generation_batch": self.cfg.steps_per_generation_batch}
 
+    def identity_defaults(self) -> dict[str, Any]:
+        return {**super().identity_defaults(), "steps_per_generation_batch": 1}
+
     def _extra_state(self) -> dict[str, Any]:
         cfg = self.cfg
         generations = -(-self.step // cfg.steps_per_rollout)

@@ -104,6 +104,20 @@ def test_identity_mismatch_is_refused_naming_the_flags(tmp_path):
     assert "\n" not in msg
 
 
+def test_a_setting_newer_than_the_checkpoint_resumes_at_its_default():
+    stored = {"config": {"steps": 10, "seed": 0}}
+    defaults = {"config.num_iterations": 1, "config.steps_per_generation": None}
+    at_default = {"config": {"steps": 10, "seed": 0, "num_iterations": 1,
+                             "steps_per_generation": None}}
+    assert run_dir.identity_differences(stored, at_default, defaults) == []
+    changed = {"config": {**at_default["config"], "num_iterations": 2}}
+    assert run_dir.identity_differences(stored, changed, defaults) == [
+        "--num-iterations (checkpoint None, now 2)"]
+    # Without the defaults a setting the checkpoint lacks is a difference.
+    assert run_dir.identity_differences(stored, at_default) == [
+        "--num-iterations (checkpoint None, now 1)"]
+
+
 def test_full_disk_while_checkpointing_keeps_earlier_checkpoints(tmp_path, monkeypatch):
     mgr = ckpt_lib.CheckpointManager(tmp_path / "ckpt")
     mgr.save(1, random_tree(1))
