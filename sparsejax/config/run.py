@@ -21,6 +21,9 @@ class RunConfig:
     eval_every: int = setting(25, "evaluate every N steps (0: only at the end)")
     save_every: int = setting(10, "checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = setting(2, "newest checkpoints kept on disk")
+    save_hf_every: int = setting(
+        0, "also write the policy in Hugging Face format to <out-dir>/snapshots/step_N "
+        "every N steps (0: never), e.g. for predicting a mask from early deltas")
     seed: int = setting(0, "seeds the data order and sampling")
     logprob_chunk_size: int = setting(1024, "tokens projected to the vocabulary at once")
     remat: str = setting(
@@ -33,6 +36,7 @@ class RunConfig:
 
     def __post_init__(self):
         check_fields(self, {"steps": {"low": 1}, "eval_every": {"low": 0},
-                            "save_every": {"low": 0}, "keep_checkpoints": {"low": 1},
+                            "save_every": {"low": 0},
+                            "save_hf_every": {"low": 0}, "keep_checkpoints": {"low": 1},
                             "seed": {"low": 0}, "logprob_chunk_size": {"low": 1}})
         check_choice("remat", self.remat, REMAT_POLICIES)

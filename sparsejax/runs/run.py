@@ -293,6 +293,8 @@ class PolicyRun:
                     log.write(eval_fn())
                 if due(cfg.save_every):
                     self.save_checkpoint()
+                if cfg.save_hf_every and self.step % cfg.save_hf_every == 0:
+                    self.write_model(self.snapshot_dir(self.step))
                 signals.check(self.step, self._save_if_new)
             self._save_if_new()
         return last
@@ -322,16 +324,25 @@ class PolicyRun:
                 plot_fn(read_metrics(log.path), tmp)
                 os.replace(tmp, curves)
         if final_model_dir is not None:
-            if main:
-                with run_dir.atomic_folder(final_model_dir) as folder:
-                    self.save_model(folder)
-            else:  # gathers with process 0; whatever it writes here is thrown away
-                with tempfile.TemporaryDirectory(prefix="sparsejax-not-main-") as folder:
-                    self.save_model(folder)
+            self.write_model(final_model_dir)
         distributed.barrier("final-outputs")
         run_dir.mark_finished(self.out_dir, self.step)
         distributed.barrier("finished")
         return last
+
+    def write_model(self, folder: str | os.PathLike) -> None:
+        """:meth:`save_model` into ``folder``, written whole or not at all; with several
+        processes every one gathers and process 0 alone writes."""
+        if distributed.is_main():
+            with run_dir.atomic_folder(folder) as tmp:
+                self.save_model(tmp)
+        else:  # gathers with process 0; whatever it writes here is thrown away
+            with tempfile.TemporaryDirectory(prefix="sparsejax-not-main-") as tmp:
+                self.save_model(tmp)
+
+    def snapshot_dir(self, step: int) -> str:
+        """Where ``save_hf_every`` writes the policy after ``step`` optimizer steps."""
+        return os.path.join(self.out_dir, "snapshots", f"step_{step:06d}")
 
     def save_model(self, folder: str | os.PathLike) -> str:  # pragma: no cover
         raise NotImplementedError

@@ -39,7 +39,7 @@ LOCK = ".lock"
 # Settings a resume may change; everything else in the identity must match.
 RESUMABLE = frozenset({
     "steps", "eval_every", "eval_limit", "eval_temperature", "eval_batch_size",
-    "eval_max_new_tokens", "save_every", "keep_checkpoints", "generation_batch_size",
+    "eval_max_new_tokens", "save_every", "save_hf_every", "keep_checkpoints", "generation_batch_size",
     "micro_batch_size", "logprob_chunk_size", "backend", "progress",
     "mesh", "coordinator_address", "num_processes", "process_id"})  # a resume may reshard
 
@@ -125,6 +125,7 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[str]:
     """Yields a temporary folder beside ``path`` that replaces ``path`` on success."""
     path = os.path.abspath(os.fspath(path))
     parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     os.chmod(tmp, 0o755)
     try:

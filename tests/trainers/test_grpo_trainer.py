@@ -1,5 +1,6 @@
 """GRPO trainer and experiments/grpo_gsm8k.py end to end on a tiny random Qwen2."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -189,3 +190,22 @@ def test_training_batch_is_trimmed_to_the_longest_completion(tokenizer, tmp_path
     record = trainer.train_step([[1, 2, 3], [4, 5]], ["1", "2"])
     assert record["completion_length"] == 1.0
     assert widths == [8]  # bucket_length(1), not max_new_tokens
+
+
+def test_hugging_face_snapshots_every_n_steps(tokenizer, tmp_path):
+    from sparsejax.models.hf_io import load_hf
+    prompts = [tokenizer(q)["input_ids"] for q in ("1+1=", "two plus three")]
+    trainer = make_trainer(tokenizer, tmp_path, steps=2, beta=0.0)
+    trainer.cfg = dataclasses.replace(trainer.cfg, save_hf_every=1)
+    after = [jax.tree.map(np.asarray, trainer.params)]
+    step = trainer.train_step
+    trainer.train_step = lambda *a: (step(*a), after.append(
+        jax.tree.map(np.asarray, trainer.params)))[0]
+    trainer.train(prompts, ["2", "5"], progress=False)
+    for n in (1, 2):  # each snapshot holds the policy after its step, whole
+        folder = tmp_path / "snapshots" / f"step_{n:06d}"
+        loaded = nnx.split(load_hf(folder))[1]
+        for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(after[n])):
+            np.testing.assert_array_equal(np.asarray(got), want)
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after[1]),
+                                                          jax.tree.leaves(after[2])))
