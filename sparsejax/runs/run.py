@@ -253,6 +253,7 @@ class PolicyRun:
             return self.finished_result()
         step_fn, eval_fn, record = prepare()
         restored = self.restore(resume)
+        self.write_mask()
         log = self.metrics_log(restored, writer)
         log.write({"kind": "config", "step": -1,
                    "trainable": self.trainable.num_trainable(self.params),
@@ -339,6 +340,28 @@ class PolicyRun:
         else:  # gathers with process 0; whatever it writes here is thrown away
             with tempfile.TemporaryDirectory(prefix="sparsejax-not-main-") as tmp:
                 self.save_model(tmp)
+
+    def write_mask(self) -> None:
+        """``<out-dir>/mask.safetensors``: the trained entries of a run with a mask
+        (:func:`sparsejax.masks.save_mask`, keyed like the params, loadable with
+        ``--mask-path``), for the overlap analyses. One process writes it; a mask split
+        over several processes' devices, or one of adapter factors, is not written."""
+        mask = self.trainable.mask
+        if (mask is None or not distributed.is_main() or not all(
+                getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(mask))):
+            return
+        from sparsejax.masks import num_active, save_mask, validate_mask
+        mask = jax.tree.map(np.asarray, mask)
+        try:  # a mask of the params themselves (not, e.g., of LoRA factors)
+            validate_mask(mask, self.params)
+        except ValueError:
+            return
+        path = os.path.join(self.out_dir, "mask.safetensors")
+        total = sum(int(np.size(x)) for x in jax.tree.leaves(self.params))
+        with run_dir.disk_errors(path):
+            tmp = path + ".tmp"
+            save_mask(tmp, mask, metadata={"total": total, "active": num_active(mask)})
+            os.replace(tmp, path)
 
     def snapshot_dir(self, step: int) -> str:
         """Where ``save_hf_every`` writes the policy after ``step`` optimizer steps."""

@@ -209,3 +209,14 @@ def test_hugging_face_snapshots_every_n_steps(tokenizer, tmp_path):
             np.testing.assert_array_equal(np.asarray(got), want)
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after[1]),
                                                           jax.tree.leaves(after[2])))
+
+
+def test_a_sparse_run_writes_its_mask_for_mask_path(tokenizer, tmp_path):
+    from sparsejax.masks import load_mask
+    prompts = [tokenizer(q)["input_ids"] for q in ("1+1=", "two plus three")]
+    trainer = make_trainer(tokenizer, tmp_path, steps=1, beta=0.0)
+    trainer.train(prompts, ["2", "5"], progress=False)
+    mask, meta = load_mask(str(tmp_path / "mask.safetensors"), like=trainer.params)
+    for got, want in zip(jax.tree.leaves(mask), jax.tree.leaves(trainer.trainable.mask)):
+        np.testing.assert_array_equal(got, np.asarray(want))
+    assert int(meta["total"]) == sum(x.size for x in jax.tree.leaves(trainer.params))
