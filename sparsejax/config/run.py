@@ -19,6 +19,7 @@ class RunConfig:
 
     steps: int = setting(100, "optimizer steps of the run")
     eval_every: int = setting(25, "evaluate every N steps (0: only at the end)")
+    eval_on_start: bool = setting(False, "also evaluate the model before the first step")
     save_every: int = setting(10, "checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = setting(2, "newest checkpoints kept on disk")
     save_hf_every: int = setting(

@@ -283,6 +283,8 @@ class PolicyRun:
         last: dict[str, Any] = {}
         with signals.deferred():
             signals.check(self.step, self._save_if_new)
+            if eval_fn is not None and getattr(cfg, "eval_on_start", False) and self.step == 0:
+                log.write(eval_fn())
             while self.step < cfg.steps:
                 last = step_fn()
                 release_host_memory()

@@ -38,7 +38,7 @@ LOCK = ".lock"
 
 # Settings a resume may change; everything else in the identity must match.
 RESUMABLE = frozenset({
-    "steps", "eval_every", "eval_limit", "eval_temperature", "eval_batch_size",
+    "steps", "eval_every", "eval_on_start", "eval_limit", "eval_temperature", "eval_batch_size",
     "eval_max_new_tokens", "save_every", "save_hf_every", "keep_checkpoints", "generation_batch_size",
     "micro_batch_size", "logprob_chunk_size", "backend", "progress",
     "mesh", "coordinator_address", "num_processes", "process_id"})  # a resume may reshard

@@ -220,3 +220,16 @@ def test_a_sparse_run_writes_its_mask_for_mask_path(tokenizer, tmp_path):
     for got, want in zip(jax.tree.leaves(mask), jax.tree.leaves(trainer.trainable.mask)):
         np.testing.assert_array_equal(got, np.asarray(want))
     assert int(meta["total"]) == sum(x.size for x in jax.tree.leaves(trainer.params))
+
+
+def test_eval_on_start_scores_the_base_model_first(tokenizer, tmp_path):
+    prompts = [tokenizer(q)["input_ids"] for q in ("1+1=", "two plus three")]
+    trainer = make_trainer(tokenizer, tmp_path, steps=1, beta=0.0)
+    trainer.cfg = dataclasses.replace(trainer.cfg, eval_on_start=True, eval_every=0)
+    base = trainer.evaluate(prompts, ["2", "5"])
+    trainer.train(prompts, ["2", "5"], eval_prompt_ids=prompts, eval_answers=["2", "5"],
+                  progress=False)
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    kinds = [(r["kind"], r["step"]) for r in records if r["kind"] != "config"]
+    assert kinds == [("eval", 0), ("train", 0), ("eval", 1)], kinds
+    assert records[1]["eval_samples"] == base["eval_samples"]
