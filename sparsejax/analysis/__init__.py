@@ -6,7 +6,9 @@
   safetensors one tensor at a time.
 * :mod:`~sparsejax.analysis.scorers`: streaming magnitude / momentum / variance
   scores from early weight deltas (BSR-AdamW), to feed :func:`sparsejax.topk_mask`.
-* ``python -m sparsejax.analysis {diff,overlap}``: the command line.
+* :mod:`~sparsejax.analysis.predict_mask`: those scores over HF snapshot folders, laid out
+  as the model's parameters, kept by global top-k: a mask ``--mask-path`` loads.
+* ``python -m sparsejax.analysis {diff,overlap,predict-mask}``: the command line.
 """
 
 import importlib

@@ -1,9 +1,12 @@
-"""Command line: ``python -m sparsejax.analysis {diff,overlap} ...``.
+"""Command line: ``python -m sparsejax.analysis {diff,overlap,predict-mask} ...``.
 
 ``diff A B``: update sparsity of checkpoint B relative to A (Mukherjee et al.,
 arXiv 2505.11711), per layer and per matrix type, optional update rank and mask
 export. ``overlap M1 M2``: Jaccard and one-sided overlaps of two saved masks against
-the random baseline. Bad input exits with status 2 and one ``error:`` line on stderr.
+the random baseline. ``predict-mask BASE SNAP...``: the global top-k mask of a score of
+the early trajectory (BSR-AdamW), written so that ``--mask-path`` loads it
+(:mod:`sparsejax.analysis.predict_mask`). Bad input exits with status 2 and one
+``error:`` line on stderr.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from typing import Any
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sparsejax.analysis",
-        description="Update sparsity and mask overlap of sparse RL finetuning.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{diff,overlap}")
+        description="Update sparsity, mask overlap and mask prediction of sparse RL "
+                    "finetuning.")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{diff,overlap,predict-mask}")
 
     d = sub.add_parser(
         "diff", help="update sparsity between two Hugging Face checkpoints",
@@ -57,7 +62,69 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="number of parameters N the masks index (needed when the files carry "
                         "no 'total' metadata)")
     o.add_argument("--json", metavar="PATH", help="write the result as JSON")
+    _add_predict_parser(sub)
     return parser
+
+
+def _add_predict_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "predict-mask", help="predict a sparse run's mask from a dense run's first snapshots",
+        description="Score every weight over the trajectory BASE, SNAPSHOT_1 .. SNAPSHOT_T "
+                    "(Hugging Face folders, in step order) and keep the global top-k as a "
+                    "mask (BSR-AdamW). The file is in the model's parameter layout, so "
+                    "'sparsejax grpo --mask-path OUT' (or dpo/kto) trains exactly its entries. "
+                    "A JSON sidecar records the settings and per-tensor counts.",
+        epilog="example (snapshots of a dense run with --sparsity 0 --save-hf-every 1): "
+               "python -m sparsejax.analysis predict-mask base/ runs/dense/snapshots/step_* "
+               "--score momentum --beta 0.9 --sparsity 0.975 --exclude embed "
+               "--out mask.safetensors")
+    p.add_argument("base", help="the base model folder (config.json + safetensors): w_0")
+    p.add_argument("snapshots", nargs="+", metavar="snapshot",
+                   help="snapshot folders of the dense run, in step order: w_1 .. w_T")
+    p.add_argument("--score", choices=("magnitude", "momentum", "variance"), default="momentum",
+                   help="magnitude |w_T - w_0|; momentum |EMA of the deltas| (bias-corrected); "
+                        "variance: Welford statistics of the deltas (default momentum)")
+    p.add_argument("--beta", type=float, default=None,
+                   help="momentum: EMA factor in [0, 1) (default 0.9)")
+    p.add_argument("--window", type=float, default=None,
+                   help="momentum: EMA span W instead of --beta (beta = 1 - 2 / (W + 1))")
+    p.add_argument("--variance-score", choices=("snr", "snr_weighted", "variance", "mean"),
+                   default=None, help="variance: mu^2/(var+eps) (snr, default), snr * |mu| "
+                                      "(snr_weighted), var, or |mu| (mean)")
+    p.add_argument("--eps", type=float, default=None,
+                   help="variance: eps of the snr scores (default 1e-20)")
+    keep = p.add_mutually_exclusive_group(required=True)
+    keep.add_argument("--sparsity", type=float, help="fraction of eligible entries frozen, "
+                                                     "in [0, 1), e.g. 0.975")
+    keep.add_argument("--density", type=float, help="fraction of eligible entries kept, in (0, 1]")
+    p.add_argument("--include", action="append", metavar="REGEX",
+                   help="only tensors whose path matches (re.search; repeatable), paths like "
+                        "layers/0/attn/q_proj/kernel/value (default: every tensor, as the "
+                        "trainers' random masks)")
+    p.add_argument("--exclude", action="append", metavar="REGEX",
+                   help="leave out tensors whose path matches (repeatable), e.g. "
+                        "--exclude embed --exclude norm --exclude lm_head")
+    p.add_argument("--out", required=True, metavar="PATH",
+                   help="the mask file to write (safetensors, loadable by --mask-path)")
+    p.add_argument("--json", metavar="PATH",
+                   help="the JSON sidecar (default: OUT with its extension replaced by .json)")
+    p.add_argument("--no-progress", action="store_true", help="no line per checkpoint read")
+
+
+def _scorer_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The scorer's keyword arguments; one-line AnalysisError for an option of another score."""
+    from sparsejax.analysis.checkpoints import AnalysisError
+    own = {"momentum": ("beta", "window"), "variance": ("variance_score", "eps")}
+    options = {}
+    for name in ("beta", "window", "variance_score", "eps"):
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if name not in own.get(args.score, ()):
+            raise AnalysisError(f"--{name.replace('_', '-')} applies to --score "
+                                f"{'momentum' if name in own['momentum'] else 'variance'} only")
+        options["score" if name == "variance_score" else name] = value
+    return options
 
 
 def _write_json(path: str, data: dict[str, Any]) -> None:
@@ -88,6 +155,18 @@ def _run(args: argparse.Namespace) -> None:
                   f"written to {args.save_mask}")
         if args.json:
             _write_json(args.json, report.to_dict())
+    elif args.command == "predict-mask":
+        from sparsejax.analysis import predict_mask
+        json_path = args.json or os.path.splitext(args.out)[0] + ".json"
+        if os.path.abspath(json_path) == os.path.abspath(args.out):
+            raise predict_mask.AnalysisError(f"--out {args.out}: the JSON sidecar would "
+                                             "overwrite it; give --json another path")
+        prediction = predict_mask.predict_mask(
+            args.base, args.snapshots, score=args.score, sparsity=args.sparsity,
+            density=args.density, include=args.include, exclude=args.exclude,
+            scorer_options=_scorer_options(args), progress=not args.no_progress)
+        predict_mask.write_prediction(prediction, args.out, json_path)
+        print(f"predict-mask: {prediction.summary()}; wrote {args.out} and {json_path}")
     else:
         result = overlap.mask_overlap(args.mask1, args.mask2, total=args.total)
         print(result.format())
@@ -98,7 +177,7 @@ def _run(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI; returns the exit status (0 ok, 2 bad input)."""
     args = _build_parser().parse_args(argv)
-    for name in ("save_mask", "json"):  # output folders checked before any work
+    for name in ("save_mask", "json", "out"):  # output folders checked before any work
         path = getattr(args, name, None)
         if path is None:
             continue

@@ -78,11 +78,21 @@ class StreamingScorer(abc.ABC):
 
     # -- input ---------------------------------------------------------------
 
-    def _leaves(self, params: PyTree | str | os.PathLike[str]) -> Iterable[tuple[int, np.ndarray]]:
+    def _leaves(self, params: PyTree | str | os.PathLike[str],
+                names: Iterable[str] | None = None) -> Iterable[tuple[int, np.ndarray]]:
         """``(leaf index, float32 array)`` pairs, streamed from a folder or a pytree."""
         if _is_folder(params):
             reader = CheckpointReader(params)
-            names = reader.names()
+            if names is None:
+                names = reader.names()
+            else:
+                names = sorted(names)
+                missing = sorted(set(names) - set(reader.names()))
+                if missing:
+                    reader.close()
+                    raise AnalysisError(f"{os.fspath(params)}: no tensor {missing[0]}"
+                                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1
+                                           else ""))
             if self._names is None and self._treedef is None:
                 self._names = names
                 self._shapes = [reader.shape(n) for n in names]
@@ -99,10 +109,18 @@ class StreamingScorer(abc.ABC):
             raise AnalysisError("params structure differs from the first checkpoint")
         return ((i, np.asarray(x, np.float32)) for i, x in enumerate(leaves))
 
-    def update(self, params: PyTree | str | os.PathLike[str]) -> None:
-        """Feeds the next checkpoint of the trajectory (a pytree or a folder path)."""
+    def update(self, params: PyTree | str | os.PathLike[str], *,
+               names: Iterable[str] | None = None) -> None:
+        """Feeds the next checkpoint of the trajectory (a pytree or a folder path).
+
+        ``names`` (a folder only): read just these tensors, not every tensor of the folder
+        (e.g. only those a model has: a tied ``lm_head.weight`` or a ``rotary_emb`` buffer
+        one folder has and another lacks is then not compared); the same every call.
+        """
+        if names is not None and not _is_folder(params):
+            raise ValueError("names applies to checkpoint folders only")
         first = self.num_checkpoints == 0
-        for i, x in self._leaves(params):
+        for i, x in self._leaves(params, names):
             if x.shape != self._shapes[i]:
                 raise AnalysisError(f"tensor {self._leaf_name(i)}: shape {x.shape} differs "
                                     f"from {self._shapes[i]} in the first checkpoint")

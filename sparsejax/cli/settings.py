@@ -11,7 +11,7 @@ import dataclasses
 from sparsejax.config.fields import check_choice, check_fields, setting
 
 DTYPES = ("bfloat16", "float32")
-TASK_NAMES = ("gsm8k", "math")  # sparsejax.data.presets.TASKS (a test checks they agree)
+TASK_NAMES = ("gsm8k", "math", "arithmetic")  # sparsejax.data.presets.TASKS (a test checks they agree)
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 
 

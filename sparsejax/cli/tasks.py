@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 from sparsejax.cli.checks import check_jsonl
 from sparsejax.cli.settings import TASK_NAMES  # noqa: F401  (re-exported)
 
-TASK_TITLES = {"gsm8k": "GSM8K", "math": "MATH"}  # one per TASK_NAMES
+TASK_TITLES = {"gsm8k": "GSM8K", "math": "MATH", "arithmetic": "arithmetic"}  # one per TASK_NAMES
 # Where the demo model and task ship (found without importing sparsejax's modules).
 DEMO_DIR = os.path.join(importlib.util.find_spec("sparsejax").submodule_search_locations[0],
                         "demo")
@@ -78,7 +78,7 @@ def build_reward(specs: list[str]) -> Any:
 def data_sources(args: argparse.Namespace) -> dict[str, dict[str, Any] | None]:
     """``{"train": kwargs, "eval": kwargs or None}`` for :func:`load_prompt_dataset`."""
     from sparsejax.data.gsm8k import BOXED_INSTRUCTION
-    from sparsejax.data.presets import get_task
+    from sparsejax.data.presets import get_task, split_source
     preset = get_task(args.task) if args.task else None
     instruction = args.instruction
     if instruction is None:
@@ -90,8 +90,8 @@ def data_sources(args: argparse.Namespace) -> dict[str, dict[str, Any] | None]:
             if args.data_dir is not None:
                 source = os.path.join(args.data_dir, f"{'train' if which == 'train' else 'test'}"
                                                      ".jsonl")
-            else:
-                source, config = base.source, base.config
+            else:  # the hub id, or the cached file of a generated split
+                source, config = split_source(base), base.config
             split = split or base.split
         return {"source": source, "config": config,
                 "split": split or ("train" if which == "train" else "test"),

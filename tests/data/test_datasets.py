@@ -131,9 +131,10 @@ def test_hub_source_uses_config_and_split(monkeypatch):
 
 
 def test_presets():
-    assert set(TASKS) == {"gsm8k", "math"}
+    assert set(TASKS) == {"gsm8k", "math", "arithmetic"}
     assert get_task("math").reward == "math" and get_task("gsm8k").reward == "gsm8k"
-    with pytest.raises(ValueError, match="unknown task 'mth'.*gsm8k, math"):
+    assert get_task("arithmetic").reward == "gsm8k"
+    with pytest.raises(ValueError, match="unknown task 'mth'.*gsm8k, math, arithmetic"):
         get_task("mth")
 
 
