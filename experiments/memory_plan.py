@@ -26,6 +26,13 @@ context and allocator take their own share (the fit verdict keeps 5% headroom).
 The sparse weight gradient is planned with its XLA implementation (its bounded chunks
 are counted), not the CPU kernel.
 
+Mixture-of-experts presets (``Qwen3-30B-A3B``): on a GPU the experts run as
+``jax.lax.ragged_dot``, a native grouped matmul. XLA:CPU has none (it lowers ``ragged_dot``
+to a dense product over all experts, and the CPU path's tiled loop keeps one set of loop
+buffers per layer), so by default (``--moe-matmul standin``) the plan compiles a stand-in
+with ``ragged_dot``'s buffers on a GPU: the ``[rows, out]`` output, its ``[rows, in]``
+input gradient and a float32 ``[E, in, out]`` weight gradient, and no other temporaries.
+
 Example::
 
     python experiments/memory_plan.py --preset Llama-3.1-8B --sparsity 0.99 \\
@@ -92,6 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-sampler", action="store_true", help="skip the sampler plan")
     parser.add_argument("--sampler-only", action="store_true",
                         help="only the sampler plans (no training step; resident = params)")
+    parser.add_argument("--moe-matmul", default="standin", choices=["standin", "tiled"],
+                        help="how MoE layers' grouped matmuls are planned (module docstring)")
     parser.add_argument("--cpu-barrier-expansion", action="store_true",
                         help="keep XLA CPU's early removal of optimization barriers "
                              "(remat then saves nothing in the plan)")
@@ -127,6 +136,41 @@ def model_config(args):
     if args.num_layers is not None:
         changes["num_layers"] = args.num_layers
     return base.replace(**changes)
+
+
+def use_grouped_matmul_standin() -> None:
+    """Plans MoE layers' grouped matmuls with the buffers ``ragged_dot`` has on a GPU (see
+    the module docstring); the values are not the product's."""
+    import jax
+    import jax.numpy as jnp
+
+    from sparsejax.models import moe
+
+    @jax.custom_vjp
+    def standin(x, w, group_sizes):
+        return jnp.matmul(x, w[0], preferred_element_type=jnp.float32).astype(x.dtype)
+
+    def fwd(x, w, group_sizes):
+        return standin(x, w, group_sizes), (x, w)
+
+    def bwd(res, dy):
+        x, w = res
+        dw = jnp.zeros(w.shape, jnp.float32).at[0].set(
+            jnp.matmul(x.T, dy, preferred_element_type=jnp.float32))
+        return moe_dx(dy, w, None).astype(x.dtype), dw.astype(w.dtype), None
+
+    def moe_dx(dy, w, group_sizes, **_):
+        return jnp.matmul(dy, w[0].T, preferred_element_type=jnp.float32).astype(dy.dtype)
+
+    standin.defvjp(fwd, bwd)
+    original = moe.grouped_matmul
+
+    def grouped_matmul(x, w, group_sizes, **kwargs):
+        if hasattr(w, "grouped_rmatmul"):  # a sparse-backward weight: its own vjp
+            return original(x, w, group_sizes, **kwargs)
+        return standin(x, w, group_sizes)
+
+    moe.grouped_matmul, moe.grouped_matmul_dx = grouped_matmul, moe_dx
 
 
 def memory(compiled) -> dict[str, int]:
@@ -309,6 +353,8 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     config = model_config(args)
+    if config.num_experts and args.moe_matmul == "standin":
+        use_grouped_matmul_standin()
     graphdef, params = nnx.split(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))))
     try:
         grpo_cfg = GRPOConfig(max_new_tokens=args.completion_length,

@@ -18,9 +18,15 @@ never the ``[in, out]`` gradient. The same holds for
   coordinates (entry ``(r, c)`` of ``E`` is entry ``(c, r)`` of ``E^T``); both
   contributions add up in the cotangent of the one ``values`` leaf.
 
+* the stacked kernels ``W [E, in, out]`` of a mixture-of-experts layer, applied by a
+  grouped matmul to expert-sorted rows (:func:`sparsejax.models.moe.grouped_matmul`):
+  ``dvalues[j] = sum_{t in group e_j} x[t, a_j] * dy[t, b_j]`` at the active entries
+  ``(e_j, a_j, b_j)``, expert by expert (:class:`SparseExperts`; never ``[E, in, out]``).
+
 A tensor without active entries is a constant (no weight-gradient work at all). A
-masked tensor that is not a matrix (norm weights, biases) gets the dense gradient of
-its few entries, gathered at the mask: ``scatter(W, idx, values)`` is differentiated.
+masked tensor that is not a matrix or a stack of expert kernels (norm weights, biases)
+gets the dense gradient of its few entries, gathered at the mask: ``scatter(W, idx,
+values)`` is differentiated.
 
 Mechanism: :func:`attach` turns ``(params, mask, values)`` into the params the model
 sees, with each masked matrix replaced by a :class:`SparseWeight` pytree holding the
@@ -46,12 +52,13 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax import backends
+from sparsejax.models import moe
 from sparsejax.models.ops import dense_matmul, flat_tokens, gather_rows, is_low_precision, low_precision_dx
 from sparsejax.optim.sparse import gather_bits, scatter
 from sparsejax.parallel import sharding
 from sparsejax.types import PyTree
 
-__all__ = ["SparseWeight", "attach", "value_and_grad", "compressed_values", "use_sparse_grads",
+__all__ = ["SparseExperts", "SparseWeight", "attach", "value_and_grad", "compressed_values", "use_sparse_grads",
            "AUTO_MAX_DENSITY"]
 
 AUTO_MAX_DENSITY = {"cpu": 0.1, "cpu_xla": 0.01, "gpu": 0.01}
@@ -216,6 +223,135 @@ def _sparse_take_rows_bwd(res, dh):
 _sparse_take_rows.defvjp(_sparse_take_rows_fwd, _sparse_take_rows_bwd)
 
 
+# ----------------------------------------------------------------------------- experts
+
+
+@jax.tree_util.register_pytree_node_class
+class SparseExperts:
+    """A masked stack of expert kernels ``[E, in, out]`` seen by the model: its tensor
+    (already holding ``values``; no gradient flows into it), mask leaf and trainable
+    values. :func:`sparsejax.models.moe.grouped_matmul` calls :meth:`grouped_rmatmul`,
+    whose backward gives the gradient only at the active entries, expert by expert.
+    ``w[...]`` is ``w`` itself; any other use as an array raises."""
+
+    def __init__(self, weight, indices, values):
+        self.weight, self.indices, self.values = weight, indices, values
+
+    def tree_flatten(self):
+        return (self.weight, self.indices, self.values), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape)
+
+    @property
+    def dtype(self):
+        return self.weight.dtype
+
+    def __getitem__(self, key):
+        if key is Ellipsis:
+            return self
+        raise TypeError("a SparseExperts supports only w[...] (sparse_grads off for other uses)")
+
+    def __jax_array__(self):
+        raise TypeError("a SparseExperts reached an op other than "
+                        "sparsejax.models.moe.grouped_matmul; this model needs sparse_grads off")
+
+    def grouped_rmatmul(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
+        """``y[r] = x[r] @ w[g(r)]`` for expert-sorted rows (``group_sizes [E]``)."""
+        return _sparse_grouped(x, self.weight, self.indices, self.values, group_sizes)
+
+
+@jax.custom_vjp
+def _sparse_grouped(x, weight, indices, values, group_sizes):
+    return moe.grouped_matmul(x, weight, group_sizes)
+
+
+def _sparse_grouped_fwd(x, weight, indices, values, group_sizes):
+    y = _sparse_grouped(x, weight, indices, values, group_sizes)
+    return y, (x, weight, indices, values, group_sizes)
+
+
+def _sparse_grouped_bwd(res, dy):
+    x, weight, indices, values, group_sizes = res
+    dx = moe.grouped_matmul_dx(dy.astype(x.dtype), weight, group_sizes).astype(x.dtype)
+    dv = grouped_sampled_product(x, dy, group_sizes, indices.reshape(-1), weight.shape)
+    return dx, None, None, dv.reshape(values.shape).astype(values.dtype), None
+
+
+_sparse_grouped.defvjp(_sparse_grouped_fwd, _sparse_grouped_bwd)
+
+ROW_TILE = 256        # rows of one step of grouped_sampled_product
+ENTRY_CHUNK = 8192    # active entries of one step
+
+
+def grouped_sampled_product(x: jax.Array, dy: jax.Array, group_sizes: jax.Array,
+                            indices: jax.Array, shape: tuple[int, int, int]) -> jax.Array:
+    """``dv[j] = sum_{r in group e_j} x[r, a_j] * dy[r, b_j]`` (float32) for the sorted flat
+    indices ``indices [k]`` of entries ``(e_j, a_j, b_j)`` of a ``shape = (E, in, out)``
+    stack, rows of ``x [M, in]`` and ``dy [M, out]`` in consecutive groups of
+    ``group_sizes [E]`` rows.
+
+    Expert by expert, over blocks of ``ROW_TILE`` of its rows and ``ENTRY_CHUNK`` of its
+    entries (dynamic trip counts): about ``sum_e rows_e x entries_e`` products, the work
+    of the routed rows on the active entries only, with ``[ROW_TILE, ENTRY_CHUNK]``
+    temporaries. Both mask layouts qualify (their flat indices are sorted, so each
+    expert's entries are contiguous).
+    """
+    num_experts, ins, outs = (int(d) for d in shape)
+    rows, k = x.shape[0], indices.shape[0]
+    if k == 0:
+        return jnp.zeros((0,), jnp.float32)
+    if rows == 0:
+        return jnp.zeros((k,), jnp.float32)
+    tile, chunk = min(ROW_TILE, rows), min(ENTRY_CHUNK, k)
+    per = jnp.int32(ins * outs)
+    ends = jnp.cumsum(group_sizes).astype(jnp.int32)
+    starts = ends - group_sizes.astype(jnp.int32)
+    indices = indices.astype(jnp.int32)
+    bounds = jnp.searchsorted(indices, jnp.arange(num_experts + 1, dtype=jnp.int32) * per
+                              ).astype(jnp.int32)  # expert e's entries: [bounds[e], bounds[e+1])
+
+    # Blocks are windows moved back to end at the last row / entry (nothing is padded:
+    # a padded copy of x would be one more buffer per layer); each block uses only the
+    # rows / entries from its own start on.
+    def expert(e, dv):
+        r_hi, k_lo, k_hi = ends[e], bounds[e], bounds[e + 1]
+
+        def row_block(state):
+            r0, dv = state
+            rs = jnp.minimum(r0, rows - tile)
+            row = rs + jnp.arange(tile)
+            xt = jnp.where(((row >= r0) & (row < r_hi))[:, None], moe.take_slice(x, rs, tile), 0)
+            dyt = moe.take_slice(dy, rs, tile)
+
+            def entry_block(state):
+                k0, dv = state
+                ks = jnp.minimum(k0, k - chunk)
+                pos = ks + jnp.arange(chunk)
+                valid = (pos >= k0) & (pos < k_hi)
+                a, b = jnp.divmod(moe.take_slice(indices, ks, chunk) - e * per, jnp.int32(outs))
+                a, b = jnp.where(valid, a, 0), jnp.where(valid, b, 0)
+                part = jnp.einsum("rk,rk->k", xt[:, a], dyt[:, b],
+                                  preferred_element_type=jnp.float32)
+                old = jax.lax.dynamic_slice_in_dim(dv, ks, chunk)
+                return k0 + chunk, jax.lax.dynamic_update_slice_in_dim(
+                    dv, old + jnp.where(valid, part, 0.0), ks, 0)
+
+            _, dv = jax.lax.while_loop(lambda s: s[0] < k_hi, entry_block, (k_lo, dv))
+            return r0 + tile, dv
+
+        _, dv = jax.lax.while_loop(lambda s: (s[0] < r_hi) & (k_lo < k_hi), row_block,
+                                   (starts[e], dv))
+        return dv
+
+    return jax.lax.fori_loop(0, num_experts, expert, jnp.zeros((k,), jnp.float32))
+
+
 # ----------------------------------------------------------------------------- trees
 
 
@@ -230,6 +366,8 @@ def _attach_leaf(p, idx, v, backend, mesh):
         return p  # a constant: no weight-gradient work at all
     if p.ndim == 2:
         return SparseWeight(p, idx, v, False, backend, mesh)
+    if p.ndim == 3:  # a stack of expert kernels (the decoder's only 3-D params)
+        return SparseExperts(p, idx, v)
     # Small tensors (norm weights, biases): the dense gradient of the leaf, gathered.
     return scatter(p, idx, v.astype(p.dtype))
 

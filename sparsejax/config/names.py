@@ -18,7 +18,7 @@ DPO_F_DIVERGENCE_LOSS_TYPES: tuple[str, ...] = (  # built on the chosen-rejected
     "sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 KTO_LOSS_TYPES: tuple[str, ...] = ("kto", "apo_zero_unpaired")
 KTO_KL_LOSS_TYPES: tuple[str, ...] = ("kto",)  # estimate the KL reference point
-MODEL_TYPES: tuple[str, ...] = ("llama", "qwen2", "qwen3")
+MODEL_TYPES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "qwen3_moe")
 REMAT_POLICIES: tuple[str, ...] = ("none", "layer", "dots")
 BACKENDS: tuple[str, ...] = ("auto", "xla", "pallas", "interpret")
 MASK_STRATEGIES: tuple[str, ...] = ("per_tensor", "global", "row_balanced")

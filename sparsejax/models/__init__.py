@@ -1,9 +1,12 @@
-"""Flax NNX decoders for Llama 3.x, Qwen2/2.5 and Qwen3 with Hugging Face weight I/O.
+"""Flax NNX decoders for Llama 3.x, Qwen2/2.5 and Qwen3 (dense and MoE) with Hugging Face
+weight I/O.
 
 * :mod:`~sparsejax.models.config`: :class:`DecoderConfig`, :func:`from_hf_config`, presets
-  (numpy only: importing it does not import jax).
+  (numpy only: importing it does not import jax; the shapes are in
+  :mod:`~sparsejax.models.presets`).
 * :mod:`~sparsejax.models.ops`: the low-precision matmul and embedding lookup.
-* :mod:`~sparsejax.models.decoder`: the :class:`Decoder` module and pure :func:`apply`.
+* :mod:`~sparsejax.models.decoder`: the :class:`Decoder` module and pure :func:`apply`;
+  :mod:`~sparsejax.models.moe`: its routed-expert MLP.
 * :mod:`~sparsejax.models.hf_io`: :func:`load_hf` / :func:`save_hf` (safetensors only).
 * :mod:`~sparsejax.models.logprobs`: chunked token log-probs and entropies.
 """

@@ -1,4 +1,5 @@
-"""The decoder's configuration: one frozen dataclass for Llama 3.x, Qwen2/2.5 and Qwen3.
+"""The decoder's configuration: one frozen dataclass for Llama 3.x, Qwen2/2.5 and Qwen3
+(dense and mixture-of-experts).
 
 The config is kept apart from the module code (:mod:`sparsejax.models.decoder`) so
 that it can be built, compared, hashed (it is a static argument of jitted functions)
@@ -9,7 +10,8 @@ file, or a path to the model folder) in either the old layout (``rope_theta`` an
 ``rope_scaling`` at the top level, as on the Hub) or the transformers 5 layout
 (``rope_parameters``). :meth:`DecoderConfig.to_hf_config` writes the old layout,
 which transformers 4.x and 5.x both read. :data:`PRESETS` holds the exact shapes of
-the public Qwen2.5, Qwen3 (dense) and Llama 3.x checkpoints.
+the public Qwen2.5, Qwen3 (dense and MoE) and Llama 3.x checkpoints (defined in
+:mod:`sparsejax.models.presets`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 
 from sparsejax.config import names
 from sparsejax.config.names import MODEL_TYPES
+from sparsejax.models.presets import PRESET_FIELDS
 
 SUPPORTED_MODEL_TYPES = MODEL_TYPES
 DTYPES = ("float32", "bfloat16", "float16")
@@ -54,8 +57,9 @@ class DecoderConfig:
     """Shapes and numerics of a Llama 3.x / Qwen2 / Qwen3 decoder-only transformer.
 
     Attributes:
-        model_type: ``"llama"``, ``"qwen2"`` or ``"qwen3"`` (what ``config.json`` names
-            it; used to write the config back and as ``qk_norm``'s default).
+        model_type: ``"llama"``, ``"qwen2"``, ``"qwen3"`` or ``"qwen3_moe"`` (what
+            ``config.json`` names it; used to write the config back and as ``qk_norm``'s
+            default).
         vocab_size, hidden_size, intermediate_size, num_layers: the usual shapes.
         num_heads: query heads; ``num_kv_heads`` key/value heads (GQA when fewer;
             ``num_heads`` must be a multiple of ``num_kv_heads``).
@@ -67,7 +71,7 @@ class DecoderConfig:
         qkv_bias / o_bias / mlp_bias: which projections carry a bias (Qwen2: q, k, v).
         qk_norm: an RMSNorm (weight of size ``head_dim``, epsilon ``rms_norm_eps``) on
             each query and key head before RoPE (Qwen3's ``q_norm`` / ``k_norm``);
-            None (the default) means ``model_type == "qwen3"``.
+            None (the default) means a Qwen3 model (``qwen3`` or ``qwen3_moe``).
         max_position_embeddings: the context length the checkpoint advertises.
         bos_token_id, eos_token_ids, pad_token_id: special tokens from the config
             (``eos_token_ids`` is a tuple; Llama 3 Instruct has several).
@@ -86,6 +90,18 @@ class DecoderConfig:
             ``"dots"`` also keeps the outputs of the matmuls without batch dimensions
             (the projections: less recompute, more memory); ``"none"`` keeps
             everything. Only affects gradients, never values.
+        num_experts: routed experts of each mixture-of-experts layer (``qwen3_moe``
+            only); 0 (the default, every dense model) means no MoE layer. The MoE fields
+            below are ignored without experts.
+        num_experts_per_tok: experts each token is routed to (top-k of the router).
+        moe_intermediate_size: hidden size of each expert's SwiGLU MLP (the dense
+            layers of a MoE model use ``intermediate_size``).
+        norm_topk_prob: renormalise the top-k routing probabilities to sum to 1.
+        decoder_sparse_step: layer ``i`` is a MoE layer iff ``(i + 1) %
+            decoder_sparse_step == 0`` and ``i`` is not in ``mlp_only_layers``.
+        mlp_only_layers: indices of layers that keep a dense MLP (sorted, unique).
+        router_aux_loss_coef: weight of the load-balancing loss in a training loss
+            (:func:`sparsejax.models.moe.load_balancing_loss`); written to ``config.json``.
     """
 
     model_type: str = "llama"
@@ -112,13 +128,21 @@ class DecoderConfig:
     attention_impl: str = "auto"
     attention_chunk_size: int = 512
     remat: str = "layer"
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    router_aux_loss_coef: float = 0.001
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type {self.model_type!r} is not one of "
                              f"{SUPPORTED_MODEL_TYPES}")
         if self.qk_norm is None:
-            object.__setattr__(self, "qk_norm", self.model_type == "qwen3")
+            object.__setattr__(self, "qk_norm", self.model_type in _QWEN3)
+        self._check_moe()
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
                              f"num_kv_heads={self.num_kv_heads}")
@@ -134,6 +158,46 @@ class DecoderConfig:
                              f"{self.attention_chunk_size}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat {self.remat!r} not in {REMAT_POLICIES}")
+
+    def _check_moe(self) -> None:
+        """Validates (and normalises ``mlp_only_layers`` of) the mixture-of-experts fields."""
+        layers = self.mlp_only_layers
+        if isinstance(layers, (str, bytes)) or not all(
+                isinstance(i, (int, np.integer)) and not isinstance(i, bool)
+                for i in (layers if isinstance(layers, (list, tuple)) else [None])):
+            raise ValueError(f"mlp_only_layers must be a sequence of layer indices, got "
+                             f"{layers!r}")
+        object.__setattr__(self, "mlp_only_layers", tuple(sorted({int(i) for i in layers})))
+        if self.num_experts < 0:
+            raise ValueError(f"num_experts must be >= 0, got {self.num_experts}")
+        if self.num_experts and self.model_type != "qwen3_moe":
+            raise ValueError(f"num_experts={self.num_experts}: only model_type 'qwen3_moe' "
+                             f"has experts, not {self.model_type!r}")
+        if self.decoder_sparse_step < 1:
+            raise ValueError(f"decoder_sparse_step must be >= 1, got "
+                             f"{self.decoder_sparse_step}")
+        bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"mlp_only_layers {bad} are not layers of a "
+                             f"{self.num_layers}-layer model")
+        if not self.num_experts:
+            return
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok must be in [1, num_experts="
+                             f"{self.num_experts}], got {self.num_experts_per_tok}")
+        if self.moe_intermediate_size < 1:
+            raise ValueError(f"moe_intermediate_size must be >= 1 with experts, got "
+                             f"{self.moe_intermediate_size}")
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether layer ``i`` routes tokens to experts (else it has a dense MLP)."""
+        return (self.num_experts > 0 and i not in self.mlp_only_layers
+                and (i + 1) % self.decoder_sparse_step == 0)
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        """Indices of the mixture-of-experts layers (empty for a dense model)."""
+        return tuple(i for i in range(self.num_layers) if self.is_moe_layer(i))
 
     def replace(self, **changes: Any) -> DecoderConfig:
         """A copy with some fields changed (e.g. ``param_dtype="bfloat16"``)."""
@@ -159,9 +223,18 @@ class DecoderConfig:
         mlp = 3 * h * self.intermediate_size
         if self.mlp_bias:
             mlp += 2 * self.intermediate_size + h
-        layer = attn + mlp + 2 * h
+        moe = self.num_experts * (h + 3 * h * self.moe_intermediate_size)  # router, experts
+        n_moe = len(self.moe_layers)
+        layers = self.num_layers * (attn + 2 * h) + n_moe * moe + (self.num_layers - n_moe) * mlp
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
-        return self.vocab_size * h + self.num_layers * layer + h + head
+        return self.vocab_size * h + layers + h + head
+
+    def num_active_params(self) -> int:
+        """Parameters one token uses: :meth:`num_params` with only ``num_experts_per_tok``
+        experts per MoE layer (the router counted whole); :meth:`num_params` if dense."""
+        unused = self.num_experts - self.num_experts_per_tok
+        return self.num_params() - len(self.moe_layers) * unused * (
+            3 * self.hidden_size * self.moe_intermediate_size)
 
     def inv_frequencies(self) -> np.ndarray:
         """RoPE inverse frequencies, shape ``(head_dim // 2,)`` float32, scaling applied."""
@@ -186,7 +259,7 @@ class DecoderConfig:
     def to_hf_config(self) -> dict[str, Any]:
         """This config as a Hugging Face ``config.json`` dict that transformers loads."""
         eos = list(self.eos_token_ids)
-        if self.qk_norm != (self.model_type == "qwen3"):
+        if self.qk_norm != (self.model_type in _QWEN3):
             raise ValueError(f"{self.model_type}: qk_norm={self.qk_norm}, but only Qwen3 "
                              "has (and always has) q/k norms")
         cfg: dict[str, Any] = {
@@ -217,7 +290,7 @@ class DecoderConfig:
                 raise ValueError("Llama's attention_bias covers q, k, v and o together")
             cfg["attention_bias"] = self.qkv_bias
             cfg["mlp_bias"] = self.mlp_bias
-        elif self.model_type == "qwen3":
+        elif self.model_type in _QWEN3:
             if self.qkv_bias != self.o_bias or self.mlp_bias:
                 raise ValueError("Qwen3's attention_bias covers q, k, v and o together; "
                                  "its MLP has no bias")
@@ -225,6 +298,15 @@ class DecoderConfig:
             cfg["use_sliding_window"] = False
             cfg["sliding_window"] = None
             cfg["max_window_layers"] = self.num_layers
+            if self.model_type == "qwen3_moe":
+                cfg.update(num_experts=self.num_experts,
+                           num_experts_per_tok=self.num_experts_per_tok,
+                           moe_intermediate_size=self.moe_intermediate_size,
+                           norm_topk_prob=self.norm_topk_prob,
+                           decoder_sparse_step=self.decoder_sparse_step,
+                           mlp_only_layers=list(self.mlp_only_layers),
+                           router_aux_loss_coef=self.router_aux_loss_coef,
+                           output_router_logits=False)
         else:
             if not self.qkv_bias or self.o_bias or self.mlp_bias:
                 raise ValueError("Qwen2 has biases on q, k, v only")
@@ -235,7 +317,8 @@ class DecoderConfig:
 
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                  "qwen3": "Qwen3ForCausalLM"}
+                  "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+_QWEN3 = ("qwen3", "qwen3_moe")  # q/k norms, attention_bias on q, k, v and o
 
 
 def _rope_params(cfg: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
@@ -323,7 +406,7 @@ def from_hf_config(source: Mapping[str, Any] | str | os.PathLike, *,
         raise NotImplementedError(f"hidden_act {cfg['hidden_act']!r} is not supported")
     if model_type == "qwen2" and cfg.get("use_sliding_window", False):
         raise NotImplementedError("Qwen2 sliding-window attention is not supported")
-    if model_type == "qwen3" and (cfg.get("use_sliding_window", False) or any(
+    if model_type in _QWEN3 and (cfg.get("use_sliding_window", False) or any(
             t != "full_attention" for t in cfg.get("layer_types") or ())):
         raise NotImplementedError("Qwen3 sliding-window attention is not supported "
                                   "(use_sliding_window / layer_types)")
@@ -337,7 +420,7 @@ def from_hf_config(source: Mapping[str, Any] | str | os.PathLike, *,
                                      ([] if eos is None else [eos])))
     if model_type == "qwen2":
         qkv_bias, o_bias, mlp_bias = True, False, False
-    elif model_type == "qwen3":  # attention_bias covers o too; the MLP never has a bias
+    elif model_type in _QWEN3:  # attention_bias covers o too; the MLP never has a bias
         qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
         mlp_bias = False
     else:
@@ -361,66 +444,45 @@ def from_hf_config(source: Mapping[str, Any] | str | os.PathLike, *,
         qkv_bias=qkv_bias,
         o_bias=o_bias,
         mlp_bias=mlp_bias,
-        qk_norm=model_type == "qwen3",
+        qk_norm=model_type in _QWEN3,
         max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=eos_ids,
         pad_token_id=cfg.get("pad_token_id"),
         param_dtype=param_dtype,
         attention_impl=attention_impl,
+        **(_moe_fields(cfg, where) if model_type == "qwen3_moe" else {}),
     )
 
 
-_LLAMA32_SCALING = RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                               original_max_position_embeddings=8192)
-_LLAMA31_SCALING = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                               original_max_position_embeddings=8192)
+def _moe_fields(cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The MoE fields of a ``qwen3_moe`` config, with transformers' defaults. The Hub
+    names the expert count ``num_experts``; transformers 5 writes ``num_local_experts``."""
+    experts = cfg.get("num_experts", cfg.get("num_local_experts", 128))
+    fields = {"num_experts": experts, "num_experts_per_tok": cfg.get("num_experts_per_tok", 8),
+              "moe_intermediate_size": cfg.get("moe_intermediate_size", 768),
+              "decoder_sparse_step": cfg.get("decoder_sparse_step", 1)}
+    for k, v in fields.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"{where}: field {k} must be a non-negative integer, got {v!r}")
+    layers = cfg.get("mlp_only_layers") or []
+    if not isinstance(layers, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        raise ValueError(f"{where}: field mlp_only_layers must be a list of layer indices, "
+                         f"got {layers!r}")
+    return {**fields, "norm_topk_prob": bool(cfg.get("norm_topk_prob", False)),
+            "mlp_only_layers": tuple(layers),
+            "router_aux_loss_coef": float(cfg.get("router_aux_loss_coef", 0.001))}
 
 
-def _qwen25(hidden, inter, layers, heads, kv, vocab, tie, max_pos) -> DecoderConfig:
-    return DecoderConfig(
-        model_type="qwen2", vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
-        num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=hidden // heads,
-        rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=tie, qkv_bias=True,
-        max_position_embeddings=max_pos, bos_token_id=151643, eos_token_ids=(151643,),
-        param_dtype="bfloat16")
+def _preset_config(fields: Mapping[str, Any]) -> DecoderConfig:
+    scaling = fields.get("rope_scaling")
+    return DecoderConfig(**{**fields, "rope_scaling": None if scaling is None
+                            else RopeScaling(**scaling)})
 
 
-def _qwen3(hidden, inter, layers, heads, kv, tie) -> DecoderConfig:
-    return DecoderConfig(
-        model_type="qwen3", vocab_size=151936, hidden_size=hidden, intermediate_size=inter,
-        num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=128,
-        rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=tie, qk_norm=True,
-        max_position_embeddings=40960, bos_token_id=151643, eos_token_ids=(151645,),
-        param_dtype="bfloat16")
-
-
-def _llama3(hidden, inter, layers, heads, kv, tie, scaling) -> DecoderConfig:
-    return DecoderConfig(
-        model_type="llama", vocab_size=128256, hidden_size=hidden, intermediate_size=inter,
-        num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=hidden // heads,
-        rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=scaling,
-        tie_word_embeddings=tie, max_position_embeddings=131072, bos_token_id=128000,
-        eos_token_ids=(128001,), param_dtype="bfloat16")
-
-
-#: Shapes of the public base checkpoints (from their ``config.json`` on the Hub), with
-#: bfloat16 parameters. Instruct variants share the shapes (their eos differs:
-#: Qwen2.5-Instruct ``<|im_end|>`` = 151645, Llama 3 Instruct also 128008/128009).
-#: The Qwen3 presets are the released (post-trained) Qwen3 models, eos ``<|im_end|>``;
-#: the ``-Base`` checkpoints share the shapes with eos ``<|endoftext|>`` = 151643.
-PRESETS: dict[str, DecoderConfig] = {
-    "Qwen2.5-0.5B": _qwen25(896, 4864, 24, 14, 2, 151936, True, 32768),
-    "Qwen2.5-1.5B": _qwen25(1536, 8960, 28, 12, 2, 151936, True, 131072),
-    "Qwen2.5-7B": _qwen25(3584, 18944, 28, 28, 4, 152064, False, 131072),
-    "Qwen3-0.6B": _qwen3(1024, 3072, 28, 16, 8, True),
-    "Qwen3-1.7B": _qwen3(2048, 6144, 28, 16, 8, True),
-    "Qwen3-4B": _qwen3(2560, 9728, 36, 32, 8, True),
-    "Qwen3-8B": _qwen3(4096, 12288, 36, 32, 8, False),
-    "Llama-3.2-1B": _llama3(2048, 8192, 16, 32, 8, True, _LLAMA32_SCALING),
-    "Llama-3.2-3B": _llama3(3072, 8192, 28, 24, 8, True, _LLAMA32_SCALING),
-    "Llama-3.1-8B": _llama3(4096, 14336, 32, 32, 8, False, _LLAMA31_SCALING),
-}
+#: The public checkpoints' shapes (:data:`sparsejax.models.presets.PRESET_FIELDS`).
+PRESETS: dict[str, DecoderConfig] = {name: _preset_config(f) for name, f in PRESET_FIELDS.items()}
 
 
 def preset(name: str, **changes: Any) -> DecoderConfig:

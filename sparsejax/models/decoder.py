@@ -1,4 +1,4 @@
-"""One Flax NNX decoder for Llama 3.x, Qwen2/Qwen2.5 and Qwen3 (dense).
+"""One Flax NNX decoder for Llama 3.x, Qwen2/Qwen2.5 and Qwen3 (dense and MoE).
 
 The families differ only in configuration (:class:`DecoderConfig`): Qwen2 has
 biases on the q/k/v projections, Qwen3 RMS-normalizes each query and key head before
@@ -13,12 +13,17 @@ pre-norm transformer::
     logits = rms(h) @ (embed.T if tied else lm_head)
 
 (with ``qk_norm``, ``rope(q_norm(q_proj(...)))`` and ``rope(k_norm(k_proj(...)))`` per head).
+In a mixture-of-experts model (``qwen3_moe``) the MLP of each MoE layer
+(:meth:`DecoderConfig.is_moe_layer`) is the routed-expert block of
+:mod:`sparsejax.models.moe`; the other layers keep the dense MLP.
 
 Layout: every kernel is a 2-D ``(in, out)`` matrix (the transpose of the HF
 ``nn.Linear`` weight), so each parameter corresponds to exactly one HF tensor and the
-sparse-mask tools see the same matrices that HF checkpoints hold. The params are the
-ordinary pytree ``nnx.split(model)[1]``; :func:`apply` and :func:`hidden_states` are
-pure functions of ``(graphdef, params, ...)`` for ``jax.grad`` and ``jax.jit``.
+sparse-mask tools see the same matrices that HF checkpoints hold; the experts' kernels
+are stacked ``[E, in, out]``, slice ``e`` being expert ``e``'s HF tensor transposed. The
+params are the ordinary pytree ``nnx.split(model)[1]``; :func:`apply` and
+:func:`hidden_states` are pure functions of ``(graphdef, params, ...)`` for ``jax.grad``
+and ``jax.jit``.
 
 Numerics: parameters and activations use ``config.param_dtype``; RMSNorm statistics,
 RoPE, attention softmax and the output logits are float32.
@@ -41,6 +46,7 @@ from flax import nnx
 from sparsejax.models import ops
 from sparsejax.models.attention import chunked_attention
 from sparsejax.models.config import DecoderConfig
+from sparsejax.models.moe import MoE
 
 
 class LayerCache(NamedTuple):
@@ -214,18 +220,27 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """One pre-norm transformer layer."""
+    """One pre-norm transformer layer (layer ``index``: a MoE layer or a dense one)."""
 
-    def __init__(self, config: DecoderConfig, rngs: nnx.Rngs):
+    def __init__(self, config: DecoderConfig, rngs: nnx.Rngs, index: int = 0):
         self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
         self.attn = Attention(config, rngs)
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
-        self.mlp = MLP(config, rngs)
+        self.mlp = MoE(config, rngs) if config.is_moe_layer(index) else MLP(config, rngs)
 
     def __call__(self, x, cos, sin, mask, cache, cache_index):
         a, cache = self.attn(self.input_norm(x), cos, sin, mask, cache, cache_index)
         x = x + a
         return x + self.mlp(self.post_attn_norm(x)), cache
+
+    def with_router_logits(self, x, cos, sin, mask):
+        """``(output, router_logits)`` without a cache; the logits ``[tokens, E]`` of a MoE
+        layer's router, None for a dense layer."""
+        x = x + self.attn(self.input_norm(x), cos, sin, mask, None, 0)[0]
+        if not isinstance(self.mlp, MoE):
+            return x + self.mlp(self.post_attn_norm(x)), None
+        y, logits = self.mlp.with_router_logits(self.post_attn_norm(x))
+        return x + y, logits
 
 
 _REMAT_POLICIES = {
@@ -234,8 +249,9 @@ _REMAT_POLICIES = {
 }
 
 
-def _remat_layer(layer: Block, remat: str, x, cos, sin, mask) -> jax.Array:
-    """``layer(x)`` (no cache) whose backward pass recomputes the layer's activations.
+def _remat_layer(layer: Block, remat: str, x, cos, sin, mask, router_logits: bool = False):
+    """``layer(x)`` (no cache) whose backward pass recomputes the layer's activations
+    (with ``router_logits``: ``layer.with_router_logits(x)``, a pair).
 
     The forward pass keeps only what ``jax.checkpoint``'s policy ``remat`` saves (for
     ``"layer"``: the layer's inputs). The backward pass ties those residuals to the
@@ -252,7 +268,10 @@ def _remat_layer(layer: Block, remat: str, x, cos, sin, mask) -> jax.Array:
     graphdef, state = nnx.split(layer)
 
     def run(state, x, cos, sin, mask):
-        return nnx.merge(graphdef, state)(x, cos, sin, mask, None, 0)[0]
+        block = nnx.merge(graphdef, state)
+        if router_logits:
+            return block.with_router_logits(x, cos, sin, mask)
+        return block(x, cos, sin, mask, None, 0)[0]
 
     @jax.custom_vjp
     def call(state, x, cos, sin, mask):
@@ -306,7 +325,7 @@ def cached_mask(kv_valid: jax.Array, cache_index, num_new: int) -> jax.Array:
 
 
 class Decoder(nnx.Module):
-    """A Llama 3.x / Qwen2 / Qwen3 causal language model.
+    """A Llama 3.x / Qwen2 / Qwen3 / Qwen3-MoE causal language model.
 
     ``Decoder(config, rngs=nnx.Rngs(0))`` builds random weights (normal, std 0.02;
     norms 1; biases 0); :func:`sparsejax.models.load_hf` fills them from a checkpoint.
@@ -316,7 +335,7 @@ class Decoder(nnx.Module):
         self.config = config
         dt = config.dtype
         self.embed = nnx.Param(_normal(rngs, (config.vocab_size, config.hidden_size), dt))
-        self.layers = nnx.List([Block(config, rngs) for _ in range(config.num_layers)])
+        self.layers = nnx.List([Block(config, rngs, i) for i in range(config.num_layers)])
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dt)
         self.lm_head = (None if config.tie_word_embeddings else
                         nnx.Param(_normal(rngs, (config.hidden_size, config.vocab_size), dt)))
@@ -347,6 +366,24 @@ class Decoder(nnx.Module):
                              cache_index)
             new_cache.append(c)
         return self.final_norm(x), (None if cache is None else tuple(new_cache))
+
+    def hidden_and_router_logits(self, tokens: jax.Array, positions: jax.Array,
+                                 mask: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        """Final-normed hidden states (as :meth:`hidden` without a cache) and the router
+        logits ``[B * T, E]`` of each MoE layer, in layer order (empty for a dense model);
+        differentiable, for :func:`sparsejax.models.moe.load_balancing_loss`."""
+        x = ops.take_rows(self.embed[...], tokens)
+        cos, sin = rope_cos_sin(self.config, positions)
+        routers = []
+        for layer in self.layers:
+            if self.config.remat != "none":
+                x, logits = _remat_layer(layer, self.config.remat, x, cos, sin, mask,
+                                         router_logits=True)
+            else:
+                x, logits = layer.with_router_logits(x, cos, sin, mask)
+            if logits is not None:
+                routers.append(logits)
+        return self.final_norm(x), tuple(routers)
 
     def output_matrix(self) -> jax.Array:
         """The ``[hidden, vocab]`` output projection (the embedding's
@@ -403,6 +440,20 @@ def apply(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array,
     ``graphdef, params = nnx.split(model)``.
     """
     return nnx.merge(graphdef, params)(tokens, attention_mask)
+
+
+def apply_with_router_logits(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array,
+                             attention_mask: jax.Array | None = None
+                             ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """:func:`apply` that also returns each MoE layer's router logits ``[B * T, E]``
+    (transformers' ``output_router_logits=True``); the load-balancing loss is
+    ``moe.load_balancing_loss(router_logits, config.num_experts_per_tok, attention_mask)``."""
+    if attention_mask is None:
+        attention_mask = jnp.ones(tokens.shape, jnp.int32)
+    model = nnx.merge(graphdef, params)
+    h, routers = model.hidden_and_router_logits(
+        tokens, positions_from_mask(attention_mask), causal_padding_mask(attention_mask))
+    return model.logits(h), routers
 
 
 def hidden_states(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array,

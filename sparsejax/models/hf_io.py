@@ -5,8 +5,10 @@ Loading reads safetensors only (one file, or shards listed in
 each parameter is read straight into its final placement (an optional sharding), so
 with a sharding only the slices a device owns are read. No pickle is ever loaded and
 no remote code is ever run. Every HF tensor name is mapped to a parameter path by ONE
-table, :data:`WEIGHT_RULES`; saving uses the same table in reverse and writes a folder
-that ``transformers`` ``from_pretrained`` loads.
+table, :data:`WEIGHT_RULES` (:mod:`sparsejax.models.hf_names`); saving uses the same
+table in reverse and writes a folder that ``transformers`` ``from_pretrained`` loads.
+A mixture-of-experts layer's stacked ``[E, in, out]`` expert kernels are read from and
+written as the Hub's per-expert tensors (``mlp.experts.{e}.gate_proj.weight`` ...).
 
 Guarantees:
     * a checkpoint loads only if every parameter is found with the right shape and no
@@ -18,7 +20,6 @@ Guarantees:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -34,6 +35,15 @@ from safetensors.numpy import save_file
 
 from sparsejax.models.config import DecoderConfig, from_hf_config
 from sparsejax.models.decoder import Decoder
+from sparsejax.models.hf_names import (  # noqa: F401  (the table is part of this module's API)
+    _REDUNDANT,
+    FIELDS,
+    WEIGHT_RULES,
+    WeightRule,
+    hf_to_param,
+    hf_to_param_slice,
+    param_to_hf,
+)
 from sparsejax.parallel import sharding
 
 if TYPE_CHECKING:
@@ -43,87 +53,6 @@ from sparsejax.types import PyTree
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
-
-#: Named fields usable in :data:`WEIGHT_RULES` patterns, with the regex each matches.
-FIELDS = {
-    "i": r"\d+",
-    "attn": r"q_proj|k_proj|v_proj|o_proj",
-    "qk_norm": r"q_norm|k_norm",
-    "mlp": r"gate_proj|up_proj|down_proj",
-    "kind": r"weight|bias",
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class WeightRule:
-    """One row of the name table: HF tensor name <-> parameter path.
-
-    ``hf`` and ``param`` are patterns in which ``{field}`` stands for the regex of
-    :data:`FIELDS` (the same fields on both sides); everything else is literal. The
-    parameter is the HF tensor transposed when ``transpose`` (and, for a ``kind``
-    field, only when it is a ``weight``: biases are vectors).
-    """
-
-    hf: str
-    param: str
-    transpose: bool = False
-
-    def hf_regex(self) -> re.Pattern:
-        return _compile(self.hf)
-
-    def param_regex(self) -> re.Pattern:
-        return _compile(self.param)
-
-
-def _compile(pattern: str) -> re.Pattern:
-    parts = re.split(r"\{(\w+)\}", pattern)
-    regex = "".join(re.escape(p) if n % 2 == 0 else f"(?P<{p}>{FIELDS[p]})"
-                    for n, p in enumerate(parts))
-    return re.compile(regex + r"\Z")
-
-
-#: The single name table. Params are 2-D ``(in, out)`` kernels where HF stores
-#: ``(out, in)`` ``nn.Linear`` weights, hence the transposes.
-WEIGHT_RULES: tuple[WeightRule, ...] = (
-    WeightRule("model.embed_tokens.weight", "embed"),
-    WeightRule("lm_head.weight", "lm_head", transpose=True),
-    WeightRule("model.norm.weight", "final_norm.weight"),
-    WeightRule("model.layers.{i}.input_layernorm.weight", "layers.{i}.input_norm.weight"),
-    WeightRule("model.layers.{i}.post_attention_layernorm.weight",
-               "layers.{i}.post_attn_norm.weight"),
-    WeightRule("model.layers.{i}.self_attn.{attn}.weight", "layers.{i}.attn.{attn}.kernel",
-               transpose=True),
-    WeightRule("model.layers.{i}.self_attn.{attn}.bias", "layers.{i}.attn.{attn}.bias"),
-    WeightRule("model.layers.{i}.self_attn.{qk_norm}.weight",
-               "layers.{i}.attn.{qk_norm}.weight"),
-    WeightRule("model.layers.{i}.mlp.{mlp}.weight", "layers.{i}.mlp.{mlp}.kernel",
-               transpose=True),
-    WeightRule("model.layers.{i}.mlp.{mlp}.bias", "layers.{i}.mlp.{mlp}.bias"),
-)
-
-#: HF tensors that carry no information for this model and are skipped on load.
-_REDUNDANT = re.compile(r".*\.rotary_emb\.inv_freq\Z")
-
-_COMPILED = tuple((r, r.hf_regex(), r.param_regex()) for r in WEIGHT_RULES)
-
-
-def hf_to_param(name: str) -> tuple[str, bool] | None:
-    """``(param_path, transpose)`` for a HF tensor name, or None if no rule matches."""
-    for rule, hf_re, _ in _COMPILED:
-        m = hf_re.match(name)
-        if m:
-            return rule.param.format(**m.groupdict()), rule.transpose
-    return None
-
-
-def param_to_hf(path: str) -> tuple[str, bool]:
-    """``(hf_name, transpose)`` for a parameter path; raises KeyError if none matches."""
-    for rule, _, param_re in _COMPILED:
-        m = param_re.match(path)
-        if m:
-            return rule.hf.format(**m.groupdict()), rule.transpose
-    raise KeyError(f"no HF name for parameter {path!r}")
-
 
 class WeightLoadError(ValueError):
     """A checkpoint does not fit the model; the message names every offending tensor."""
@@ -249,6 +178,20 @@ def _read_fn(slice_obj, transpose: bool, dtype) -> Callable[[Any], np.ndarray]:
     return read
 
 
+def _stacked_read_fn(experts: list[Callable[[Any], np.ndarray]]
+                     ) -> Callable[[Any], np.ndarray]:
+    """A reader of one index of a stacked ``[E, ...]`` parameter from its experts' readers
+    (axis 0 of the index picks the experts; only their requested slices are read)."""
+
+    def read(index=None) -> np.ndarray:
+        if index is None:
+            return np.stack([r() for r in experts])
+        idx = tuple(index)
+        return np.stack([experts[e](idx[1:]) for e in range(len(experts))[idx[0]]])
+
+    return read
+
+
 def load_hf_params(source: str | os.PathLike, config: DecoderConfig, *,
                    sharding: ShardingSpec = None, strict: bool = True,
                    revision: str | None = None) -> tuple[nnx.GraphDef, nnx.State]:
@@ -280,13 +223,15 @@ def load_hf_params(source: str | os.PathLike, config: DecoderConfig, *,
         except Exception as e:  # safetensors' own errors
             raise WeightLoadError(f"{file} is not a readable safetensors file "
                                   f"({str(e).splitlines()[0]})") from None
-    found: dict[str, tuple[Any, bool, str]] = {}
+    # path -> (slice, transpose, name); a stacked path -> {expert: (slice, transpose, name)}
+    found: dict[str, Any] = {}
     misshaped: set[str] = set()
     problems: list[str] = []
     for handle in handles:
         for name in handle.keys():
-            mapped = hf_to_param(name)
-            if mapped is None or mapped[0] not in expected:
+            mapped = hf_to_param_slice(name)
+            if mapped is None or mapped[0] not in expected or (
+                    mapped[2] is not None and mapped[2] >= expected[mapped[0]].shape[0]):
                 if _REDUNDANT.match(name) or (name == "lm_head.weight"
                                               and config.tie_word_embeddings):
                     continue
@@ -294,7 +239,7 @@ def load_hf_params(source: str | os.PathLike, config: DecoderConfig, *,
                     problems.append(f"unexpected tensor {name!r} (no parameter of this "
                                     "model corresponds to it)")
                 continue
-            path, transpose = mapped
+            path, transpose, expert = mapped
             sl = handle.get_slice(name)
             if not _is_float_dtype(sl.get_dtype()):
                 problems.append(f"tensor {name!r} holds {sl.get_dtype()} values; a weight "
@@ -302,7 +247,7 @@ def load_hf_params(source: str | os.PathLike, config: DecoderConfig, *,
                 misshaped.add(path)
                 continue
             shape = tuple(sl.get_shape())
-            want = tuple(expected[path].shape)
+            want = tuple(expected[path].shape)[0 if expert is None else 1:]
             got = tuple(reversed(shape)) if transpose else shape
             if got != want:
                 want_hf = tuple(reversed(want)) if transpose else want
@@ -310,18 +255,32 @@ def load_hf_params(source: str | os.PathLike, config: DecoderConfig, *,
                                 f"(parameter {path!r})")
                 misshaped.add(path)
                 continue
-            found[path] = (sl, transpose, name)
-    for path in expected:
-        if path not in found and path not in misshaped:
-            problems.append(f"missing tensor {param_to_hf(path)[0]!r} (parameter {path!r})")
+            if expert is None:
+                found[path] = (sl, transpose, name)
+            else:
+                found.setdefault(path, {})[expert] = (sl, transpose, name)
+    for path, var in expected.items():
+        if path in misshaped:
+            continue
+        hf_name = param_to_hf(path)[0]
+        if "{e}" not in hf_name:
+            if path not in found:
+                problems.append(f"missing tensor {hf_name!r} (parameter {path!r})")
+            continue
+        problems += [f"missing tensor {hf_name.format(e=e)!r} (parameter {path!r}, expert {e})"
+                     for e in range(var.shape[0]) if e not in found.get(path, {})]
     if problems:
         raise WeightLoadError(f"checkpoint {folder!r} does not fit the model:\n  "
                               + "\n  ".join(problems))
 
     for path, var in nnx.to_flat_state(abstract):
         key = ".".join(map(str, path))
-        sl, transpose, _ = found[key]
-        read = _read_fn(sl, transpose, dtype)
+        if isinstance(found[key], dict):
+            read = _stacked_read_fn([_read_fn(sl, transpose, dtype) for sl, transpose, _ in (
+                found[key][e] for e in range(var.shape[0]))])
+        else:
+            sl, transpose, _ = found[key]
+            read = _read_fn(sl, transpose, dtype)
         target = place(key)
         if target is None:
             arr = jnp.asarray(read())
@@ -335,7 +294,8 @@ def load_hf(source: str | os.PathLike, *, config: DecoderConfig | None = None,
             param_dtype: str = "float32", attention_impl: str = "auto",
             sharding: ShardingSpec = None, strict: bool = True,
             revision: str | None = None) -> Decoder:
-    """A :class:`Decoder` with the weights of a HF Llama 3.x / Qwen2 / Qwen3 checkpoint.
+    """A :class:`Decoder` with the weights of a HF Llama 3.x / Qwen2 / Qwen3 (dense or
+    MoE) checkpoint.
 
     Args:
         source: a local folder (``config.json`` + safetensors) or a Hub repo id
@@ -373,7 +333,13 @@ def hf_state_dict(model: Decoder, dtype: str | None = None, *, keep: bool = True
         key = ".".join(map(str, path))
         name, transpose = param_to_hf(key)
         arr = host_array(var.get_value())
-        if keep:
+        if not keep:
+            continue
+        if "{e}" in name:  # stacked experts: one HF tensor per slice
+            for e in range(arr.shape[0]):
+                out[name.format(e=e)] = np.ascontiguousarray(
+                    (arr[e].T if transpose else arr[e]).astype(np_dtype))
+        else:
             out[name] = np.ascontiguousarray((arr.T if transpose else arr).astype(np_dtype))
     return out
 
