@@ -54,8 +54,15 @@ SCRIPT = textwrap.dedent(r"""
         model_type="qwen2", vocab_size=64, hidden_size=16, intermediate_size=32,
         num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8, qkv_bias=True,
         tie_word_embeddings=True, param_dtype="float32")
+    # Qwen3-MoE: 8 experts (top 2) per layer; the experts' stacks split over fsdp.
+    moe_cfg = model_config.DecoderConfig(
+        model_type="qwen3_moe", vocab_size=64, hidden_size=16, intermediate_size=32,
+        num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8, tie_word_embeddings=False,
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True,
+        param_dtype="float32")
+    MODEL = {"cfg": cfg}
     def model():
-        return nnx.split(init_model(cfg, seed=0))
+        return nnx.split(init_model(MODEL["cfg"], seed=0))
 
     def reward(completions, answers):
         return [len(set(c)) / 4.0 for c in completions]
@@ -126,17 +133,21 @@ SCRIPT = textwrap.dedent(r"""
         mesh, sparsity, strategy, steps_per_generation=4, num_iterations=2)
     for name, run, kinds in (("grpo", grpo, ("sparse", "dense")),
                              ("grpo", iterations_grpo, ("iterations",)),
+                             ("grpo", grpo, ("moe-sparse", "moe-dense")),
+                             ("dpo", dpo, ("moe-sparse", "moe-dense")),
                              ("dpo", dpo, ("sparse", "dense")), ("dpo", lora_dpo, ("lora",)),
                              ("dpo", family_dpo, ("family",))):
         for kind in kinds:
-            sparsity = 0.0 if kind == "dense" else 0.9
+            sparsity = 0.0 if kind.endswith("dense") else 0.9
+            MODEL["cfg"] = moe_cfg if kind.startswith("moe") else cfg
             if CASES is not None and f"{name}/{kind}" not in CASES:
                 continue
             t0 = time.process_time()
             ref = run("", sparsity, "row_balanced")
             base = host(ref.params)
             init = host(ref.trainable.policy_params(model()[1]))  # LoRA: with fresh factors
-            for mesh in (("data=2,fsdp=4",) if kind in ("lora", "family", "iterations")
+            for mesh in (("data=2,fsdp=4",) if kind in ("lora", "family", "iterations",
+                                                         "moe-sparse", "moe-dense")
                          else ("fsdp=8", "data=2,fsdp=4")):
                 t = run(mesh, sparsity, "auto")
                 report(f"{name}/{kind}/{mesh}", {
@@ -252,7 +263,9 @@ def result():
     (t, k, m) for t in ("grpo", "dpo") for k in ("sparse", "dense")
     for m in ("fsdp=8", "data=2,fsdp=4")] + [("dpo", "lora", "data=2,fsdp=4"),
                                              ("dpo", "family", "data=2,fsdp=4"),
-                                             ("grpo", "iterations", "data=2,fsdp=4")])
+                                             ("grpo", "iterations", "data=2,fsdp=4")]
+                         + [(t, f"moe-{k}", "data=2,fsdp=4") for t in ("grpo", "dpo")
+                            for k in ("sparse", "dense")])
 def test_sharded_run_equals_one_device(result, trainer, kind, mesh):
     r = result[f"{trainer}/{kind}/{mesh}"]
     assert r["changed"] > 1e-3, r  # training moved the params (the check can fail)
