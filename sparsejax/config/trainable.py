@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from sparsejax.config import names
 from sparsejax.config.fields import check_choice, check_fields, setting
@@ -35,6 +36,9 @@ class TrainableConfig:
         "per_tensor without", choices=MASK_STRATEGIES)
     mask_path: str | None = setting(
         None, "train the entries of a saved mask (sparsejax.save_mask) instead")
+    freeze: str | None = setting(
+        None, "regex on parameter paths (as in mask files, e.g. 'mlp/gate/' for a MoE "
+        "router): the tensors it matches never train, sparse or full")
     learning_rate: float | None = setting(
         None, f"learning rate (default: {SPARSE_LR:g} sparse, {FULL_LR:g} full, as the paper)",
         flag="lr")
@@ -73,6 +77,12 @@ class TrainableConfig:
         check_choice("backend", self.backend, BACKENDS)
         check_choice("sparse_grads", self.sparse_grads, SPARSE_GRADS)
         check_choice("lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULER_TYPES)
+        if self.freeze is not None:
+            try:
+                re.compile(self.freeze)
+            except re.error as e:
+                raise ValueError(f"freeze {self.freeze!r} is not a regular expression "
+                                 f"({e})") from None
         if self.warmup_steps > 0 and self.warmup_ratio > 0:
             raise ValueError("warmup_steps and warmup_ratio both set; give one of them")
         if self.learning_rate is None:

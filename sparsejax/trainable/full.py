@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from sparsejax.masks.core import leaves_with_paths
 from sparsejax.optim.dense import dense_adamw
 from sparsejax.optim.sparse import global_norm
 from sparsejax.parallel import sharding as sharding_lib
@@ -41,8 +43,10 @@ class FullFinetuning:
 
     def __init__(self, cfg: Any, params: PyTree, *, mesh: Any = None,
                  total_steps: int | None = None):
-        del params
         self.cfg = cfg
+        # per leaf: does cfg.freeze keep it as it is?
+        self.frozen = tuple(cfg.freeze is not None and re.search(cfg.freeze, path) is not None
+                            for path in leaves_with_paths(params)[0])
         self.mesh = sharding_lib.as_mesh(mesh)
         self.schedule = learning_rate_schedule(cfg, total_steps)
         self._opt = dense_adamw(
@@ -52,7 +56,8 @@ class FullFinetuning:
         self.shardings: PyTree | None = None  # the params' (and gradients') shardings
 
     def describe(self) -> str:
-        return "full finetuning"
+        return "full finetuning" + (f" (freezing {self.cfg.freeze!r})" if any(self.frozen)
+                                    else "")
 
     def settings(self) -> dict[str, Any]:
         return dataclasses.asdict(self.cfg)
@@ -77,7 +82,7 @@ class FullFinetuning:
         return sharding_lib.put(state, self._state_shardings(state))
 
     def num_trainable(self, params: PyTree) -> int:
-        return int(sum(x.size for x in jax.tree.leaves(params)))
+        return int(sum(x.size for x, f in zip(jax.tree.leaves(params), self.frozen) if not f))
 
     def memory_report(self, params: PyTree, opt_state: PyTree) -> dict[str, int]:
         grads = jax.eval_shape(self.compress, params, opt_state)
@@ -99,13 +104,26 @@ class FullFinetuning:
 
     def value_and_grad(self, loss_fn, params: PyTree, opt_state: PyTree):
         out, grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        return out, self.compress(grads, opt_state)
+        return out, self.compress(self._unfrozen(grads, jnp.zeros_like), opt_state)
+
+    def _unfrozen(self, tree: PyTree, frozen_value: Any) -> PyTree:
+        """``tree`` with each frozen leaf ``x`` replaced by ``frozen_value(x)``."""
+        if not any(self.frozen):
+            return tree
+        leaves, treedef = jax.tree.flatten(tree)
+        return jax.tree.unflatten(treedef, [frozen_value(x) if f else x
+                                            for x, f in zip(leaves, self.frozen)])
 
     @functools.partial(jax.jit, static_argnums=0, donate_argnums=(1, 3))
     def apply(self, params: PyTree, grads: PyTree, opt_state: PyTree
               ) -> tuple[PyTree, PyTree, StepReport]:
         norm = None if self.cfg.max_grad_norm is not None else global_norm(grads)
+        before = jax.tree.leaves(params)
         params, opt_state, info = self._opt.update(params, grads, opt_state)
+        if any(self.frozen):  # weight decay would move a frozen leaf: keep its values
+            leaves, treedef = jax.tree.flatten(params)
+            params = jax.tree.unflatten(treedef, [b if f else x for x, b, f in zip(
+                leaves, before, self.frozen)])
         if self.shardings is not None:  # every output where its input was (donation)
             params = sharding_lib.constrain(params, self.shardings)
             opt_state = sharding_lib.constrain(opt_state, self._state_shardings(opt_state))

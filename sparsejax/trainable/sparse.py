@@ -23,14 +23,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sparsejax import masks as masks_lib
 from sparsejax import sparse_backward
 from sparsejax.backends import resolve_backend
+from sparsejax.masks.core import leaves_with_paths
 from sparsejax.masks.indexing import gather, gather_bits, scatter_bits
 from sparsejax.optim.sparse import SparseAdamWState, fused_sparse_adamw, global_norm
 from sparsejax.parallel import sharding as sharding_lib
@@ -50,9 +53,15 @@ def build_mask(cfg: Any, params: PyTree, mesh: Any = None) -> PyTree:
     """The run's mask: loaded from ``cfg.mask_path`` or drawn at random."""
     if cfg.mask_path is not None:
         mask, _ = masks_lib.load_mask(cfg.mask_path, like=params)
+        if cfg.freeze is not None:
+            paths, leaves, _ = leaves_with_paths(mask)
+            for path, idx in zip(paths, leaves):
+                if np.size(idx) and re.search(cfg.freeze, path):
+                    raise ValueError(f"{cfg.mask_path} trains entries of {path}, which "
+                                     f"freeze {cfg.freeze!r} matches")
         return mask
     return masks_lib.random_mask(params, cfg.sparsity, seed=cfg.mask_seed,
-                                 strategy=mask_strategy(cfg, mesh))
+                                 strategy=mask_strategy(cfg, mesh), exclude=cfg.freeze)
 
 
 class SparseEntries(TrainsMaskedValues):

@@ -86,3 +86,32 @@ def test_moe_trains_and_resumes_exactly(tokenizer, tmp_path, make, sparsity):
     after = expert_leaves(full.params)
     for name, x in before.items():  # every expert stack and the router trained
         assert np.abs(after[name] - x).max() > 1e-6, name
+
+
+@pytest.mark.parametrize("sparsity", [0.9, 0.0], ids=["sparse", "full"])
+def test_a_frozen_router_stays_bit_for_bit(tokenizer, tmp_path, sparsity):
+    data = ([tokenizer(q)["input_ids"] for q in ("1+1=", "two plus three")], ["2", "5"])
+    graphdef, params = nnx.split(init_model(moe_config(len(tokenizer)), seed=0))
+    config = GRPOConfig(steps=2, prompts_per_step=2, num_generations=4, max_new_tokens=6,
+                        micro_batch_size=4, generation_batch_size=8, save_every=0,
+                        eval_every=0, skip_zero_advantage=False)
+    trainable = TrainableConfig(sparsity=sparsity, learning_rate=1e-2, weight_decay=0.1,
+                                sparse_grads="on", freeze="mlp/gate/")
+    trainer = GRPOTrainer(graphdef, params, tokenizer, reward, config, trainable, tmp_path)
+    before = expert_leaves(trainer.params)
+    trainer.train(*data, progress=False)
+    after = expert_leaves(trainer.params)
+    for name, x in before.items():
+        if "'gate'" in name:  # the router: frozen, weight decay included
+            np.testing.assert_array_equal(after[name], x)
+        else:  # the experts trained
+            assert np.abs(after[name] - x).max() > 1e-6, name
+    total = sum(x.size for x in jax.tree.leaves(trainer.params))
+    router = sum(x.size for n, x in before.items() if "'gate'" in n)
+    if not sparsity:
+        assert trainer.trainable.num_trainable(trainer.params) == total - router
+
+
+def test_freeze_must_be_a_regular_expression():
+    with pytest.raises(ValueError, match="not a regular expression"):
+        TrainableConfig(freeze="mlp/gate/(")
