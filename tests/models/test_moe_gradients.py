@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from decoder_checks import forward, left_padded_batch
 from flax import nnx
 
 from sparsejax import masks
@@ -17,23 +18,6 @@ from sparsejax.models import PRESETS, DecoderConfig, apply, moe
 from sparsejax.models.decoder import apply_with_router_logits, init_model, reconfigure
 from sparsejax.models.logprobs import completion_logprobs
 from sparsejax.optim.sparse import gather
-
-
-def left_padded_batch(rng, vocab: int, batch: int = 3, length: int = 20):
-    """Random tokens with random left padding (row 0 unpadded)."""
-    tokens = rng.integers(3, vocab, (batch, length))
-    mask = np.ones((batch, length), np.int64)
-    for b in range(1, batch):
-        mask[b, :rng.integers(1, length // 2)] = 0
-    return np.where(mask == 1, tokens, 0), mask
-
-
-_jit_apply = jax.jit(apply, static_argnums=0)
-
-
-def forward(graphdef, params, tokens, mask) -> np.ndarray:
-    return np.asarray(_jit_apply(graphdef, params, jnp.asarray(tokens), jnp.asarray(mask)))
-
 
 # ----------------------------------------------------------------------------- gradients
 

@@ -14,21 +14,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from decoder_checks import (
+    check_greedy_matches_transformers,
+    check_kv_cache_decode,
+    forward,
+    left_padded_batch,
+)
 from flax import nnx
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from sparsejax import lora, masks
 from sparsejax import sparse_backward as sparse_grads
-from sparsejax.generation import rollouts
-from sparsejax.generation import sampler as sampling
-from sparsejax.models import PRESETS, DecoderConfig, apply, from_hf_config, load_hf, preset, save_hf
+from sparsejax.models import PRESETS, DecoderConfig, from_hf_config, load_hf, preset, save_hf
 from sparsejax.models.decoder import init_model
 from sparsejax.models.logprobs import completion_logprobs
 from sparsejax.optim.sparse import gather
 
 from paths import SHARED
-from references import cached_logits, hf_greedy
 
 ATOL = 1e-4
 TOKENIZER = SHARED / "tokenizers" / "qwen2.5"
@@ -68,22 +71,6 @@ def tiny(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     hf = build_hf(request.param, folder, seed=sorted(VARIANTS).index(request.param))
     return request.param, hf, folder, load_hf(folder)
-
-
-def left_padded_batch(rng, vocab: int, batch: int = 3, length: int = 20):
-    """Random tokens with random left padding (row 0 unpadded)."""
-    tokens = rng.integers(3, vocab, (batch, length))
-    mask = np.ones((batch, length), np.int64)
-    for b in range(1, batch):
-        mask[b, :rng.integers(1, length // 2)] = 0
-    return np.where(mask == 1, tokens, 0), mask
-
-
-_jit_apply = jax.jit(apply, static_argnums=0)
-
-
-def forward(graphdef, params, tokens, mask) -> np.ndarray:
-    return np.asarray(_jit_apply(graphdef, params, jnp.asarray(tokens), jnp.asarray(mask)))
 
 
 def hf_logits(hf, tokens, mask) -> np.ndarray:
@@ -141,19 +128,7 @@ def test_logits_match_transformers_left_padded(tiny):
 
 
 def test_kv_cache_decode_logits_equal_full_forward(tiny):
-    _, _, _, model = tiny
-    graphdef, params = nnx.split(model)
-    rng = np.random.default_rng(5)
-    seqs = [rng.integers(3, model.config.vocab_size, n).tolist() for n in (7, 4, 6)]
-    tokens, mask = sampling.left_pad(seqs, pad_id=0)
-    steps = 4
-    cont = rng.integers(3, model.config.vocab_size, (tokens.shape[0], steps))
-    full = forward(graphdef, params, np.concatenate([tokens, cont], 1),
-                   np.concatenate([mask, np.ones_like(cont)], 1))
-    p = tokens.shape[1]
-    got, _ = cached_logits(sampling, model.config, graphdef, params, tokens, mask,
-                           cont[:, :steps], p + steps + 2)
-    np.testing.assert_allclose(got, full[:, p - 1:], atol=ATOL, rtol=0)
+    check_kv_cache_decode(tiny[3])
 
 
 # ----------------------------------------------------------------------------- generation
@@ -161,25 +136,7 @@ def test_kv_cache_decode_logits_equal_full_forward(tiny):
 
 def test_greedy_equals_transformers_generate_and_slot_sampler(tiny):
     _, hf, _, model = tiny
-    graphdef, params = nnx.split(model)
-    rng = np.random.default_rng(3)
-    seqs = [rng.integers(3, model.config.vocab_size, n).tolist() for n in (7, 4, 6)]
-    tokens, mask = sampling.left_pad(seqs, pad_id=0)
-    n = 12
-    free = hf_greedy(hf, tokens, mask, n, None)
-    stop = int(free[0, 3])  # row 0 stops at step <= 3
-    ref = hf_greedy(hf, tokens, mask, n, stop)
-    assert len({tuple(r) for r in free}) > 1  # rows differ: not a constant output
-    greedy = sampling.SamplingParams(max_new_tokens=n, temperature=0.0, stop_token_ids=(stop,))
-    out = sampling.generate(graphdef, params, tokens, mask, jax.random.key(0), greedy)
-    np.testing.assert_array_equal(np.asarray(out.tokens), ref)
-    assert int(out.lengths[0]) < n
-    slots = rollouts.rollout(graphdef, params, tokens, mask, jax.random.key(0), greedy,
-                             num_samples=2, num_slots=2, chunk_size=8)
-    np.testing.assert_array_equal(slots.tokens, np.repeat(ref, 2, axis=0))
-    np.testing.assert_array_equal(slots.lengths, np.repeat(np.asarray(out.lengths), 2))
-    np.testing.assert_allclose(slots.logprobs, np.repeat(np.asarray(out.logprobs), 2, 0),
-                               atol=1e-5, rtol=0)
+    check_greedy_matches_transformers(hf, model)
 
 
 # ----------------------------------------------------------------------------- HF I/O
