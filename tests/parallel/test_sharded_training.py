@@ -54,12 +54,13 @@ SCRIPT = textwrap.dedent(r"""
         model_type="qwen2", vocab_size=64, hidden_size=16, intermediate_size=32,
         num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8, qkv_bias=True,
         tie_word_embeddings=True, param_dtype="float32")
-    # Qwen3-MoE: 8 experts (top 2) per layer; the experts' stacks split over fsdp.
+    # Qwen3-MoE: 8 experts (top 2) in layer 0, their stacks split over fsdp; layer 1 is a
+    # dense Qwen3 layer (q/k norms, no biases).
     moe_cfg = model_config.DecoderConfig(
         model_type="qwen3_moe", vocab_size=64, hidden_size=16, intermediate_size=32,
         num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8, tie_word_embeddings=False,
         num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True,
-        param_dtype="float32")
+        mlp_only_layers=(1,), param_dtype="float32")
     MODEL = {"cfg": cfg}
     def model():
         return nnx.split(init_model(MODEL["cfg"], seed=0))

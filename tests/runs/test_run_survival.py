@@ -451,8 +451,8 @@ def test_resume_after_the_last_step_with_a_damaged_newest_checkpoint(tiny, refer
 
 @pytest.mark.skipif(not unshare_works(), reason="needs unshare -rm to mount a small tmpfs")
 @pytest.mark.parametrize("size, where, kept", [
-    ("2500k", "checkpoints/2", ["1"]),  # a checkpoint (~1.7 MB each) meets the full disk
-    ("6m", "final_model", ["2", "3"]),  # the final model (~20 MB) does
+    (2500, "checkpoints/2", ["1"]),  # KiB beside the mask file: a checkpoint (~1.7 MB each)
+    (6144, "final_model", ["2", "3"]),  # meets the full disk; the final model (~20 MB) does
 ])
 def test_full_disk_is_one_line_and_the_run_resumes_once_space_is_freed(tiny, reference,
                                                                        tmp_path, size, where,
@@ -462,6 +462,8 @@ def test_full_disk_is_one_line_and_the_run_resumes_once_space_is_freed(tiny, ref
     finishes with the weights of an uninterrupted run."""
     mnt, saved = tmp_path / "mnt", tmp_path / "saved"
     mnt.mkdir()
+    mask_file = reference / "mask.safetensors"  # written first, as in the reference run
+    size = f"{size + (mask_file.stat().st_size // 1024 + 1 if mask_file.exists() else 0)}k"
     cmd = " ".join(f"'{c}'" for c in script_cmd(tiny, mnt / "run", "--steps", 3))
     shell = (f"mount -t tmpfs -o size={size} tmpfs '{mnt}' && {{ {cmd}; rc=$?; "
              f"cp -a '{mnt}/run' '{saved}'; exit $rc; }}")
