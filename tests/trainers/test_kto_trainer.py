@@ -55,23 +55,6 @@ def trainer(tiny, out, sparsity: float, **cfg) -> KTOTrainer:
     return KTOTrainer(graphdef, params, tiny["tok"], config, sparse, out)
 
 
-@pytest.fixture
-def compilation_cache(tmp_path):
-    """A persistent compilation cache for the test (speed only: a resumed run's trainer
-    loads the programs its first run compiled, the same executables)."""
-    from jax._src import compilation_cache as cache
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    old = {n: getattr(jax.config, n) for n in names}
-    for name, value in zip(names, (str(tmp_path / "jax_cache"), 0.0, 0)):
-        jax.config.update(name, value)
-    cache.reset_cache()
-    yield
-    for name, value in old.items():
-        jax.config.update(name, value)
-    cache.reset_cache()
-
-
 def metrics(out) -> list[dict]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if r["kind"] == "train"]
@@ -81,7 +64,7 @@ def host(tree) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
-def test_sparse_run_learns_evaluates_and_resumes_exactly(tiny, compilation_cache):
+def test_sparse_run_learns_evaluates_and_resumes_exactly(tiny):
     data = toy_examples(8)
     full = tiny["root"] / "sparse_full"
     t = trainer(tiny, full, 0.9)
