@@ -18,9 +18,9 @@ dense ``optax.adamw`` run of the same config.
 
 XLA's CPU pipeline removes optimization barriers before CSE, which merges
 rematerialized layers back into the forward pass; XLA's GPU pipeline keeps them until
-after CSE. This script therefore compiles with ``--xla_disable_hlo_passes=
-cse_barrier_expander`` (``--cpu-barrier-expansion`` restores the CPU default), so that
-the plan shows what remat saves on a GPU. The figures are XLA's CPU buffer assignment,
+after CSE. The jobs keep them on a CPU too (:mod:`sparsejax.xla_flags`), and so does
+this script (``--cpu-barrier-expansion`` restores XLA's CPU default), so that the plan
+shows what remat saves, on a GPU as in a CPU run. The figures are XLA's CPU buffer assignment,
 not a GPU measurement: a GPU's schedule and fusions differ somewhat, and the CUDA
 context and allocator take their own share (the fit verdict keeps 5% headroom).
 The sparse weight gradient is planned with its XLA implementation (its bounded chunks
@@ -44,11 +44,11 @@ from __future__ import annotations
 import os
 import sys
 
-if __name__ == "__main__" and "--cpu-barrier-expansion" not in sys.argv:
-    # Before jax is imported anywhere (see the module docstring).
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_disable_hlo_passes=cse_barrier_expander").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if __name__ == "__main__" and "--cpu-barrier-expansion" not in sys.argv:
+    # Before jax starts its backends (see the module docstring).
+    from sparsejax.xla_flags import keep_optimization_barriers
+    keep_optimization_barriers()
 # The sampled product is planned in its XLA form, whose chunks XLA's buffer assignment
 # counts; the CPU kernel's working buffers live outside XLA (and a GPU runs the Pallas
 # kernel, which has none).

@@ -100,9 +100,7 @@ def planned_plan(args, run_config: dict) -> dict:
                  "--num-generations", str(args.generations),
                  "--generation-batch-size", str(args.prompts * args.generations),
                  "--completion-length", str(args.max_new_tokens),
-                 "--remat", run_config.get("remat", "layer"), "--out", str(out),
-                 # the job compiles with XLA's CPU defaults; so does this plan
-                 "--cpu-barrier-expansion"]
+                 "--remat", run_config.get("remat", "layer"), "--out", str(out)]
     if args.sparsity:
         plan_args.append("--no-dense")
     plan_main(plan_args)
@@ -112,6 +110,10 @@ def planned_plan(args, run_config: dict) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # The plan below compiles in this process as the job does in its own: with XLA's
+    # optimization barriers kept on a CPU (before JAX starts).
+    from sparsejax.xla_flags import keep_optimization_barriers
+    keep_optimization_barriers()
     work = Path(args.work_dir)
     model = make_checkpoint(args.preset, args.dtype, args.tokenizer,
                             work / f"{args.preset}-{args.dtype}")

@@ -36,6 +36,7 @@ from sparsejax.cli.exits import fail, run_main
 from sparsejax.cli.flags import add_flags
 from sparsejax.cli.settings import DPODataArgs
 from sparsejax.config import DPOConfig
+from sparsejax.xla_flags import keep_optimization_barriers
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -121,6 +122,7 @@ def check_pairs(pairs: list[dict[str, Any]], what: str) -> None:
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
+    keep_optimization_barriers()  # remat saves memory on a CPU too (before JAX starts)
     try:
         config, sparse, adapter = training.check_offline_args(args, DPODataArgs, DPOConfig)
         train = load_pairs(args.dataset, args.split, args.limit)

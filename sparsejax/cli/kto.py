@@ -32,6 +32,7 @@ from sparsejax.cli.exits import fail, run_main
 from sparsejax.cli.flags import add_flags
 from sparsejax.cli.settings import KTODataArgs
 from sparsejax.config import KTOConfig
+from sparsejax.xla_flags import keep_optimization_barriers
 
 COLUMNS = ("prompt", "completion", "label", "chosen", "rejected")
 
@@ -75,6 +76,7 @@ def check_examples(rows: list[dict[str, Any]], what: str) -> None:
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
+    keep_optimization_barriers()  # remat saves memory on a CPU too (before JAX starts)
     try:
         config, sparse, adapter = training.check_offline_args(args, KTODataArgs, KTOConfig)
         train = load_examples(args.dataset, args.split, args.limit)
