@@ -267,6 +267,9 @@ def summarize(raw: dict) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # sparsejax's arms compile as its jobs do (remat kept on a CPU), before JAX starts
+    from sparsejax.xla_flags import keep_optimization_barriers
+    keep_optimization_barriers()
     import tempfile
 
     from bench_optimizer import write_result
