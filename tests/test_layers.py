@@ -20,7 +20,8 @@ ROOT = REPO
 
 # Lowest first. A module may import its own layer and the layers below it.
 LAYERS: list[tuple[str, ...]] = [
-    ("sparsejax._lazy", "sparsejax.types", "sparsejax.config"),  # stdlib only
+    ("sparsejax._lazy", "sparsejax.types", "sparsejax.config",  # stdlib only
+     "sparsejax.xla_flags"),
     ("sparsejax.masks", "sparsejax.parallel"),      # masks; mesh and layout rules
     ("sparsejax.models",),                          # the decoder: no optimizer, no masks
     ("sparsejax.optim.adamw_math",),                # the AdamW arithmetic (kernels' contract)

@@ -36,7 +36,6 @@ from sparsejax.cli.exits import fail, run_main
 from sparsejax.cli.flags import add_flags
 from sparsejax.cli.settings import DPODataArgs
 from sparsejax.config import DPOConfig
-from sparsejax.xla_flags import keep_optimization_barriers
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -122,6 +121,7 @@ def check_pairs(pairs: list[dict[str, Any]], what: str) -> None:
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
+    from sparsejax.xla_flags import keep_optimization_barriers
     keep_optimization_barriers()  # remat saves memory on a CPU too (before JAX starts)
     try:
         config, sparse, adapter = training.check_offline_args(args, DPODataArgs, DPOConfig)

@@ -53,7 +53,6 @@ from sparsejax.cli.tasks import (  # noqa: F401
     run_identity,
 )
 from sparsejax.config import GRPOConfig
-from sparsejax.xla_flags import keep_optimization_barriers
 
 GSM8K_DOC = """GRPO on GSM8K with sparse (default: 1% of the weights) or full finetuning.
 
@@ -113,6 +112,7 @@ def main(argv: Sequence[str] | None = None, task: str | None = None,
          prog: str | None = None) -> int:
     t_start = time.perf_counter()
     args = parse_args(argv, task, prog)
+    from sparsejax.xla_flags import keep_optimization_barriers
     keep_optimization_barriers()  # remat saves memory on a CPU too (before JAX starts)
     try:
         config, sparse, adapter = check_args(args)

@@ -32,7 +32,6 @@ from sparsejax.cli.exits import fail, run_main
 from sparsejax.cli.flags import add_flags
 from sparsejax.cli.settings import KTODataArgs
 from sparsejax.config import KTOConfig
-from sparsejax.xla_flags import keep_optimization_barriers
 
 COLUMNS = ("prompt", "completion", "label", "chosen", "rejected")
 
@@ -76,6 +75,7 @@ def check_examples(rows: list[dict[str, Any]], what: str) -> None:
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
+    from sparsejax.xla_flags import keep_optimization_barriers
     keep_optimization_barriers()  # remat saves memory on a CPU too (before JAX starts)
     try:
         config, sparse, adapter = training.check_offline_args(args, KTODataArgs, KTOConfig)
