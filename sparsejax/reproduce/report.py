@@ -72,16 +72,20 @@ def plot(outcome: Outcome, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    arms = list(dict.fromkeys([*outcome.curves, *(r.get("arm") for r in
+                                                  outcome.tables.get("accuracy", []))]))
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {arm: cycle[i % len(cycle)] for i, arm in enumerate(arms)}  # one per arm
     for arm, curve in outcome.curves.items():
         if curve:
-            left.plot(*zip(*curve), marker="o", label=arm)
+            left.plot(*zip(*curve), marker="o", label=arm, color=color[arm])
     left.set(xlabel="step", ylabel="eval accuracy", title=outcome.experiment)
     left.legend(fontsize=7)
     points = [(r["sparsity"], r["final_accuracy"], r["arm"])
               for r in outcome.tables.get("accuracy", []) if "sparsity" in r]
     for sparsity, accuracy, arm in points:
         density = max(1 - sparsity, 1e-6)
-        right.scatter(density, accuracy)
+        right.scatter(density, accuracy, color=color[arm])
         right.annotate(arm, (density, accuracy), fontsize=7)
     right.set(xscale="log", xlabel="trained fraction (1 = full finetuning)",
               ylabel="final eval accuracy", title="accuracy vs trained fraction")
