@@ -172,6 +172,7 @@ def run_sparsejax(args, arm, model_dir, prompts, answers, reward, out_dir) -> di
     for step in range(args.steps):
         block = slice(step * args.prompts, (step + 1) * args.prompts)
         trainer.step = 0  # prompt_order(step 0) of a one-block dataset: the block in order
+        trainer.generation = None  # a new block: sample it (not the last step's batch)
         record = trainer.train_step(prompt_ids[block], answers[block])
         out["step_s"].append(record["step_time"])
         out["sample_s"].append(record["generation_time"])

@@ -4,7 +4,7 @@ XLA's CPU pipeline removes optimization barriers before common-subexpression
 elimination, so the forward pass that a rematerialized layer recomputes in the backward
 is merged back into the original one: on a CPU, ``remat="layer"`` keeps every layer's
 activations (no memory saved; a Qwen2.5-0.5B full-finetuning micro-batch of 4 x 352
-tokens plans 6.3 GB of temporaries instead of 1.8 GB). XLA's GPU pipeline keeps the
+tokens plans 6.3 GiB of temporaries instead of 1.8 GiB). XLA's GPU pipeline keeps the
 barriers until after that pass, so remat works there as written. On a CPU,
 :func:`keep_optimization_barriers` turns the early removal off (the barriers then stay
 to the end, as on a GPU); the values computed are those of the same program.

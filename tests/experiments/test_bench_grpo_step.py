@@ -27,6 +27,8 @@ def test_bench_grpo_step_tiny(tmp_path, mode):
         steps = arm["raw"]["step_s"][1:]
         tokens = arm["raw"]["completion_tokens"][1:]
         assert all(s > 0 for s in steps) and all(t > 0 for t in tokens)
+        if name in ("sparse", "full", "rollout"):  # every step samples its own prompts
+            assert all(s > 0 for s in arm["raw"]["sample_s"]), arm["raw"]
         assert arm["completion_tokens_per_s"] == pytest.approx(sum(tokens) / sum(steps))
         if name != baseline:
             assert arm[f"ratio_to_{baseline}"] == pytest.approx(
