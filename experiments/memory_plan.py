@@ -246,7 +246,7 @@ def plan_sampler(graphdef, params, config, args) -> dict:
     n = args.completion_length
     total = args.prompts_per_step * args.num_generations
     slots = min(args.generation_batch_size, total)
-    chunk = 64
+    chunk = 256  # rollout()'s default
     static = dict(sampling=SamplingParams(max_new_tokens=n, temperature=1.0),
                   num_samples=args.num_generations, num_slots=slots, chunk=chunk, pad_id=0)
     sds = jax.ShapeDtypeStruct
@@ -257,8 +257,9 @@ def plan_sampler(graphdef, params, config, args) -> dict:
     gen = memory(fn.lower(graphdef, params, prompts, prompts, key, **static).compile())
     itemsize = np.dtype(config.dtype).itemsize
     per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * itemsize
-    cache_len = -(-(lp + n) // chunk) * chunk
-    kv = per_token * (slots * cache_len + args.prompts_per_step * lp)
+    # each slot holds its generated tokens; the prompts' keys are held once per prompt
+    whole_chunks = lambda length: -(-length // chunk) * chunk
+    kv = per_token * (slots * whole_chunks(n) + args.prompts_per_step * whole_chunks(lp))
     return {"decode_slots": slots, "kv_cache": kv, "sampler_temporaries": gen["temp"],
             "compiled": gen,
             "_extra": gen["argument"] - tree_bytes(params) + gen["output"] + gen["temp"]}

@@ -1,33 +1,39 @@
-"""GRPO rollouts at the speed of the hardware: shared prefill, decode slots, filled-cache attention.
+"""GRPO rollouts at the speed of the hardware: shared prefill, decode slots, shared prompt keys.
 
 :func:`rollout` samples ``G`` completions for each of ``P`` prompts (sequence ``i`` is
-sample ``i % G`` of prompt ``i // G``) in one compiled program:
+sample ``i % G`` of prompt ``i // G``) in two compiled programs:
 
-1. **Shared prefill.** The ``P`` distinct prompts are prefilled once (left padded to a
-   bucket ``Lp``); their keys/values and last-position logits are kept on device and
-   shared by their ``G`` samples: a sequence's first token is drawn from its prompt's
-   logits, and its slot receives a copy of the prompt's keys/values (moved to start
-   at slot 0; one ``dynamic_update_slice`` per refilled slot and layer).
-2. **Continuous batching.** A fixed number of decode slots (``num_slots``) step
-   together; when a sequence stops (stop token or ``max_new_tokens``), its slot takes
-   the next pending sequence at the next step. No slot idles while sequences are
-   pending, so the work is the tokens actually generated, not ``batch x longest``.
-   In the tail (every sequence has a slot), once at most half the slots are live they
-   move into a loop of half the width (``width_buckets`` widths at most).
-3. **Attention over the filled cache.** Each slot's cache holds keys ``[kv_heads, D,
-   Lp + N]`` (transposed) and values ``[kv_heads, Lp + N, D]``; a slot's keys are its
-   first ``prompt length + generated`` positions, and a decode step attends chunk by
-   chunk (``chunk_size`` positions, online softmax) over the chunks some live slot
-   fills only.
+1. **Shared prefill** (:func:`prefill_program`). The ``P`` distinct prompts are
+   prefilled once (left padded to a bucket ``Lp``); their keys/values (moved to start at
+   position 0, padded to ``prompt_capacity``) and last-position logits stay on device and
+   are shared by their ``G`` samples: a sequence's first token is drawn from its
+   prompt's logits, and every decode step reads the prompt's keys from that one copy.
+2. **Continuous batching** (:func:`decode_program`). A fixed number of decode slots
+   (``num_slots``) step together; when a sequence stops (stop token or
+   ``max_new_tokens``), its slot takes the next pending sequence at the next step. No
+   slot idles while sequences are pending, so the work is the tokens actually
+   generated, not ``batch x longest``. In the tail (every sequence has a slot), once at
+   most half the slots are live they move into a loop of half the width
+   (``width_buckets`` widths at most).
+3. **Attention in two parts** (:mod:`sparsejax.generation.slot_attention`): over the
+   prompt's shared keys (one matrix product per prompt for its ``G`` samples when the
+   slots hold every sequence in order, the trainer's default), then chunk by chunk
+   (``chunk_size`` positions, online softmax) over the slot's own generated keys, the
+   chunks some live slot fills only.
+
+The decode program does not depend on the prompts' width, only on ``prompt_capacity``:
+a run whose prompts are bucketed to several widths compiles one prefill per width (a
+forward pass) and one decode loop.
 
 Guarantees:
     * determinism: the tokens of sequence ``i`` are a function of ``(key, i)`` and the
       model, whatever ``num_slots`` is: the uniform that draws token ``t`` of sequence
       ``i`` is ``uniform(fold_in(fold_in(key, i), t))``, every slot's computation is its
       own row, and chunks past a row's filled length add exact zeros. Bitwise as far
-      as the backend's dot gives a row the same bits at every batch width: XLA:CPU
-      does for widths 4 to 32, not 1, 2 or 64 (there a near-tie can then draw another
-      token); the loop never shrinks below 4;
+      as the backend's dot gives a row the same bits at every batch width (and in the
+      per-prompt product of the prompt part): XLA:CPU does for widths 4 to 32, not 1, 2
+      or 64 (there a near-tie can then draw another token); the loop never shrinks
+      below 4;
     * ``temperature=0`` is greedy (argmax, ties to the lowest id): the same tokens as
       :func:`sparsejax.generation.sampler.generate` and transformers' ``generate``;
     * sampling draws from the same distribution as :func:`sparsejax.generation.sampler.sample_token`
@@ -37,10 +43,11 @@ Guarantees:
     * ``logprobs``, ``mask`` and ``lengths`` mean what they mean in
       :class:`~sparsejax.generation.sampler.SampleOutput`: ``logprobs`` equal
       :func:`~sparsejax.models.logprobs.completion_logprobs` of the same tokens;
-    * one compiled program per ``(P, Lp, G, num_slots, N, sampling, chunk_size,
-      width_buckets)``, holding one ``while_loop`` per width (``num_slots``, halved
-      ``width_buckets - 1`` times at most, see :func:`phase_widths`);
-      :class:`RolloutStats` reports its compile time apart from the run time.
+    * one compiled prefill per ``(P, Lp, prompt_capacity)`` and one decode program per
+      ``(P, prompt_capacity, G, num_slots, N, sampling, chunk_size, width_buckets)``,
+      holding one ``while_loop`` per width (``num_slots``, halved ``width_buckets - 1``
+      times at most, see :func:`phase_widths`); :class:`RolloutStats` reports their
+      compile time apart from the run time.
 """
 
 from __future__ import annotations
@@ -55,87 +62,11 @@ import numpy as np
 from flax import nnx
 
 from sparsejax.generation.sampler import SamplingParams, bucket_length, filter_logits, init_cache, prefill
+from sparsejax.generation.slot_attention import SlotCache
 from sparsejax.models import ops
 from sparsejax.parallel.distributed import to_host
 
 _BLOCK = 256  # vocabulary block of the two-level inverse-CDF draw
-
-
-@dataclasses.dataclass(frozen=True)
-class SlotCache:
-    """One layer's decode-slot cache; :class:`~sparsejax.models.decoder.Attention` calls
-    :meth:`attend` instead of its own cache update when it gets one of these.
-
-    ``k [S, kv_heads, D, C]`` (keys transposed: the score dot then reads ``C``
-    contiguously, about 2x faster on XLA's CPU than ``[S, kv, C, D]``), ``v [S, kv_heads,
-    C, D]`` (``C`` a multiple of ``chunk``); ``write [S]`` the slot each row's new key
-    goes to; ``fill [S]`` how many leading slots each row attends to (the new one
-    included; a row's keys are contiguous from slot 0); ``num_chunks`` how many leading
-    chunks any row needs.
-    """
-
-    k: jax.Array
-    v: jax.Array
-    write: jax.Array
-    fill: jax.Array
-    num_chunks: jax.Array
-    chunk: int
-
-    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array):
-        """Writes one new ``k, v [S, 1, kv, D]`` per row and attends ``q [S, 1, H, D]``."""
-        rows = jnp.arange(q.shape[0])
-        kc = self.k.at[rows, :, :, self.write].set(k[:, 0].astype(self.k.dtype))
-        vc = self.v.at[rows, :, self.write].set(v[:, 0].astype(self.v.dtype))
-        out = chunked_decode_attention(q[:, 0], kc, vc, self.fill, self.num_chunks,
-                                       self.chunk)
-        return out[:, None], dataclasses.replace(self, k=kc, v=vc)
-
-
-jax.tree_util.register_dataclass(SlotCache, data_fields=["k", "v", "write", "fill",
-                                                         "num_chunks"],
-                                 meta_fields=["chunk"])
-
-
-def chunked_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, fill: jax.Array,
-                             num_chunks: jax.Array, chunk: int) -> jax.Array:
-    """Grouped-query attention of one query per row over its first ``fill`` keys.
-
-    ``q [S, H, D]``, ``k [S, K, D, C]`` (transposed keys), ``v [S, K, C, D]``,
-    ``fill [S]`` int; reads the first ``num_chunks`` chunks of ``chunk`` keys; returns
-    ``[S, H, D]``. Online softmax in float32; a chunk past a row's ``fill`` leaves that
-    row's running sums bit-for-bit unchanged, and a row with ``fill == 0`` gets zeros.
-    """
-    s, h, d = q.shape
-    kv = k.shape[1]
-    qg = q.reshape(s, kv, h // kv, d)
-    scale = d ** -0.5
-
-    def body(c, carry):
-        m, l, acc = carry
-        # A barrier with the loop index, so that XLA:CPU cannot hoist a float32 copy
-        # of the whole bf16 cache out of the loop (only a chunk is converted).
-        k_, v_, c = jax.lax.optimization_barrier((k, v, c))
-        start = c * chunk
-        kc = jax.lax.dynamic_slice_in_dim(k_, start, chunk, axis=3)
-        vc = jax.lax.dynamic_slice_in_dim(v_, start, chunk, axis=2)
-        ok = (start + jnp.arange(chunk))[None, None, None, :] < fill[:, None, None, None]
-        scores = jnp.einsum("skgd,skdc->skgc", qg, kc,
-                            preferred_element_type=jnp.float32) * scale
-        scores = jnp.where(ok, scores, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        p = jnp.exp(scores - m_safe[..., None])
-        corr = jnp.exp(m - m_safe)
-        l = l * corr + jnp.sum(p, axis=-1)
-        pv = jnp.einsum("skgc,skcd->skgd", p.astype(v.dtype), vc,
-                        preferred_element_type=jnp.float32)
-        return m_new, l, acc * corr[..., None] + pv
-
-    init = (jnp.full(qg.shape[:3], -jnp.inf, jnp.float32),
-            jnp.zeros(qg.shape[:3], jnp.float32), jnp.zeros(qg.shape, jnp.float32))
-    _, l, acc = jax.lax.fori_loop(0, num_chunks, body, init)
-    out = acc / jnp.where(l > 0, l, 1.0)[..., None]
-    return out.reshape(s, h, d).astype(q.dtype)
 
 
 def sample_from_uniform(logits: jax.Array, u: jax.Array, sampling: SamplingParams
@@ -252,33 +183,46 @@ def _logits_fn(model):
     return lambda h: ops.matmul(h, head, preferred_element_type=jnp.float32)
 
 
-def rollout_program(graphdef, params, prompt_tokens, prompt_mask, key, *, sampling,
-                    num_samples, num_slots, chunk, pad_id, batch_sharding=None,
-                    width_buckets=1, shard_multiple=1):
-    """The traced program behind :func:`rollout`: shared prefill, then the slot loop in
-    phases of shrinking width. Returns ``(tokens, logps, decode_steps, slot_steps)``;
-    planners and benchmarks lower it on their shapes (``experiments/memory_plan.py``)."""
+def prefill_program(graphdef, params, prompt_tokens, prompt_mask, *, capacity):
+    """The prompts' next-token logits and keys/values for :func:`decode_program`.
+
+    Returns ``(logits [P, vocab] float32, prompt_kv, prompt_len [P])``, ``prompt_kv`` one
+    ``(k [P, kv_heads, D, capacity], v [P, kv_heads, capacity, D])`` per layer with each
+    prompt's keys moved to start at position 0 (left padding rolled to the end) and zeros
+    past the prompts' width ``Lp <= capacity``.
+    """
+    model = nnx.merge(graphdef, params)
+    num_prompts, lp = prompt_tokens.shape
+    logits, cache = prefill(graphdef, params, prompt_tokens, prompt_mask,
+                            init_cache(model.config, num_prompts, lp))
+    prompt_len = jnp.sum(prompt_mask.astype(jnp.int32), axis=1)
+    src = (jnp.arange(lp)[None] + (lp - prompt_len)[:, None]) % lp            # [P, Lp]
+    roll = lambda x: jnp.take_along_axis(x, src[:, :, None, None], axis=1)
+    pad = lambda x, axis: jnp.pad(x, [(0, capacity - lp if i == axis else 0)
+                                      for i in range(x.ndim)])
+    prompt_kv = [(pad(roll(c.k).transpose(0, 2, 3, 1), 3), pad(roll(c.v).transpose(0, 2, 1, 3), 2))
+                 for c in cache.layers]
+    return logits, prompt_kv, prompt_len
+
+
+def decode_program(graphdef, params, pre_logits, prompt_kv, prompt_len, key, *, sampling,
+                   num_samples, num_slots, chunk, pad_id, batch_sharding=None,
+                   width_buckets=1, shard_multiple=1):
+    """The slot loop of :func:`rollout` in phases of shrinking width, from
+    :func:`prefill_program`'s outputs. Returns ``(tokens, logps, decode_steps, slot_steps)``."""
     model = nnx.merge(graphdef, params)
     config = model.config
-    num_prompts, lp = prompt_tokens.shape
+    num_prompts = pre_logits.shape[0]
     n = sampling.max_new_tokens
     total = num_prompts * num_samples
-    cache_len = -(-(lp + n) // chunk) * chunk
+    cache_len = -(-n // chunk) * chunk
     kvh, hd = config.num_kv_heads, config.head_dim
 
     def shard(st):
         return dict(st, **_constrain({f: st[f] for f in _SLOT_FIELDS}, batch_sharding))
 
     logits_of = _logits_fn(model)
-    pre_logits, pre_cache = prefill(graphdef, params, prompt_tokens, prompt_mask,
-                                    init_cache(config, num_prompts, lp))
-    prompt_len = jnp.sum(prompt_mask.astype(jnp.int32), axis=1)
-    # The prompts' keys/values moved to start at slot 0 (left padding rolled to the
-    # end): a slot's keys are then its first prompt_len + generated slots.
-    src = (jnp.arange(lp)[None] + (lp - prompt_len)[:, None]) % lp            # [P, Lp]
-    roll = lambda x: jnp.take_along_axis(x, src[:, :, None, None], axis=1)
-    pre_kv = [(roll(c.k).transpose(0, 2, 3, 1), roll(c.v).transpose(0, 2, 1, 3))
-              for c in pre_cache.layers]                 # [P, kv, D, Lp], [P, kv, Lp, D]
+    prompt_chunks = -(-jnp.max(prompt_len) // chunk)
     stop_ids = jnp.asarray(sampling.stop_token_ids or (-1,), jnp.int32)
     dtype = config.dtype
     s = num_slots
@@ -297,34 +241,19 @@ def rollout_program(graphdef, params, prompt_tokens, prompt_mask, key, *, sampli
     ))
 
     def refill(st):
-        """Empty slots take the next pending sequences: their prompt's keys/values are
-        copied in (one dynamic_update_slice per slot and layer), nothing else moves."""
+        """Empty slots take the next pending sequences (their prompt's keys are shared,
+        their own cache is overwritten from position 0 on)."""
         empty = st["seq"] < 0
         cand = st["next_seq"] + jnp.cumsum(empty.astype(jnp.int32)) - 1
         take = empty & (cand < total)
         seq = jnp.where(take, cand, st["seq"])
         pid = jnp.maximum(seq, 0) // num_samples
-        takers = jnp.argsort(~take, stable=True)          # the taking slots first
-        n_take = jnp.sum(take.astype(jnp.int32))
-
-        def copy(j, kv):
-            slot, p = takers[j], pid[takers[j]]
-            out = []
-            for (k, v), (pk, pv) in zip(kv, pre_kv):
-                k = jax.lax.dynamic_update_slice(
-                    k, jax.lax.dynamic_slice_in_dim(pk, p, 1, axis=0), (slot, 0, 0, 0))
-                v = jax.lax.dynamic_update_slice(
-                    v, jax.lax.dynamic_slice_in_dim(pv, p, 1, axis=0), (slot, 0, 0, 0))
-                out.append((k, v))
-            return out
-
-        return dict(st, kv=jax.lax.fori_loop(0, n_take, copy, st["kv"]),
-                    logits=jnp.where(take[:, None], pre_logits[pid], st["logits"]),
+        return dict(st, logits=jnp.where(take[:, None], pre_logits[pid], st["logits"]),
                     seq=seq, pos=jnp.where(take, 0, st["pos"]),
                     base=jnp.where(take, prompt_len[pid], st["base"]),
-                    next_seq=st["next_seq"] + n_take)
+                    next_seq=st["next_seq"] + jnp.sum(take.astype(jnp.int32)))
 
-    def body(st):
+    def body(st, grouped):
         st = refill(st)
         active = st["seq"] >= 0
         seq, pos, base = st["seq"], st["pos"], st["base"]
@@ -338,10 +267,12 @@ def rollout_program(graphdef, params, prompt_tokens, prompt_mask, key, *, sampli
         logps = st["logps"].at[row, pos].set(logp, mode="drop")
         done = active & (jnp.isin(token, stop_ids) | (pos + 1 >= n))
 
-        write = jnp.where(active, base + pos, 0)   # an idle slot's keys are rewritten
-        fill = jnp.where(active, write + 1, 0)     # by its next refill
-        caches = tuple(SlotCache(k, v, write, fill, -(-jnp.max(fill) // chunk), chunk)
-                       for k, v in st["kv"])
+        write = jnp.where(active, pos, 0)          # an idle slot's key is overwritten
+        fill = jnp.where(active, pos + 1, 0)       # by its next sequence's first token
+        row_prompt = jnp.maximum(seq, 0) // num_samples
+        caches = tuple(SlotCache(k, v, write, fill, -(-jnp.max(fill) // chunk), pk, pv,
+                                 prompt_len, row_prompt, prompt_chunks, chunk, grouped)
+                       for (k, v), (pk, pv) in zip(st["kv"], prompt_kv))
         h, caches = model.hidden(token[:, None], (base + pos)[:, None], None, caches, 0)
         logits = logits_of(h[:, 0])
         return shard(dict(st, kv=[(c.k, c.v) for c in caches], logits=logits,
@@ -355,6 +286,9 @@ def rollout_program(graphdef, params, prompt_tokens, prompt_mask, key, *, sampli
         return shard(dict(st, **jax.tree.map(lambda x: x[keep],
                                              {f: st[f] for f in _SLOT_FIELDS})))
 
+    # Every sequence in its own slot, in order: slot i holds sample i % G of prompt
+    # i // G for the whole first phase, so a prompt's samples attend to its keys together.
+    grouped = num_slots == total and num_prompts % shard_multiple == 0
     widths = phase_widths(num_slots, width_buckets, shard_multiple)
     st = state
     for i, width in enumerate(widths):
@@ -367,8 +301,21 @@ def rollout_program(graphdef, params, prompt_tokens, prompt_mask, key, *, sampli
                 return more
             return more & ~((st["next_seq"] >= total) & (live <= narrower))
 
-        st = jax.lax.while_loop(cond, body, st if i == 0 else compact(st, width))
+        st = jax.lax.while_loop(cond, lambda st, g=grouped and i == 0: body(st, g),
+                                st if i == 0 else compact(st, width))
     return st["tokens"], st["logps"], st["steps"], st["slot_steps"]
+
+
+def rollout_program(graphdef, params, prompt_tokens, prompt_mask, key, *, capacity=None,
+                    **decode):
+    """:func:`prefill_program` then :func:`decode_program` (``decode``: its keywords) as
+    one traced program, for planners and benchmarks that lower :func:`rollout` on their
+    shapes (``experiments/memory_plan.py``)."""
+    width, chunk = prompt_tokens.shape[1], decode["chunk"]
+    logits, prompt_kv, prompt_len = prefill_program(
+        graphdef, params, prompt_tokens, prompt_mask,
+        capacity=-(-max(capacity or width, width) // chunk) * chunk)
+    return decode_program(graphdef, params, logits, prompt_kv, prompt_len, key, **decode)
 
 
 _COMPILED: dict[Any, Any] = {}
@@ -378,6 +325,21 @@ def _signature(tree) -> tuple:
     leaves, treedef = jax.tree.flatten(tree)
     return treedef, tuple((np.shape(x), str(jnp.result_type(x)),
                            str(getattr(x, "sharding", None))) for x in leaves)
+
+
+def _compiled(fn, graphdef, static: dict, *args) -> tuple[Any, float]:
+    """``fn`` compiled for ``args`` (cached by their shapes, dtypes and shardings) and the
+    seconds compiling it took (0 when cached)."""
+    sig = (fn.__name__, graphdef, tuple(sorted(static.items(), key=lambda kv: kv[0])),
+           _signature(args))
+    compiled = _COMPILED.get(sig)
+    if compiled is not None:
+        return compiled, 0.0
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn, static_argnums=0, static_argnames=tuple(static)).lower(
+        graphdef, *args, **static).compile()
+    _COMPILED[sig] = compiled
+    return compiled, time.perf_counter() - t0
 
 
 def rebucket(tokens: np.ndarray, mask: np.ndarray, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -394,8 +356,9 @@ def rebucket(tokens: np.ndarray, mask: np.ndarray, pad_id: int) -> tuple[np.ndar
 
 def rollout(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Any, prompt_mask: Any,
             key: jax.Array, sampling: SamplingParams | None = None, *,
-            num_samples: int = 1, num_slots: int | None = None, chunk_size: int = 64,
+            num_samples: int = 1, num_slots: int | None = None, chunk_size: int = 256,
             pad_id: int = 0, bucket: bool = True, width_buckets: int = 3,
+            prompt_capacity: int | None = None,
             batch_sharding: jax.sharding.Sharding | None = None) -> RolloutOutput:
     """``num_samples`` completions for each left-padded prompt, by continuous batching.
 
@@ -409,8 +372,9 @@ def rollout(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Any, promp
         num_slots: sequences decoded at once (default ``min(P x G, 64)``). On a CPU a
             step costs about ``weights + slots x per-token compute``; on a GPU more
             slots are nearly free until compute or KV reads dominate.
-        chunk_size: cache slots per attention chunk; a decode step reads
-            ``ceil(filled / chunk_size)`` chunks of every slot's cache.
+        chunk_size: generated positions per attention chunk; a decode step reads
+            ``ceil(generated / chunk_size)`` chunks of every slot's cache (each chunk is
+            a loop iteration: on a CPU one chunk of 256 costs less than four of 64).
         pad_id: token written after a sequence has stopped.
         bucket: re-pad the prompts to :func:`~sparsejax.generation.sampler.bucket_length`.
         width_buckets: how many loop widths: ``num_slots``, ``num_slots / 2``, ...
@@ -418,6 +382,11 @@ def rollout(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Any, promp
             slots are live, the live ones move into the next narrower loop, so the
             tail (slots finishing one by one) does not pay for the full width. 1: one
             width. Each width is its own ``while_loop`` in the same program.
+        prompt_capacity: prompt positions the decode program holds (at least the
+            prompts' width, rounded up to whole chunks); the prompt part of a decode
+            step reads the chunks the longest prompt fills only. Calls whose prompts
+            fit share one decode program, so a caller that knows its longest prompt
+            (the trainer does) compiles it once; default: the prompts' width.
         batch_sharding: optional sharding of the slot axis (e.g. ``NamedSharding(mesh,
             PartitionSpec("data"))``): the slots' KV cache and per-slot arrays are
             constrained to it (``jax.lax.with_sharding_constraint``), so the cache is
@@ -454,24 +423,22 @@ def rollout(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Any, promp
     multiple = 1
     if batch_sharding is not None:
         multiple = slots // batch_sharding.shard_shape((slots,))[0]
+    width = max(tokens.shape[1], bucket_length(prompt_capacity or 1))
+    capacity = -(-width // chunk_size) * chunk_size          # whole attention chunks
     static = dict(sampling=sampling, num_samples=int(num_samples), num_slots=slots,
                   chunk=int(chunk_size), pad_id=int(pad_id), batch_sharding=batch_sharding,
                   width_buckets=int(width_buckets), shard_multiple=multiple)
-    sig = (graphdef, tuple(sorted(static.items(), key=lambda kv: kv[0])),
-           _signature(params), tokens.shape, _signature(key))
-    compile_s = 0.0
-    compiled = _COMPILED.get(sig)
-    if compiled is None:
-        t0 = time.perf_counter()
-        fn = jax.jit(rollout_program, static_argnums=0,
-                     static_argnames=tuple(static))
-        compiled = fn.lower(graphdef, params, tokens, mask, key, **static).compile()
-        compile_s = time.perf_counter() - t0
-        _COMPILED[sig] = compiled
+    prefill_fn, compile_s = _compiled(prefill_program, graphdef, dict(capacity=capacity),
+                                      params, tokens, mask)
+    t0 = time.perf_counter()
+    prefilled = jax.block_until_ready(prefill_fn(params, tokens, mask))
+    run_s = time.perf_counter() - t0
+    decode_fn, seconds = _compiled(decode_program, graphdef, static, params, *prefilled, key)
+    compile_s += seconds
     t0 = time.perf_counter()
     # to_host: on several processes a batch-sharded output is gathered on every process.
-    out_tokens, logps, steps, slot_steps = to_host(compiled(params, tokens, mask, key))
-    run_s = time.perf_counter() - t0
+    out_tokens, logps, steps, slot_steps = to_host(decode_fn(params, *prefilled, key))
+    run_s += time.perf_counter() - t0
     out_tokens, logps = np.asarray(out_tokens), np.asarray(logps)
     out_mask = _completion_mask(out_tokens, sampling)
     lengths = out_mask.sum(axis=1)

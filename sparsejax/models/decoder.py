@@ -188,7 +188,7 @@ class Attention(nnx.Module):
         k = apply_rope(self.k_norm(k) if c.qk_norm else k, cos, sin)
         v = self.v_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
         if cache is not None and hasattr(cache, "attend"):
-            # A cache that stores and attends by itself (sparsejax.generation.rollouts.SlotCache).
+            # A cache that stores and attends by itself (sparsejax.generation.slot_attention.SlotCache).
             out, cache = cache.attend(q, k, v)
             return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim)), cache
         if cache is not None:

@@ -129,16 +129,21 @@ class GRPOTrainer(PolicyRun):
             temperature=self.cfg.temperature, chunk_size=self.cfg.logprob_chunk_size)
 
     def _sample(self, prompt_ids: list[list[int]], key: jax.Array, sampling: SamplingParams,
-                *, num_samples: int, num_slots: int, prompts_per_call: int
+                *, num_samples: int, num_slots: int, prompts_per_call: int,
+                prompt_capacity: int | None = None
                 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """``num_samples`` completions of each prompt (prompt-major rows) and their cost.
 
         Prompts go to :func:`sparsejax.generation.rollouts.rollout` ``prompts_per_call`` at a time
         (each prefilled once, its samples decoded in ``num_slots`` slots); the last
         call is padded to the same count (no recompiles) and the padding dropped.
+        ``prompt_capacity`` (default: the longest of ``prompt_ids``) sizes the decode
+        program, so that calls with shorter prompts reuse it.
         Returns the samples and ``{compile_s, run_s, decode_steps, slot_steps,
         useful_tokens}`` summed over the calls.
         """
+        if prompt_capacity is None:
+            prompt_capacity = max(len(p) for p in prompt_ids)
         chunks, cost = [], dict.fromkeys(("compile_s", "run_s", "decode_steps",
                                           "slot_steps", "useful_tokens"), 0.0)
         for i, start in enumerate(range(0, len(prompt_ids), prompts_per_call)):
@@ -150,7 +155,8 @@ class GRPOTrainer(PolicyRun):
                      and num_slots % sharding_lib.batch_size_of(self.mesh) == 0)
             out = rollout(self.graphdef, self.params, tokens, mask, jax.random.fold_in(key, i),
                           sampling, num_samples=num_samples, num_slots=num_slots,
-                          pad_id=self.pad_id, batch_sharding=(
+                          pad_id=self.pad_id, prompt_capacity=prompt_capacity,
+                          batch_sharding=(
                               sharding_lib.batch_sharding(self.mesh) if split else None))
             chunks.append({k: v[:real] for k, v in out._asdict().items() if k != "stats"})
             for k in cost:
@@ -236,7 +242,8 @@ class GRPOTrainer(PolicyRun):
         samples, gen = self._sample(step_prompts, key, sampling,
                                     num_samples=cfg.num_generations,
                                     num_slots=min(cfg.generation_batch_size, total),
-                                    prompts_per_call=len(step_prompts))
+                                    prompts_per_call=len(step_prompts),
+                                    prompt_capacity=max(len(p) for p in prompt_ids))
         t_gen = time.perf_counter() - t0
         # Train on the longest completion's bucket, not all max_new_tokens positions:
         # short completions cost less, and bucketing bounds the recompiles.

@@ -50,8 +50,9 @@ def test_plan_parts_and_phases(plans):
     assert sparse["gradient_accumulator"] < dense["gradient_accumulator"] / 20
     assert sparse["total"] < dense["total"]
     # KV cache of the tiny config (2 x layers x kv_heads 2 x head_dim 16 x bf16 per token):
-    # 4 decode slots of ceil((16 + 112) / 64) * 64 slots, plus the 2 prefilled prompts.
-    assert sparse["kv_cache"] == 2 * 4 * 2 * 16 * 2 * (4 * 128 + 2 * 16)
+    # 4 decode slots of 112 generated tokens and 2 prefilled prompts of 16, each in whole
+    # attention chunks of 256 positions.
+    assert sparse["kv_cache"] == 2 * 4 * 2 * 16 * 2 * (4 * 256 + 2 * 256)
 
 
 def test_remat_lowers_the_planned_activations(plans):

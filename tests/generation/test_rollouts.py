@@ -15,6 +15,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from sparsejax.generation import rollouts
 from sparsejax.generation import sampler as sampling
+from sparsejax.generation import slot_attention
 from sparsejax.models import completion_logprobs, load_hf
 from sparsejax.models.decoder import _xla_attention
 
@@ -161,7 +162,7 @@ def test_chunked_decode_attention_equals_full_masked_attention():
     valid = np.arange(c)[None] < fill[:, None]
     ref = _xla_attention(q[:, None], k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
                          jnp.asarray(valid)[:, None])[:, 0]
-    fn = jax.jit(rollouts.chunked_decode_attention, static_argnums=5)
+    fn = jax.jit(slot_attention.chunked_decode_attention, static_argnums=5)
     kt = k.transpose(0, 1, 3, 2)                              # keys stored [S, kv, D, C]
     got = fn(q, kt, v, jnp.asarray(fill), 4, chunk)           # 16 of 20 slots: enough
     np.testing.assert_allclose(np.asarray(got[:3]), np.asarray(ref[:3]), atol=1e-5)
@@ -173,6 +174,62 @@ def test_chunked_decode_attention_equals_full_masked_attention():
     dirty = fn(q, jnp.where(jnp.asarray(valid)[:, None, None], kt, noise), v,
                jnp.asarray(fill), 4, chunk)
     np.testing.assert_array_equal(np.asarray(dirty), np.asarray(got))
+
+
+def test_prompt_then_generated_attention_equals_full_masked_attention():
+    rng = np.random.default_rng(1)
+    num_prompts, n, h, kv, d, chunk, lp, c = 2, 3, 6, 2, 8, 4, 8, 8
+    s = num_prompts * n
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+    q, pk, pv, k, v = (normal(s, h, d), normal(num_prompts, kv, lp, d),
+                       normal(num_prompts, kv, lp, d), normal(s, kv, c, d), normal(s, kv, c, d))
+    prompt_len = np.array([5, 8])
+    fill = np.array([0, 3, 4, 7, 1, 0])        # generated keys: none, ragged, a full chunk
+    row_prompt = np.arange(s) // n
+    valid = np.concatenate([np.arange(lp)[None] < prompt_len[row_prompt][:, None],
+                            np.arange(c)[None] < fill[:, None]], axis=1)
+    keys = jnp.concatenate([pk[row_prompt], k], axis=2)           # [S, kv, Lp + C, D]
+    values = jnp.concatenate([pv[row_prompt], v], axis=2)
+    ref = _xla_attention(q[:, None], keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3),
+                         jnp.asarray(valid)[:, None])[:, 0]
+
+    def attend(grouped, prompt_chunks):
+        state = slot_attention.prompt_attention_state(
+            q, pk.transpose(0, 1, 3, 2), pv, jnp.asarray(prompt_len), jnp.asarray(row_prompt),
+            grouped, prompt_chunks, chunk)
+        return slot_attention.chunked_decode_attention(
+            q, k.transpose(0, 1, 3, 2), v, jnp.asarray(fill), 2, chunk, init=state)
+
+    together, gathered = attend(True, 2), attend(False, 2)
+    np.testing.assert_allclose(np.asarray(together), np.asarray(ref), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(gathered), np.asarray(ref), atol=1e-5)
+    # only the prompt chunks a row fills are read: fewer change the result
+    assert not np.allclose(np.asarray(attend(True, 1)[n:]), np.asarray(ref[n:]), atol=1e-3)
+
+
+def test_samples_attending_to_their_prompt_together_and_capacity_change_no_token(qwen_tiny):
+    graphdef, params = nnx.split(qwen_tiny)
+    tokens, mask = prompts(qwen_tiny.config.vocab_size, seed=5)
+    total = tokens.shape[0] * 3
+    run = lambda slots, tokens=tokens, mask=mask, **kw: rollouts.rollout(
+        graphdef, params, tokens, mask, jax.random.key(11), SAMPLED, num_samples=3,
+        num_slots=slots, chunk_size=4, **kw)
+    apart, together = run(2), run(total)             # one sequence per slot: grouped
+    np.testing.assert_array_equal(together.tokens, apart.tokens)
+    np.testing.assert_allclose(together.logprobs, apart.logprobs, atol=1e-5, rtol=0)
+    # room for longer prompts: the same bits
+    rng = np.random.default_rng(6)
+    long_tokens, long_mask = sampling.left_pad(
+        [rng.integers(3, qwen_tiny.config.vocab_size, n).tolist() for n in (12, 9, 11)], 0)
+    exact = run(total, long_tokens, long_mask)
+    wide = run(total, long_tokens, long_mask, prompt_capacity=40)
+    np.testing.assert_array_equal(wide.tokens, exact.tokens)
+    np.testing.assert_array_equal(wide.logprobs, exact.logprobs)
+    # shorter prompts (another width bucket) reuse the decode program: one new prefill
+    compiled = len(rollouts._COMPILED)
+    short = run(total, prompt_capacity=40)
+    assert short.prompt_tokens.shape[1] < wide.prompt_tokens.shape[1]
+    assert len(rollouts._COMPILED) == compiled + 1 and short.stats.compile_s > 0
 
 
 def test_rollout_rejects_bad_input(qwen_tiny):
