@@ -18,17 +18,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m sparsejax.reproduce",
         description="Reproduce a paper's experiment on a real model: multiple_tickets "
-                    "(random 99%% masks vs full finetuning, a sparsity sweep), subnetworks "
+                    "(random 99% masks vs full finetuning, a sparsity sweep), subnetworks "
                     "(update sparsity, subnetwork retraining, overlap), predicted_masks "
                     "(masks from early deltas vs random masks), or all. Arms are cached "
-                    "under --root and a killed run continues where it stopped.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "under --root and a killed run continues where it stopped.")
     p.add_argument("experiment", choices=(*NAMES, "all"))
     p.add_argument("--scale", choices=tuple(SCALES), default="cpu",
                    help="quick: the shipped demo model (minutes); cpu: SmolLM2-135M on the "
-                        "arithmetic task; paper: the papers' model and data (GPU)")
+                        "arithmetic task; paper: the papers' model and data (GPU) (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0,
-                   help="added to every seed (data order, sampling, masks)")
+                   help="added to every seed (data order, sampling, masks) (default: %(default)s)")
     p.add_argument("--root", default=None,
                    help="folder of the arms (default runs/reproduce/<scale>_seed<seed>)")
     p.add_argument("--results", default=None,
