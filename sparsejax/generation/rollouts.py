@@ -52,7 +52,6 @@ Guarantees:
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any, NamedTuple
 

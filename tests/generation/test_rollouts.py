@@ -13,9 +13,8 @@ from flax import nnx
 from test_sampling import build_hf, prompts
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from sparsejax.generation import rollouts
+from sparsejax.generation import rollouts, slot_attention
 from sparsejax.generation import sampler as sampling
-from sparsejax.generation import slot_attention
 from sparsejax.models import completion_logprobs, load_hf
 from sparsejax.models.decoder import _xla_attention
 
