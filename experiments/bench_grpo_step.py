@@ -21,9 +21,14 @@ forward/backward, optimizer), compilation, and completion tokens per second of w
 steps, then each sparsejax arm's ratio to TRL. Writes JSON (device, versions, date,
 commit, command) to ``--out`` (default under ``runs/benchmarks/``).
 
+On a GPU every arm runs there (TRL through torch's CUDA); ``--random-preset`` times a
+model of a preset's shape with random weights (its completions run to the budget, the
+prompts are the shipped demo task's), for a machine that has no checkpoint.
+
     sparsejax smollm2                                        # the real model, once
     python experiments/bench_grpo_step.py                    # SmolLM2-135M, 8 x 8 x 128
     python experiments/bench_grpo_step.py --tiny             # smoke run on the demo model
+    python experiments/bench_grpo_step.py --random-preset SmolLM2-135M --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 ARMS = ("trl", "sparse", "full")
 ROLLOUT_ARMS = ("generate", "rollout")
@@ -43,6 +49,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None,
                    help="HF checkpoint folder (default: `sparsejax smollm2`'s SmolLM2-135M)")
+    p.add_argument("--random-preset", default=None, metavar="PRESET",
+                   help="random weights in this preset's shape (e.g. SmolLM2-135M) instead "
+                        "of --model, on the shipped demo task's prompts")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="the model's dtype in every arm")
     p.add_argument("--gsm8k-dir", default=None,
                    help="folder with GSM8K train.jsonl (default: the hub's openai/gsm8k)")
     p.add_argument("--tiny", action="store_true",
@@ -71,6 +82,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.arms = [a.strip() for a in (args.arms or ",".join(choices)).split(",") if a.strip()]
     if unknown := set(args.arms) - set(choices):
         p.error(f"--arms: unknown {sorted(unknown)}; choose from {choices}")
+    if args.random_preset and (args.model or args.tiny):
+        p.error("--random-preset replaces --model and --tiny; give one of them")
+    if args.random_preset:
+        from sparsejax.models.config import PRESETS
+        if args.random_preset not in PRESETS:
+            p.error(f"--random-preset: unknown {args.random_preset!r}; presets: "
+                    f"{', '.join(sorted(PRESETS))}")
     if args.steps < 2:
         p.error("--steps must be >= 2 (the first step is warm-up)")
     if args.tiny:
@@ -79,16 +97,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def load_task(args):
+def load_task(args, work_dir: str):
     """``(model_dir, prompts, answers, reward)``: chat-templated prompt texts, gold answers
-    and a reward ``(completions, answers) -> floats`` shared by every arm."""
+    and a reward ``(completions, answers) -> floats`` shared by every arm. A
+    ``--random-preset`` checkpoint is written under ``work_dir``."""
     from transformers import AutoTokenizer
-    if args.tiny:
+    if args.tiny or args.random_preset:
+        from peak_memory import make_checkpoint
+
         from sparsejax.cli.tasks import DEMO_DIR
         from sparsejax.data.jsonl import read_jsonl
         from sparsejax.data.toy_task import reward_fn
         rows = read_jsonl(os.path.join(DEMO_DIR, "train.jsonl"))
-        return DEMO_DIR, [r["prompt"] for r in rows], [r["answer"] for r in rows], reward_fn
+        model_dir = DEMO_DIR if args.tiny else str(make_checkpoint(
+            args.random_preset, args.dtype, DEMO_DIR, Path(work_dir) / args.random_preset))
+        return model_dir, [r["prompt"] for r in rows], [r["answer"] for r in rows], reward_fn
     from sparsejax import rewards
     from sparsejax.data.gsm8k import load_gsm8k, with_prompts
     from sparsejax.models.smollm2 import smollm2_checkpoint
@@ -110,7 +133,8 @@ def run_trl(args, model_dir, prompts, answers, reward, out_dir) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    cuda = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype))
     gen_batch = args.prompts * args.generations
     config = GRPOConfig(
         output_dir=out_dir, max_steps=args.steps, learning_rate=args.lr,
@@ -118,7 +142,7 @@ def run_trl(args, model_dir, prompts, answers, reward, out_dir) -> dict:
         gradient_accumulation_steps=gen_batch // args.micro_batch,
         num_generations=args.generations, max_completion_length=args.max_new_tokens,
         temperature=1.0, beta=0.0, loss_type=args.loss, logging_steps=1, save_strategy="no",
-        report_to=[], use_cpu=True, bf16=False, seed=args.seed, shuffle_dataset=False,
+        report_to=[], use_cpu=not cuda, bf16=cuda and args.dtype == "bfloat16", seed=args.seed, shuffle_dataset=False,
         disable_tqdm=True)
 
     def reward_func(completions, answer, **_):
@@ -141,6 +165,9 @@ def run_trl(args, model_dir, prompts, answers, reward, out_dir) -> dict:
     trainer = GRPOTrainer(model=model, reward_funcs=reward_func, args=config,
                           train_dataset=data, processing_class=tokenizer, callbacks=[Timer()])
     trainer.train()
+    del trainer, model
+    if cuda:  # give the GPU memory back to the JAX arms
+        torch.cuda.empty_cache()
     return {"step_s": times, "sample_s": [None] * len(times), "compile_s": [0.0] * len(times),
             "completion_tokens": tokens}
 
@@ -155,7 +182,7 @@ def run_sparsejax(args, arm, model_dir, prompts, answers, reward, out_dir) -> di
     from sparsejax.trainers import GRPOTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    graphdef, params = nnx.split(load_hf(model_dir, param_dtype="float32"))
+    graphdef, params = nnx.split(load_hf(model_dir, param_dtype=args.dtype))
     changes = {} if args.remat is None else {"remat": args.remat}
     config = GRPOConfig(
         steps=args.steps, prompts_per_step=args.prompts, num_generations=args.generations,
@@ -193,17 +220,22 @@ def run_generate(args, model_dir, prompts, out_dir) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=getattr(torch, args.dtype)).to(device).eval()
     out = {"step_s": [], "sample_s": [], "compile_s": [], "completion_tokens": []}
     for step in range(args.steps):
         rows = [p for p in prompts[step * args.prompts:(step + 1) * args.prompts]
                 for _ in range(args.generations)]
-        batch = tokenizer(rows, return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = tokenizer(rows, return_tensors="pt", padding=True,
+                          add_special_tokens=False).to(device)
         start = time.perf_counter()
         with torch.no_grad():
             ids = model.generate(**batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                                  max_new_tokens=args.max_new_tokens,
                                  pad_token_id=tokenizer.pad_token_id)
+        if device == "cuda":
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         completions = ids[:, batch["input_ids"].shape[1]:]
         # tokens up to and including the first EOS (the rest is padding)
@@ -228,7 +260,7 @@ def run_rollout(args, model_dir, prompts, out_dir) -> dict:
     from sparsejax.trainers import GRPOTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    graphdef, params = nnx.split(load_hf(model_dir, param_dtype="float32"))
+    graphdef, params = nnx.split(load_hf(model_dir, param_dtype=args.dtype))
     config = GRPOConfig(prompts_per_step=args.prompts, num_generations=args.generations,
                         max_new_tokens=args.max_new_tokens, micro_batch_size=args.micro_batch,
                         seed=args.seed)
@@ -268,14 +300,24 @@ def summarize(raw: dict) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # sparsejax's arms compile as its jobs do (remat kept on a CPU), before JAX starts
+    import importlib.util
+    needs_torch = {"trl", "generate"} & set(args.arms)
+    missing = [m for m in ("torch", "trl" if "trl" in args.arms else None)
+               if m and needs_torch and importlib.util.find_spec(m) is None]
+    if missing:
+        sys.exit(f"error: the {'/'.join(sorted(needs_torch))} arm needs {' and '.join(missing)} "
+                 "(pip install -e \".[dev]\"), or leave it out with --arms")
+    # sparsejax's arms compile as its jobs do (remat kept on a CPU), before JAX starts;
+    # on a GPU, JAX takes memory as it needs it, so torch's arms can run beside it
     from sparsejax.xla_flags import keep_optimization_barriers
     keep_optimization_barriers()
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import tempfile
 
     from bench_optimizer import write_result
 
-    model_dir, prompts, answers, reward = load_task(args)
+    work = tempfile.TemporaryDirectory()
+    model_dir, prompts, answers, reward = load_task(args, work.name)
     need = args.prompts * args.steps
     if len(prompts) < need:
         sys.exit(f"error: {need} prompts needed, the task has {len(prompts)}")
@@ -307,30 +349,33 @@ def main(argv=None) -> int:
                 print(f"{arm} / {baseline} (completion tokens/s of whole steps): "
                       f"{results[arm][f'ratio_to_{baseline}']:.2f}x")
     settings = {k: v for k, v in vars(args).items() if k != "out"}
-    settings["model_dir"] = model_dir
+    settings["model_dir"] = (f"random weights, {args.random_preset}'s shape"
+                             if args.random_preset else model_dir)
     name = "bench_grpo_rollouts" if args.rollouts else "bench_grpo_step"
     write_result({"benchmark": name, **environment(), "settings": settings, "arms": results},
                  args.out, name)
+    work.cleanup()
     return 0
 
 
 def environment() -> dict:
     """Device, versions, date, commit and command of this run."""
     import datetime
+    import importlib.metadata
     import platform
 
     import jax
-    import torch
-    import transformers
-    import trl
 
     from sparsejax.runs import provenance
     device = jax.devices()[0]
+    versions = {"python": platform.python_version(), "jax": jax.__version__}
+    for package in ("torch", "transformers", "trl"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
     return {"device": f"{device.platform}:{device.device_kind}", "cpu_count": os.cpu_count(),
-            "load_average": os.getloadavg(),
-            "versions": {"python": platform.python_version(), "jax": jax.__version__,
-                         "torch": torch.__version__, "transformers": transformers.__version__,
-                         "trl": trl.__version__},
+            "load_average": os.getloadavg(), "versions": versions,
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "commit": provenance.git_commit(short=True),
             "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])}

@@ -14,6 +14,9 @@ cannot eat the budget; a part that fails does not stop the others):
 * ``grpo``: two steps of the real GRPO trainer on random-init Qwen2.5-0.5B (8 prompts x
   8 samples, 256 new tokens), time per phase and peak memory, sparse 99% and full
   finetuning each in its own process;
+* ``grpo_step``: ``bench_grpo_step.py``, whole GRPO steps of TRL's ``GRPOTrainer`` (when
+  ``trl`` is installed) and sparsejax sparse 99% and full, side by side, at the CPU
+  benchmark's workload on a random SmolLM2-135M-shaped model in bfloat16;
 * ``train_step``: ``bench_train_step.py`` (dense vs gather vs sparse backward).
 
 Before anything starts, missing packages are reported by name. At the end the out
@@ -21,7 +24,7 @@ folder holds ``gpu_check.json`` and ``gpu_check.md`` (versions, date, commit, de
 one row per part, the parts' tables). Exit status: 0 when no part failed or timed out,
 1 otherwise, 2 for bad flags or missing packages.
 
-    python experiments/gpu_check.py                      # on the GPU machine, ~8 min
+    python experiments/gpu_check.py                      # on the GPU machine, ~10 min
     python experiments/gpu_check.py --only env,tests     # a subset
     python experiments/gpu_check.py --tiny               # toy sizes on CPU (CI)
 """
@@ -47,7 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 #: (name, timeout on a GPU in s, timeout with --tiny in s). ``grpo`` runs as two
 #: processes (``grpo:sparse``, ``grpo:full``), each with this timeout.
 PARTS = (("env", 60, 120), ("tests", 150, 240), ("optimizer", 170, 240),
-         ("sampler", 110, 240), ("grpo", 110, 240), ("train_step", 110, 240))
+         ("sampler", 110, 240), ("grpo", 110, 240), ("grpo_step", 240, 600),
+         ("train_step", 110, 240))
 PART_NAMES = tuple(p[0] for p in PARTS)
 MIN_PART_S = 15  # a part is not started with less time than this left
 #: importable name -> what to install. Checked by name before anything starts.
@@ -244,7 +248,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="output folder (default "
                         "runs/gpu_check_<device kind>_<UTC time>)")
     parser.add_argument("--budget-s", type=float, default=None,
-                        help="wall-clock budget for all parts (default 480; 900 with --tiny)")
+                        help="wall-clock budget for all parts (default 560; 1200 with --tiny)")
     parser.add_argument("--only", default=None,
                         help=f"comma-separated parts to run, of {','.join(PART_NAMES)}")
     parser.add_argument("--tiny", action="store_true",
@@ -263,7 +267,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.in_process and not args.tiny:
         parser.error("--in-process is for --tiny test runs; a GPU run isolates its parts")
     if args.budget_s is None:
-        args.budget_s = 900.0 if args.tiny else 480.0
+        args.budget_s = 1200.0 if args.tiny else 560.0
     if args.budget_s <= 0:
         parser.error("--budget-s must be > 0")
     overrides = {}

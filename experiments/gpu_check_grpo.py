@@ -127,3 +127,38 @@ def run_grpo(ctx, variant: str) -> None:
         f"{last['reference_s']:.3g}, bwd {last['backward_s']:.3g}, opt "
         f"{last['optimizer_s']:.3g}), first step {ctx.result['rows'][0]['step_s']:.3g} s"
         + (f", peak {peak / 2**30:.2f} GiB" if peak else ", peak memory not reported"))
+
+
+def run_grpo_step(ctx) -> None:
+    """``bench_grpo_step.py``: whole GRPO steps of TRL and sparsejax (99% sparse, full).
+
+    The CPU benchmark's workload (8 prompts x 8 samples, 128 new tokens, ``dapo``, micro-
+    batch 8) on a random SmolLM2-135M-shaped model in bfloat16. TRL runs when ``trl`` is
+    installed (its arm left out and said so otherwise).
+    """
+    import importlib.util
+
+    from gpu_check_parts import run_script
+    arms = ["sparse", "full"]
+    if importlib.util.find_spec("trl") and importlib.util.find_spec("torch"):
+        arms.insert(0, "trl")
+    else:
+        ctx.result["notes"].append("trl or torch not installed: the TRL arm is left out "
+                                   "(carry the trl wheel: docs/gpu.md)")
+    wanted = [(("--arms",), ",".join(arms))]
+    if ctx.tiny:
+        wanted.append((("--tiny",), None))
+    else:
+        wanted += [(("--random-preset",), "SmolLM2-135M"), (("--dtype",), "bfloat16"),
+                   (("--steps",), "3")]
+    record = run_script(ctx, "bench_grpo_step", wanted)
+    ctx.result.update(model=record.get("settings", {}).get("model_dir"),
+                      device=record.get("device"))
+    for arm, r in record.get("arms", {}).items():
+        ctx.result["rows"].append({"arm": arm, **{k: r.get(k) for k in (
+            "step_s_median", "first_step_s", "sample_s_median", "compile_s_first",
+            "compile_s_later", "completion_tokens_per_s", "ratio_to_trl")}})
+    ctx.result["summary"] = ", ".join(
+        f"{r['arm']} {r['completion_tokens_per_s']:.0f} tok/s"
+        + (f" ({r['ratio_to_trl']:.2f}x TRL)" if r.get("ratio_to_trl") else "")
+        for r in ctx.result["rows"])

@@ -455,4 +455,4 @@ def run_train_step(ctx) -> None:
         + f" {r['ms']:.1f} ms" for r in ctx.result["rows"] if r.get("ms") is not None)
 
 
-from gpu_check_grpo import run_grpo  # noqa: E402,F401
+from gpu_check_grpo import run_grpo, run_grpo_step  # noqa: E402,F401

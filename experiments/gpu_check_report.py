@@ -94,6 +94,17 @@ def _grpo(records: list[dict]) -> list[str]:
     return lines
 
 
+def _grpo_step(rec: dict) -> list[str]:
+    rows = [[r.get("arm"), _f(r.get("step_s_median")), _f(r.get("first_step_s"), ".1f"),
+             _f(r.get("sample_s_median")), _f(r.get("compile_s_later"), ".1f"),
+             _f(r.get("completion_tokens_per_s"), ".0f"),
+             _f(r.get("ratio_to_trl"), ".2f") + ("x" if r.get("ratio_to_trl") else "")]
+            for r in rec.get("rows", [])]
+    return [f"`{rec.get('command', '')}`; model: {rec.get('model')}", ""] + _table(
+        ["arm", "step s (median)", "first step s", "sampling s", "later compile s",
+         "completion tok/s", "vs TRL"], rows) + [f"- {n}" for n in rec.get("notes", [])]
+
+
 def _train_step(rec: dict) -> list[str]:
     rows = [[r.get("method"), _f(r.get("density"), ".1%"), f"{r.get('k') or 0:,}",
              _f(r.get("ms"), ".1f"), _f(r.get("speedup_vs_dense"), ".2f"),
@@ -113,9 +124,11 @@ def markdown(meta: dict, records: list[dict]) -> str:
         lines += ["## optimizer step", ""] + _optimizer(by["optimizer"])
     if by.get("sampler", {}).get("rows"):
         lines += ["## sampler", ""] + _sampler(by["sampler"])
-    grpo = [r for r in records if r["part"].startswith("grpo") and r.get("rows")]
+    grpo = [r for r in records if r["part"].partition(":")[0] == "grpo" and r.get("rows")]
     if grpo:
         lines += ["## GRPO step (phases in s)", ""] + _grpo(grpo)
+    if by.get("grpo_step", {}).get("rows"):
+        lines += ["## whole GRPO step vs TRL", ""] + _grpo_step(by["grpo_step"])
     if by.get("train_step", {}).get("rows"):
         lines += ["## train step", ""] + _train_step(by["train_step"])
     failed = by.get("tests", {}).get("failed_tests")

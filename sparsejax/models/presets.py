@@ -1,5 +1,6 @@
-"""The exact shapes of the public Qwen2.5, Qwen3 (dense and MoE) and Llama 3.x checkpoints,
-as :class:`~sparsejax.models.config.DecoderConfig` fields (standard library only).
+"""The exact shapes of the public Qwen2.5, Qwen3 (dense and MoE), Llama 3.x and
+SmolLM2-135M checkpoints, as :class:`~sparsejax.models.config.DecoderConfig` fields
+(standard library only).
 
 :data:`sparsejax.models.config.PRESETS` builds the configs from :data:`PRESET_FIELDS`;
 use it (or :func:`sparsejax.models.config.preset`) rather than this table.
@@ -70,4 +71,10 @@ PRESET_FIELDS: dict[str, dict[str, Any]] = {
     "Llama-3.2-1B": _llama3(2048, 8192, 16, 32, 8, True, _LLAMA32_SCALING),
     "Llama-3.2-3B": _llama3(3072, 8192, 28, 24, 8, True, _LLAMA32_SCALING),
     "Llama-3.1-8B": _llama3(4096, 14336, 32, 32, 8, False, _LLAMA31_SCALING),
+    # the benchmarks' real model (``sparsejax smollm2``); eos ``<|im_end|>`` = 2
+    "SmolLM2-135M": dict(
+        model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+        num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5,
+        rope_theta=100000.0, tie_word_embeddings=True, max_position_embeddings=8192,
+        bos_token_id=1, eos_token_ids=(2,), pad_token_id=2, param_dtype="bfloat16"),
 }

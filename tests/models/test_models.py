@@ -207,6 +207,16 @@ def test_hf_config_round_trip_both_layouts():
         from_hf_config({**old_layout, "model_type": "gemma"})
 
 
+def test_smollm2_preset_is_the_public_config():
+    """SmolLM2-135M(-Instruct)'s config.json fields, as transformers reads them."""
+    public = LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5,
+        rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    assert from_hf_config(public.to_dict(), param_dtype="bfloat16") == PRESETS["SmolLM2-135M"]
+
+
 def test_inv_frequencies_match_transformers():
     hf_cfg = LlamaConfig(**VARIANTS["llama_gqa3_untied_llama3rope"][1])
     hf = LlamaForCausalLM(hf_cfg)
