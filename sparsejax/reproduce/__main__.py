@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 from sparsejax.reproduce.scales import SCALES
 
-NAMES = ("multiple_tickets", "subnetworks", "predicted_masks")
+NAMES = ("multiple_tickets", "subnetworks", "predicted_masks")  # what ``all`` runs
+OPTIONAL = ("alternatives",)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -20,9 +21,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Reproduce a paper's experiment on a real model: multiple_tickets "
                     "(random 99% masks vs full finetuning, a sparsity sweep), subnetworks "
                     "(update sparsity, subnetwork retraining, overlap), predicted_masks "
-                    "(masks from early deltas vs random masks), or all. Arms are cached "
-                    "under --root and a killed run continues where it stopped.")
-    p.add_argument("experiment", choices=(*NAMES, "all"))
+                    "(masks from early deltas vs random masks), all (those three), or "
+                    "alternatives (80/20 tokens, LoRA and masked LoRA vs a random 99%% "
+                    "mask; not in all). Arms are cached under --root and a killed run "
+                    "continues where it stopped.")
+    p.add_argument("experiment", choices=(*NAMES, *OPTIONAL, "all"))
     p.add_argument("--scale", choices=tuple(SCALES), default="cpu",
                    help="quick: the shipped demo model (minutes); cpu: SmolLM2-135M on the "
                         "arithmetic task; paper: the papers' model and data (GPU) (default: %(default)s)")

@@ -13,6 +13,11 @@ numbers each claim is judged by.
   momentum-scored global top-k mask at 97.5% and 99%, sparse runs from the base with
   them vs random masks of the same size, the Jaccard with the full run's subnetwork and
   the step time vs dense.
+* :func:`alternatives` (optional): other ways to train little, beside full finetuning
+  and a random 99% mask: the policy gradient on the top 20% highest-entropy tokens only
+  (Beyond the 80/20 rule, arXiv 2506.01939), LoRA with the random mask's budget, and
+  masked LoRA of 4x the rank with a random quarter of its factor entries (Partial-LoRA,
+  arXiv 2512.22495, with one ratio for every kernel) at the same budget.
 
 Each returns an :class:`Outcome`: tables (rows of dicts), curves (arm -> eval accuracy
 over steps) and verdicts. Accuracies are compared against a noise level: the larger of
@@ -36,6 +41,8 @@ TICKETS = 3
 SWEEP = (0.999, 0.9999)
 BSR_SPARSITIES = (0.975, 0.99)
 TOLERANCES = (1e-5, 1e-4)
+TOP_ENTROPY_QUANTILE = 0.2
+MASKED_LORA_DENSITY = 0.25  # masked LoRA: rank / density x LoRA's rank, same budget
 
 
 @dataclasses.dataclass
@@ -105,6 +112,10 @@ def arm_row(arm: ArmResult, total: int | None = None) -> dict[str, Any]:
         row["trainable"] = num_active(mask)
         row["total"] = int(meta.get("total", total or 0))
         row["sparsity"] = 1 - row["trainable"] / row["total"]
+    trainable = next((r["trainable"] for r in arm.records if r.get("kind") == "config"
+                      and "trainable" in r), None)
+    if "trainable" not in row and trainable is not None:
+        row["trainable"] = int(trainable)
     return row
 
 
@@ -274,8 +285,65 @@ def predicted_masks(suite: Suite) -> Outcome:
     return out
 
 
+def lora_rank_for_budget(model: str, budget: int) -> int:
+    """The LoRA rank whose factors on every projection of ``model`` hold about ``budget``
+    entries (at least 1)."""
+    from flax import nnx
+
+    from sparsejax.lora.adapters import kernel_shapes
+    from sparsejax.models.hf_io import load_hf
+    params = nnx.split(load_hf(model, param_dtype="float32"))[1]
+    per_rank = sum(din + dout for din, dout in kernel_shapes(params).values())
+    return max(1, round(budget / per_rank))
+
+
+def alternatives(suite: Suite) -> Outcome:
+    """80/20 tokens, LoRA and masked LoRA against full finetuning and a random 99% mask."""
+    from sparsejax.masks import num_active
+    out = Outcome("alternatives")
+    scale = suite.scale
+    full, random = full_arm(suite), random_arm(suite, 0.99)
+    entropy = suite.arm(f"top_entropy{100 * TOP_ENTROPY_QUANTILE:g}", sparsity=0.0,
+                        extra=("--top-entropy-quantile", str(TOP_ENTROPY_QUANTILE)))
+    budget = num_active(_load_mask(random.mask_file)[0])
+    rank = lora_rank_for_budget(suite.model, budget)
+    wide = round(rank / MASKED_LORA_DENSITY)
+
+    def adapter(name, r, *density):
+        return suite.arm(name, sparsity=0.0, learning_rate=scale.lr_lora,
+                         extra=("--adapter", "lora", "--lora-rank", str(r), "--lora-alpha",
+                                str(2 * r), "--lora-seed", str(suite.seed), *density))
+    lora = adapter(f"lora_r{rank}", rank)
+    masked = adapter(f"masked_lora_r{wide}_d{100 * MASKED_LORA_DENSITY:g}", wide,
+                     "--lora-density", str(MASKED_LORA_DENSITY))
+    arms = (full, random, entropy, lora, masked)
+    out.add_arms(*arms)
+    rows = [arm_row(a) for a in arms]
+    for row in rows:
+        row["budget_of_random99"] = row.get("trainable", 0) / budget
+    total = _total(_load_mask(random.mask_file)[1])
+    for row in rows[-2:]:  # factor entries beside the frozen weights, as a fraction of them
+        row["sparsity"] = 1 - row["trainable"] / total
+    out.tables["accuracy"] = rows
+    base = next((a for s, a in full.curve() if s == 0), None)
+    noise = standard_error(full.accuracy, full.eval_examples)
+
+    def versus(a, b, claim):
+        gap = a.accuracy - b.accuracy
+        learned = base is None or max(a.accuracy, b.accuracy) - base > noise
+        out.judge(claim, "inconclusive" if not learned else "holds" if gap >= -2 * noise
+                  else "does not hold",
+                  f"{a.name} {a.accuracy:.3f} vs {b.name} {b.accuracy:.3f} (noise {noise:.3f}"
+                  + (f", base {base:.3f})" if base is not None else ")"))
+    versus(entropy, full, "the top-20% entropy tokens alone match all tokens (80/20)")
+    versus(lora, random, "LoRA with the same budget matches a random 99% mask")
+    versus(masked, lora, "masked LoRA (4x rank, 25% of entries) matches LoRA of the same "
+                         "budget")
+    return out
+
+
 EXPERIMENTS = {"multiple_tickets": multiple_tickets, "subnetworks": subnetworks,
-               "predicted_masks": predicted_masks}
+               "predicted_masks": predicted_masks, "alternatives": alternatives}
 
 
 # ----------------------------------------------------------------------------- params

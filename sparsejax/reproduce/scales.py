@@ -41,6 +41,7 @@ class Scale:
         steps, warmup_steps: optimizer steps of an arm; of BSR's dense warm-up.
         lr_full, lr_sparse, lr_exponent: full finetuning's LR; the sparse LR at 99% and
             its growth with sparsity.
+        lr_lora: the LoRA arms' LR (10x full finetuning's, alpha = 2 x rank).
         flags: every other flag of an arm (rollout shape, evaluation, dtype, ...).
         plan: ``experiments/memory_plan.py`` flags that shape-check an arm of this scale
             (the preset and rollout shape), or None.
@@ -54,6 +55,7 @@ class Scale:
     lr_full: float
     lr_sparse: float
     lr_exponent: float
+    lr_lora: float
     flags: tuple[str, ...]
     plan: tuple[str, ...] | None = None
 
@@ -81,13 +83,13 @@ class Scale:
 SCALES = {
     "quick": Scale(
         name="quick", model="demo", data_flags=("--demo",), steps=4, warmup_steps=2,
-        lr_full=1e-3, lr_sparse=3e-2, lr_exponent=2 / 3,
+        lr_full=1e-3, lr_sparse=3e-2, lr_exponent=2 / 3, lr_lora=1e-2,
         flags=("--prompts-per-step", "8", "--num-generations", "4",
                "--micro-batch-size", "32", "--generation-batch-size", "32", "--eval-every", "2",
                "--eval-limit", "32", "--save-every", "2")),
     "cpu": Scale(
         name="cpu", model="smollm2", data_flags=("--task", "arithmetic"), steps=20,
-        warmup_steps=3, lr_full=1e-5, lr_sparse=1e-3, lr_exponent=2 / 3,
+        warmup_steps=3, lr_full=1e-5, lr_sparse=1e-3, lr_exponent=2 / 3, lr_lora=1e-4,
         flags=("--dtype", "float32", "--remat", "none", "--prompts-per-step", "8",
                "--num-generations", "8", "--max-new-tokens", "64",
                "--generation-batch-size", "64", "--micro-batch-size", "8",
@@ -96,6 +98,7 @@ SCALES = {
     "paper": Scale(
         name="paper", model="Qwen/Qwen2.5-0.5B-Instruct", data_flags=("--task", "gsm8k"),
         steps=100, warmup_steps=5, lr_full=1e-6, lr_sparse=1e-4, lr_exponent=2 / 3,
+        lr_lora=1e-5,
         flags=("--dtype", "bfloat16", "--prompts-per-step", "32", "--num-generations", "16",
                "--max-new-tokens", "1024", "--eval-every", "25", "--save-every", "10"),
         plan=("--preset", "Qwen2.5-0.5B", "--prompts-per-step", "32", "--num-generations",

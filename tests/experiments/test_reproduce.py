@@ -93,6 +93,33 @@ def test_arms_are_cached_and_changed_settings_refused(suite_root, capsys):
     assert "\n" not in str(err.value)
 
 
+def test_alternatives_budgets_match_the_kernel_shapes(suite_root):
+    """The optional experiment (run on the cached full and random 99% arms): LoRA's rank
+    gives about the random mask's budget, masked LoRA the same budget at 4x the rank, by
+    the demo model's kernel shapes read from its safetensors; the 80/20 arm trained with
+    the top-20% quantile."""
+    assert reproduce.main(["alternatives", "--scale", "quick", "--root", str(suite_root),
+                           "--quiet"]) == 0
+    r = result(suite_root, "alternatives")
+    assert {v["verdict"] for v in r["verdicts"].values()} <= {"holds", "does not hold",
+                                                              "inconclusive"}
+    assert len(r["verdicts"]) == 3 and (suite_root / "results" / "alternatives_quick.png").exists()
+    rows = {row["arm"]: row for row in r["tables"]["accuracy"]}
+    budget = sum(len(v) for v in mask_sets(
+        suite_root / "arms" / "random99_mask0" / "mask.safetensors").values())
+    per_rank = sum(sum(t.shape) for k, t in hf_tensors(SCALES["quick"].model_path()).items()
+                   if k.endswith("_proj.weight"))
+    rank = max(1, round(budget / per_rank))
+    assert rows[f"lora_r{rank}"]["trainable"] == rank * per_rank
+    masked = rows[f"masked_lora_r{4 * rank}_d25"]
+    assert masked["trainable"] == pytest.approx(0.25 * 4 * rank * per_rank, rel=0.05)
+    assert rows["random99_mask0"]["trainable"] == budget
+    with open(suite_root / "arms" / "top_entropy20" / "config.yaml") as f:
+        assert "top_entropy_quantile: 0.2" in f.read()
+    for arm, folder in r["arms"].items():
+        assert os.path.exists(os.path.join(folder, "finished.json")), arm
+
+
 @pytest.mark.parametrize("scale", sorted(SCALES))
 def test_every_arm_is_a_valid_grpo_command(scale, tmp_path):
     from sparsejax.cli.grpo import check_args, parse_args
@@ -100,7 +127,11 @@ def test_every_arm_is_a_valid_grpo_command(scale, tmp_path):
     suite._model = SCALES["quick"].model_path()  # a real model folder, whatever the scale
     for settings in ({"sparsity": 0.0}, {"sparsity": 0.9999, "mask_seed": 2},
                      {"mask_path": str(tmp_path / "m.safetensors"), "learning_rate": 1e-3},
-                     {"steps": 2, "extra": ("--save-hf-every", "1")}):
+                     {"steps": 2, "extra": ("--save-hf-every", "1")},
+                     {"sparsity": 0.0, "learning_rate": SCALES[scale].lr_lora,
+                      "extra": ("--adapter", "lora", "--lora-rank", "4", "--lora-alpha", "8",
+                                "--lora-density", "0.25")},
+                     {"sparsity": 0.0, "extra": ("--top-entropy-quantile", "0.2")}):
         flags, lr = suite.arm_flags("arm", **settings)
         args = parse_args(flags)
         assert args.lr == lr
