@@ -204,6 +204,7 @@ def run_sparsejax(args, arm, model_dir, prompts, answers, reward, out_dir) -> di
         out["step_s"].append(record["step_time"])
         out["sample_s"].append(record["generation_time"])
         out["compile_s"].append(record["compile_time"])
+        out.setdefault("compiles", []).append(record["compiles"])
         out["completion_tokens"].append(record["completion_length"]
                                         * args.prompts * args.generations)
         out.setdefault("skipped_micro_batches", []).append(
@@ -295,6 +296,8 @@ def summarize(raw: dict) -> dict:
             "sample_s_median": statistics.median(sample) if sample else None,
             "compile_s_first": raw["compile_s"][0],
             "compile_s_later": sum(raw["compile_s"][timed]),
+            **({"compiles_first": raw["compiles"][0],
+                "compiles_later": sum(raw["compiles"][timed])} if "compiles" in raw else {}),
             "completion_tokens_per_s": sum(tokens) / sum(step_s), "raw": raw}
 
 
@@ -338,7 +341,10 @@ def main(argv=None) -> int:
         r = results[arm]
         print(f"{arm:>6}: step {r['step_s_median']:.2f} s (first {r['first_step_s']:.1f} s), "
               f"sampling {r['sample_s_median'] or float('nan'):.2f} s, "
-              f"{r['completion_tokens_per_s']:.1f} completion tokens/s", flush=True)
+              f"{r['completion_tokens_per_s']:.1f} completion tokens/s"
+              + (f"; XLA compiles {r['compiles_first']} in the first step, "
+                 f"{r['compiles_later']} later ({r['compile_s_later']:.1f} s)"
+                 if "compiles_first" in r else ""), flush=True)
     baseline = "generate" if args.rollouts else "trl"
     if baseline in results:
         base = results[baseline]["completion_tokens_per_s"]

@@ -117,13 +117,17 @@ def write_json(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
 _COMPILE_EVENTS = frozenset({"/jax/core/compile/jaxpr_trace_duration",
                              "/jax/core/compile/jaxpr_to_mlir_module_duration",
                              "/jax/core/compile/backend_compile_duration"})
+_BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 _compile_total = [0.0]
+_compile_count = [0]
 _listening = [False]
 
 
 def _on_duration(event: str, seconds: float, **_: Any) -> None:
     if event in _COMPILE_EVENTS:
         _compile_total[0] += seconds
+    if event == _BACKEND_COMPILE:
+        _compile_count[0] += 1
 
 
 def compile_seconds() -> float:
@@ -134,6 +138,14 @@ def compile_seconds() -> float:
         jax.monitoring.register_event_duration_secs_listener(_on_duration)
         _listening[0] = True
     return _compile_total[0]
+
+
+def compile_count() -> int:
+    """XLA programs this process has built (compiled, or read back from JAX's persistent
+    compilation cache) since the first call of this or :func:`compile_seconds`; a
+    program already in memory is reused and not counted."""
+    compile_seconds()
+    return _compile_count[0]
 
 
 def peak_memory_bytes() -> int | None:

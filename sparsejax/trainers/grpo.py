@@ -37,7 +37,7 @@ from sparsejax.parallel import sharding as sharding_lib
 from sparsejax.parallel.distributed import host_array
 from sparsejax.rewards.arguments import call_reward, check_columns, check_reward_arguments, repeat_rows
 from sparsejax.runs import checkpoint as ckpt_lib
-from sparsejax.runs.reporting import compile_seconds, peak_memory_bytes, plot_curves
+from sparsejax.runs.reporting import compile_count, compile_seconds, peak_memory_bytes, plot_curves
 from sparsejax.runs.run import PolicyRun, tree_digest
 from sparsejax.trainable import reference as reference_lib
 from sparsejax.trainable.base import Trainable, trainer_mesh, zero_gradient
@@ -298,7 +298,7 @@ class GRPOTrainer(PolicyRun):
         comes); returns its metrics. ``columns`` (name -> one value per prompt) go to
         the reward as keyword arguments."""
         cfg = self.cfg
-        t0, c0 = time.perf_counter(), compile_seconds()
+        t0, c0, n0 = time.perf_counter(), compile_seconds(), compile_count()
         index, position = divmod(self.step, cfg.steps_per_rollout)
         info = {"generation_time": 0.0, "generation_compile_time": 0.0}
         if self.generation is None or self.generation.index != index:
@@ -341,6 +341,7 @@ class GRPOTrainer(PolicyRun):
             # steady-state sampling speed: compilation is reported on its own
             **info,
             "step_time": step_time, "compile_time": compile_seconds() - c0,
+            "compiles": compile_count() - n0,
             "grad_norm": float(report.grad_norm), "skipped": bool(report.skipped),
             # the loss of a skipped micro-batch is exactly 0; the other metrics average
             # the micro-batches that ran

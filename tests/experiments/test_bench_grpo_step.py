@@ -30,6 +30,8 @@ def test_bench_grpo_step_tiny(tmp_path, mode):
         assert all(s > 0 for s in steps) and all(t > 0 for t in tokens)
         if name in ("sparse", "full", "rollout"):  # every step samples its own prompts
             assert all(s > 0 for s in arm["raw"]["sample_s"]), arm["raw"]
+        if name in ("sparse", "full"):  # the first step builds its programs
+            assert arm["compiles_first"] > 0 and arm["compiles_later"] >= 0
         assert arm["completion_tokens_per_s"] == pytest.approx(sum(tokens) / sum(steps))
         if name != baseline:
             assert arm[f"ratio_to_{baseline}"] == pytest.approx(
