@@ -329,10 +329,12 @@ def alternatives(suite: Suite) -> Outcome:
     noise = standard_error(full.accuracy, full.eval_examples)
 
     def versus(a, b, claim):
+        """``a`` matches ``b``: not more than two noise levels below it, and both improved
+        beyond the noise (matching an arm that did not learn shows nothing)."""
         gap = a.accuracy - b.accuracy
-        learned = base is None or max(a.accuracy, b.accuracy) - base > noise
-        out.judge(claim, "inconclusive" if not learned else "holds" if gap >= -2 * noise
-                  else "does not hold",
+        learned = base is None or min(a.accuracy, b.accuracy) - base > noise
+        out.judge(claim, "does not hold" if gap < -2 * noise else "holds" if learned
+                  else "inconclusive",
                   f"{a.name} {a.accuracy:.3f} vs {b.name} {b.accuracy:.3f} (noise {noise:.3f}"
                   + (f", base {base:.3f})" if base is not None else ")"))
     versus(entropy, full, "the top-20% entropy tokens alone match all tokens (80/20)")
