@@ -142,8 +142,8 @@ def run_trl(args, model_dir, prompts, answers, reward, out_dir) -> dict:
         gradient_accumulation_steps=gen_batch // args.micro_batch,
         num_generations=args.generations, max_completion_length=args.max_new_tokens,
         temperature=1.0, beta=0.0, loss_type=args.loss, logging_steps=1, save_strategy="no",
-        report_to=[], use_cpu=not cuda, bf16=cuda and args.dtype == "bfloat16", seed=args.seed, shuffle_dataset=False,
-        disable_tqdm=True)
+        report_to=[], use_cpu=not cuda, bf16=cuda and args.dtype == "bfloat16",
+        seed=args.seed, shuffle_dataset=False, disable_tqdm=True)
 
     def reward_func(completions, answer, **_):
         return [float(r) for r in reward(completions, answer)]
