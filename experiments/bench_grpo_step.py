@@ -23,12 +23,13 @@ commit, command) to ``--out`` (default under ``runs/benchmarks/``).
 
 On a GPU every arm runs there (TRL through torch's CUDA); ``--random-preset`` times a
 model of a preset's shape with random weights (its completions run to the budget, the
-prompts are the shipped demo task's), for a machine that has no checkpoint.
+prompts are the shipped demo task's), for a machine that has no checkpoint; add
+``--no-skip`` there, since rewards without spread would let sparsejax skip every backward.
 
     sparsejax smollm2                                        # the real model, once
     python experiments/bench_grpo_step.py                    # SmolLM2-135M, 8 x 8 x 128
     python experiments/bench_grpo_step.py --tiny             # smoke run on the demo model
-    python experiments/bench_grpo_step.py --random-preset SmolLM2-135M --dtype bfloat16
+    python experiments/bench_grpo_step.py --random-preset SmolLM2-135M --dtype bfloat16 --no-skip
 """
 
 from __future__ import annotations

@@ -133,8 +133,9 @@ def run_grpo_step(ctx) -> None:
     """``bench_grpo_step.py``: whole GRPO steps of TRL and sparsejax (99% sparse, full).
 
     The CPU benchmark's workload (8 prompts x 8 samples, 128 new tokens, ``dapo``, micro-
-    batch 8) on a random SmolLM2-135M-shaped model in bfloat16. TRL runs when ``trl`` is
-    installed (its arm left out and said so otherwise).
+    batch 8) on a random SmolLM2-135M-shaped model in bfloat16, every micro-batch's
+    forward/backward computed as TRL's are. TRL runs when ``trl`` is installed (its arm
+    left out and said so otherwise).
     """
     import importlib.util
 
@@ -149,8 +150,10 @@ def run_grpo_step(ctx) -> None:
     if ctx.tiny:
         wanted.append((("--tiny",), None))
     else:
+        # A random model's rewards have no spread: without --no-skip the exact skip of
+        # zero-advantage micro-batches would drop every backward of sparsejax's arms.
         wanted += [(("--random-preset",), "SmolLM2-135M"), (("--dtype",), "bfloat16"),
-                   (("--steps",), "3")]
+                   (("--steps",), "3"), (("--no-skip",), None)]
     record = run_script(ctx, "bench_grpo_step", wanted)
     ctx.result.update(model=record.get("settings", {}).get("model_dir"),
                       device=record.get("device"))

@@ -139,7 +139,8 @@ def test_script_wiring_flags_exist():
     train = parts.script_flags(ROOT / "experiments" / "bench_train_step.py")
     assert {"--out", "--preset", "--densities", "--num-layers", "--dtype"} <= train
     step = parts.script_flags(ROOT / "experiments" / "bench_grpo_step.py")
-    assert {"--out", "--tiny", "--arms", "--random-preset", "--dtype", "--steps"} <= step
+    assert {"--out", "--tiny", "--arms", "--random-preset", "--dtype", "--steps",
+            "--no-skip"} <= step
 
 
 def test_gpu_test_files_are_found_statically():
