@@ -305,7 +305,8 @@ def alternatives(suite: Suite) -> Outcome:
     full, random = full_arm(suite), random_arm(suite, 0.99)
     entropy = suite.arm(f"top_entropy{100 * TOP_ENTROPY_QUANTILE:g}", sparsity=0.0,
                         extra=("--top-entropy-quantile", str(TOP_ENTROPY_QUANTILE)))
-    budget = num_active(_load_mask(random.mask_file)[0])
+    random_mask, meta = _load_mask(random.mask_file)
+    budget, total = num_active(random_mask), _total(meta)
     rank = lora_rank_for_budget(suite.model, budget)
     wide = round(rank / MASKED_LORA_DENSITY)
 
@@ -321,7 +322,6 @@ def alternatives(suite: Suite) -> Outcome:
     rows = [arm_row(a) for a in arms]
     for row in rows:
         row["budget_of_random99"] = row.get("trainable", 0) / budget
-    total = _total(_load_mask(random.mask_file)[1])
     for row in rows[-2:]:  # factor entries beside the frozen weights, as a fraction of them
         row["sparsity"] = 1 - row["trainable"] / total
     out.tables["accuracy"] = rows
